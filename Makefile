@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (Python 3.11 + pip):
+#   make demo   set up .venv, then run the main job (moevl compare) on the embedded data
+#   make test   set up .venv, then lint and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU pin first: a bare `torch` requirement would pull several GB of CUDA wheels.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/moevl compare --out $(OUT)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+test: lint
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+
+bench: setup
+	$(PY) bench/bench_moe_layer.py

@@ -1,0 +1,108 @@
+"""MoEFeedForward: a router and a set of experts; returns the output and a RoutingRecord."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from moevl.moe.experts import ExpertGradientObserver, GroupedExperts
+from moevl.moe.routing import RoutingRecord, TopKRouter
+
+
+class MoEOutput(NamedTuple):
+    output: Tensor
+    record: RoutingRecord
+
+
+class GradientObserverFactory(Protocol):
+    """Something that watches the experts' backward of one forward pass (``moevl.stgc.STGCConfig``)."""
+
+    def new_observer(self, *, scale: float) -> ExpertGradientObserver:
+        """A fresh observer for one forward pass; it has a ``stats`` attribute."""
+        ...
+
+    def guard_logits(self, logits: Tensor, observer: ExpertGradientObserver) -> Tensor:
+        """Identity on the router logits whose backward checks the observer has run."""
+        ...
+
+
+class MoEFeedForward(nn.Module):
+    """Sparse MoE feed-forward block: ``y_t = Σ_{e ∈ topk(t)} w_{t,e} · expert_e(x_t)``.
+
+    Args:
+        router: a ``TopKRouter`` (or ``LTDRRouter``).
+        experts: the ``GroupedExperts``.
+        stgc: an STGC configuration (``moevl.stgc.STGCConfig``) or None. When set and the module is
+            training with grad enabled, the experts' backward computes token-gradient conflicts
+            and adds the conflict elimination loss gradient to the router logits.
+        stgc_scale: factor on the STGC loss of this layer (``moevl.hf.upcycle`` sets ``1 / L`` so
+            that the loss is averaged over the ``L`` MoE layers).
+    """
+
+    def __init__(
+        self,
+        *,
+        router: TopKRouter,
+        experts: GroupedExperts,
+        stgc: GradientObserverFactory | None = None,
+        stgc_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router.num_experts ({router.num_experts}) != experts.num_experts ({experts.num_experts})"
+            )
+        if router.hidden_size != experts.hidden_size:
+            raise ValueError(
+                f"router.hidden_size ({router.hidden_size}) != experts.hidden_size ({experts.hidden_size})"
+            )
+        self.router = router
+        self.experts = experts
+        self.stgc = stgc
+        self.stgc_scale = stgc_scale
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def forward(
+        self, hidden: Tensor, *, token_mask: Tensor | None = None, vision_mask: Tensor | None = None
+    ) -> MoEOutput:
+        """Route and combine.
+
+        Args:
+            hidden: (..., D) tokens, e.g. (B, T, D).
+            token_mask: (...) bool, real tokens; padding (False) goes to no expert, its output is
+                0 and it is excluded from every loss and statistic. None: all tokens are real.
+            vision_mask: (...) bool, vision tokens (used by LTDR and the statistics).
+        Returns:
+            ``MoEOutput(output (..., D), record)``.
+        """
+        lead = hidden.shape[:-1]
+        x = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+        flat_tok = None if token_mask is None else _flat_mask(token_mask, lead, "token_mask")
+        flat_vis = None if vision_mask is None else _flat_mask(vision_mask, lead, "vision_mask")
+        logits = self.router.compute_logits(x)  # (N, E)
+        if self.stgc is not None and self.training and torch.is_grad_enabled():
+            observer = self.stgc.new_observer(scale=self.stgc_scale)
+            # Every use of the logits goes through the guard, so its backward (just before the
+            # router's) fails loudly if the experts' backward did not run the observer. The
+            # experts also take the logits as an input and return their STGC gradient: a real data
+            # dependency, so autograd always runs the experts' backward first.
+            logits = self.stgc.guard_logits(logits, observer)
+            record = self.router.route(logits, token_mask=flat_tok, vision_mask=flat_vis)
+            y, anchor = self.experts(x, record.indices, record.weights, observer=observer, observed=logits)
+            record.stgc = observer.stats
+            record.cel_anchor = anchor
+        else:
+            record = self.router.route(logits, token_mask=flat_tok, vision_mask=flat_vis)
+            y, _ = self.experts(x, record.indices, record.weights)
+        return MoEOutput(y.reshape(*lead, -1), record)
+
+
+def _flat_mask(mask: Tensor, lead: torch.Size, name: str) -> Tensor:
+    if mask.shape != lead or mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor of shape {tuple(lead)}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask.reshape(-1)

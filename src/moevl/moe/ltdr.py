@@ -1,0 +1,139 @@
+"""LTDR: the Long-Tailed Distribution-aware Router (Cai, Yang et al., arXiv 2507.01351).
+
+Two parts, each switchable so the paper's ablations can be run:
+
+* MsDaR (modality-specific balancing): the balancing loss sees language tokens only.
+* VsDEA (vision-specific dynamic expert allocation): a vision token whose routing-probability
+  variance ``RPV_t = Var(p_t)`` is above the mean RPV of the batch's vision tokens is a *tail*
+  token and uses its top-``a`` experts; every other token keeps top-``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moevl.moe.routing import BalanceFrom, RoutingRecord, TopKRouter, _check_masks, select_experts
+
+
+@dataclass(frozen=True)
+class LTDRConfig:
+    """LTDR options.
+
+    Attributes:
+        tail_top_k: ``a``, experts for vision tail tokens (``k < a <= E``; None means ``E``).
+            ``a == k`` is allowed and turns VsDEA off in effect.
+        language_only_balance: MsDaR, the balancing loss over language tokens only.
+        vision_tail: VsDEA, tail vision tokens get ``tail_top_k`` experts.
+    """
+
+    tail_top_k: int | None = None
+    language_only_balance: bool = True
+    vision_tail: bool = True
+
+
+def ltdr_tail_mask(probs: Tensor, vision: Tensor) -> Tensor:
+    """Vision tail tokens: RPV above the mean RPV of the vision tokens (LTDR, VsDEA).
+
+    ``RPV_t`` is the (population) variance of token ``t``'s E routing probabilities.
+
+    Args:
+        probs: (N, E) routing probabilities.
+        vision: (N,) bool, vision tokens to consider (the caller excludes padding).
+    Returns:
+        (N,) bool; all False when there is no vision token.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (N, E), got shape {tuple(probs.shape)}")
+    if vision.shape != probs.shape[:1] or vision.dtype != torch.bool:
+        raise ValueError(
+            f"vision must be a bool tensor of shape ({probs.shape[0]},), got {vision.dtype} {tuple(vision.shape)}"
+        )
+    rpv = probs.detach().float().var(dim=-1, unbiased=False)  # (N,)
+    count = vision.sum()
+    if count == 0:
+        return torch.zeros_like(vision)
+    mean_rpv = (rpv * vision).sum() / count
+    return vision & (rpv > mean_rpv)
+
+
+class LTDRRouter(TopKRouter):
+    """Top-k router with LTDR's modality-aware balancing and tail-token expert allocation.
+
+    With ``tail_top_k == top_k`` and ``language_only_balance=False`` it equals ``TopKRouter``.
+    The allocation rule is the same at training and at inference.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        tail_top_k: int | None = None,
+        language_only_balance: bool = True,
+        vision_tail: bool = True,
+        normalize_weights: bool = True,
+        balance_from: BalanceFrom = "top1",
+        capacity_factor: float | None = None,
+        jitter: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(
+            hidden_size=hidden_size,
+            num_experts=num_experts,
+            top_k=top_k,
+            normalize_weights=normalize_weights,
+            balance_from=balance_from,
+            capacity_factor=capacity_factor,
+            jitter=jitter,
+            dtype=dtype,
+        )
+        tail_top_k = num_experts if tail_top_k is None else tail_top_k
+        if not top_k <= tail_top_k <= num_experts:
+            raise ValueError(
+                f"tail_top_k must be in [top_k={top_k}, num_experts={num_experts}], got {tail_top_k}"
+            )
+        self.tail_top_k = tail_top_k
+        self.language_only_balance = language_only_balance
+        self.vision_tail = vision_tail
+
+    @property
+    def max_experts_per_token(self) -> int:
+        return self.tail_top_k if self.vision_tail else self.top_k
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, tail_top_k={self.tail_top_k}, "
+            f"language_only_balance={self.language_only_balance}, vision_tail={self.vision_tail}"
+        )
+
+    def route(
+        self, logits: Tensor, *, token_mask: Tensor | None = None, vision_mask: Tensor | None = None
+    ) -> RoutingRecord:
+        """LTDR decision from router logits (N, E); ``vision_mask`` (N,) bool marks vision tokens
+        (None: every token is text)."""
+        token_mask = _check_masks(logits, token_mask, vision_mask)
+        vision = torch.zeros_like(token_mask) if vision_mask is None else vision_mask & token_mask
+        probs = logits.softmax(-1)
+        if self.vision_tail:
+            tail = ltdr_tail_mask(probs, vision)
+        else:
+            tail = torch.zeros_like(token_mask)
+        num_selected = torch.where(tail, self.tail_top_k, self.top_k) * token_mask
+        indices, weights = select_experts(
+            probs, num_selected, self.max_experts_per_token, normalize=self.normalize_weights
+        )
+        balance_mask = token_mask & ~vision if self.language_only_balance else token_mask
+        return self._finish(
+            logits,
+            probs,
+            indices,
+            weights,
+            token_mask,
+            vision_mask,
+            balance_mask=balance_mask,
+            tail_mask=tail,
+        )

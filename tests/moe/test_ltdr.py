@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from moevl.moe import LTDRRouter, TopKRouter, ltdr_tail_mask
+
+
+def test_tail_mask_hand_example():
+    probs = torch.tensor([
+        [0.25, 0.25, 0.25, 0.25],  # vision, var 0
+        [0.70, 0.10, 0.10, 0.10],  # vision, var 0.0675
+        [0.40, 0.30, 0.20, 0.10],  # vision, var 0.0125
+        [0.97, 0.01, 0.01, 0.01],  # text: never tail
+    ])
+    vision = torch.tensor([True, True, True, False])
+    # mean vision RPV = (0 + 0.0675 + 0.0125) / 3 = 0.0267: only token 1 is above it.
+    assert ltdr_tail_mask(probs, vision).tolist() == [False, True, False, False]
+    assert not ltdr_tail_mask(probs, torch.zeros(4, dtype=torch.bool)).any()
+
+
+def test_tail_mask_against_loop():
+    torch.manual_seed(0)
+    probs = torch.randn(50, 8).softmax(-1)
+    vision = torch.rand(50) < 0.6
+    rpv = [float(((p - p.mean()) ** 2).mean()) for p in probs]
+    mean = sum(r for r, v in zip(rpv, vision, strict=True) if v) / int(vision.sum())
+    expected = [bool(v) and r > mean for r, v in zip(rpv, vision, strict=True)]
+    assert ltdr_tail_mask(probs, vision).tolist() == expected
+
+
+def test_tail_tokens_get_a_experts_with_renormalised_weights():
+    torch.manual_seed(0)
+    router = LTDRRouter(hidden_size=8, num_experts=6, top_k=2, tail_top_k=4)
+    x = torch.randn(40, 8)
+    vision = torch.arange(40) < 25
+    rec = router(x, vision_mask=vision)
+    assert rec.tail_mask.any() and not rec.tail_mask[~vision].any()
+    n_exp = rec.experts_per_token
+    assert torch.all(n_exp[rec.tail_mask] == 4) and torch.all(n_exp[~rec.tail_mask] == 2)
+    torch.testing.assert_close(rec.weights.sum(-1), torch.ones(40))
+    for t in range(40):
+        a = 4 if rec.tail_mask[t] else 2
+        top = rec.probs[t].topk(a)
+        assert rec.indices[t, :a].tolist() == top.indices.tolist()
+        torch.testing.assert_close(rec.weights[t, :a], top.values / top.values.sum())
+
+
+def test_vision_tokens_do_not_move_the_balancing_loss():
+    torch.manual_seed(0)
+    router = LTDRRouter(hidden_size=8, num_experts=4, top_k=2)
+    x = torch.randn(30, 8)
+    vision = torch.arange(30) < 12
+    base = router(x, vision_mask=vision).balance_loss
+    x_vis = x.clone()
+    x_vis[:12] = torch.randn(12, 8) * 5
+    torch.testing.assert_close(router(x_vis, vision_mask=vision).balance_loss, base)
+    x_txt = x.clone()
+    x_txt[12:] = torch.randn(18, 8) * 5
+    assert not torch.allclose(router(x_txt, vision_mask=vision).balance_loss, base)
+
+
+def test_a_equal_k_without_msdar_equals_topk_router():
+    torch.manual_seed(0)
+    topk = TopKRouter(hidden_size=8, num_experts=4, top_k=2)
+    ltdr = LTDRRouter(hidden_size=8, num_experts=4, top_k=2, tail_top_k=2, language_only_balance=False)
+    ltdr.load_state_dict(topk.state_dict())
+    x = torch.randn(25, 8)
+    vision = torch.rand(25) < 0.5
+    mask = torch.rand(25) < 0.9
+    a, b = topk(x, token_mask=mask, vision_mask=vision), ltdr(x, token_mask=mask, vision_mask=vision)
+    for name in ("logits", "probs", "indices", "weights", "balance_loss", "z_loss"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_switches_and_errors():
+    torch.manual_seed(0)
+    x = torch.randn(20, 8)
+    vision = torch.arange(20) < 10
+    no_tail = LTDRRouter(hidden_size=8, num_experts=4, top_k=2, vision_tail=False)
+    assert torch.all(no_tail(x, vision_mask=vision).experts_per_token == 2)
+    with pytest.raises(ValueError, match="tail_top_k"):
+        LTDRRouter(hidden_size=8, num_experts=4, top_k=2, tail_top_k=5)
+    with pytest.raises(ValueError, match="vision"):
+        ltdr_tail_mask(torch.rand(3, 4), torch.ones(2, dtype=torch.bool))
