@@ -11,6 +11,7 @@ from moevl.moe import GroupedExperts
 
 def expert_forward(experts: GroupedExperts, e: int, x: Tensor) -> Tensor:
     """Expert ``e`` on x (M, D), written out from its weights."""
+
     def lin(name: str, inp: Tensor) -> Tensor:
         w = getattr(experts, name)[e]
         b = getattr(experts, f"{name}_bias")

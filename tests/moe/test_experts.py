@@ -13,7 +13,12 @@ SIZES = [(37, 16, 48, 4, 2), (23, 16, 48, 5, 3), (1, 16, 32, 4, 2), (29, 17, 33,
 def _make(n, d, h, e, k, *, gated=True, bias=False, impl="auto", seed=0):
     torch.manual_seed(seed)
     experts = GroupedExperts(
-        num_experts=e, hidden_size=d, intermediate_size=h, gated=gated, bias=bias, implementation=impl,
+        num_experts=e,
+        hidden_size=d,
+        intermediate_size=h,
+        gated=gated,
+        bias=bias,
+        implementation=impl,
         activation="silu" if gated else "gelu",
     )
     if bias:
@@ -87,12 +92,22 @@ def test_unused_slots_and_all_padding():
 def test_one_expert_equals_dense_mlp(gated):
     torch.manual_seed(0)
     d, h = 16, 40
-    experts = GroupedExperts(num_experts=1, hidden_size=d, intermediate_size=h, gated=gated, bias=not gated,
-                             activation="silu" if gated else "gelu")
+    experts = GroupedExperts(
+        num_experts=1,
+        hidden_size=d,
+        intermediate_size=h,
+        gated=gated,
+        bias=not gated,
+        activation="silu" if gated else "gelu",
+    )
     moe = MoEFeedForward(router=TopKRouter(hidden_size=d, num_experts=1, top_k=1), experts=experts)
     x = torch.randn(3, 7, d)
     if gated:
-        dense = [torch.nn.Linear(d, h, bias=False), torch.nn.Linear(d, h, bias=False), torch.nn.Linear(h, d, bias=False)]
+        dense = [
+            torch.nn.Linear(d, h, bias=False),
+            torch.nn.Linear(d, h, bias=False),
+            torch.nn.Linear(h, d, bias=False),
+        ]
         for lin, name in zip(dense, ["gate_proj", "up_proj", "down_proj"], strict=True):
             lin.weight.data.copy_(getattr(experts, name).data[0])
         ref = dense[2](F.silu(dense[0](x)) * dense[1](x))

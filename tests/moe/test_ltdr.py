@@ -5,12 +5,14 @@ from moevl.moe import LTDRRouter, TopKRouter, ltdr_tail_mask
 
 
 def test_tail_mask_hand_example():
-    probs = torch.tensor([
-        [0.25, 0.25, 0.25, 0.25],  # vision, var 0
-        [0.70, 0.10, 0.10, 0.10],  # vision, var 0.0675
-        [0.40, 0.30, 0.20, 0.10],  # vision, var 0.0125
-        [0.97, 0.01, 0.01, 0.01],  # text: never tail
-    ])
+    probs = torch.tensor(
+        [
+            [0.25, 0.25, 0.25, 0.25],  # vision, var 0
+            [0.70, 0.10, 0.10, 0.10],  # vision, var 0.0675
+            [0.40, 0.30, 0.20, 0.10],  # vision, var 0.0125
+            [0.97, 0.01, 0.01, 0.01],  # text: never tail
+        ]
+    )
     vision = torch.tensor([True, True, True, False])
     # mean vision RPV = (0 + 0.0675 + 0.0125) / 3 = 0.0267: only token 1 is above it.
     assert ltdr_tail_mask(probs, vision).tolist() == [False, True, False, False]

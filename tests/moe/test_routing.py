@@ -55,7 +55,9 @@ def test_topk_weights_renormalised():
     torch.testing.assert_close(rec.weights, top.values / top.values.sum(-1, keepdim=True))
     raw = TopKRouter(hidden_size=8, num_experts=5, top_k=3, normalize_weights=False)
     raw.load_state_dict(router.state_dict())
-    torch.testing.assert_close(raw(torch.ones(2, 8)).weights, router(torch.ones(2, 8)).probs.topk(3, -1).values)
+    torch.testing.assert_close(
+        raw(torch.ones(2, 8)).weights, router(torch.ones(2, 8)).probs.topk(3, -1).values
+    )
 
 
 def test_capacity_drops_in_slot_major_order():
@@ -83,8 +85,10 @@ def test_jitter_only_in_training_and_routing_deterministic_in_eval():
 
 def test_padding_tokens_get_zero_output_and_no_gradient():
     torch.manual_seed(0)
-    moe = MoEFeedForward(router=TopKRouter(hidden_size=16, num_experts=4, top_k=2),
-                         experts=GroupedExperts(num_experts=4, hidden_size=16, intermediate_size=32))
+    moe = MoEFeedForward(
+        router=TopKRouter(hidden_size=16, num_experts=4, top_k=2),
+        experts=GroupedExperts(num_experts=4, hidden_size=16, intermediate_size=32),
+    )
     x = torch.randn(2, 6, 16, requires_grad=True)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 4:] = False

@@ -266,8 +266,10 @@ class _ExpertMLPFunction(torch.autograd.Function):
             )
             if ctx.observed is None:
                 grad_observed = None
-        param_grads = tuple(gr if p is not None and ctx.needs_input_grad[5 + i] else None
-                            for i, (gr, p) in enumerate(zip(grads, params, strict=True)))
+        param_grads = tuple(
+            gr if p is not None and ctx.needs_input_grad[5 + i] else None
+            for i, (gr, p) in enumerate(zip(grads, params, strict=True))
+        )
         return (dxs, grad_observed, None, None, None, *param_grads)
 
 
@@ -312,7 +314,9 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"implementation must be 'auto', 'grouped' or 'loop', got {implementation!r}")
         if isinstance(activation, str):
             if activation not in _ACTIVATIONS:
-                raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)} or a callable, got {activation!r}")
+                raise ValueError(
+                    f"activation must be one of {sorted(_ACTIVATIONS)} or a callable, got {activation!r}"
+                )
             activation = _ACTIVATIONS[activation]
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -349,9 +353,14 @@ class GroupedExperts(nn.Module):
     def expert_mlp(self, x: Tensor, e: int) -> Tensor:
         """Expert ``e`` applied to x (M, D) with plain autograd ops (the reference)."""
         p = {n: getattr(self, n)[e] for n in self._names}
-        b = {n: (None if getattr(self, f"{n}_bias") is None else getattr(self, f"{n}_bias")[e]) for n in self._names}
+        b = {
+            n: (None if getattr(self, f"{n}_bias") is None else getattr(self, f"{n}_bias")[e])
+            for n in self._names
+        }
         if self.gated:
-            hid = self.activation(F.linear(x, p["gate_proj"], b["gate_proj"])) * F.linear(x, p["up_proj"], b["up_proj"])
+            hid = self.activation(F.linear(x, p["gate_proj"], b["gate_proj"])) * F.linear(
+                x, p["up_proj"], b["up_proj"]
+            )
             return F.linear(hid, p["down_proj"], b["down_proj"])
         return F.linear(self.activation(F.linear(x, p["fc1"], b["fc1"])), p["fc2"], b["fc2"])
 
@@ -412,7 +421,9 @@ class GroupedExperts(nn.Module):
         else:
             params = [None if p is None else p.to(compute_dtype) for p in self._params()]
             use_grouped = self.implementation == "grouped" or _grouped_mm_available()
-            if self.implementation == "grouped" and not can_use_grouped_mm(xs, *[p for p in params if p is not None]):
+            if self.implementation == "grouped" and not can_use_grouped_mm(
+                xs, *[p for p in params if p is not None]
+            ):
                 raise ValueError(
                     "implementation='grouped' needs fp32/bf16/fp16 weights and sizes whose rows are "
                     f"16-byte aligned; got dtype {compute_dtype}, hidden {self.hidden_size}, "

@@ -104,5 +104,7 @@ class MoEFeedForward(nn.Module):
 
 def _flat_mask(mask: Tensor, lead: torch.Size, name: str) -> Tensor:
     if mask.shape != lead or mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor of shape {tuple(lead)}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must be a bool tensor of shape {tuple(lead)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
     return mask.reshape(-1)

@@ -128,7 +128,9 @@ def apply_capacity(
     new_indices = torch.where(keep, indices, torch.full_like(indices, -1))
     new_weights = weights * keep
     if renormalize:
-        new_weights = new_weights / new_weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        new_weights = new_weights / new_weights.sum(-1, keepdim=True).clamp_min(
+            torch.finfo(weights.dtype).tiny
+        )
     return new_indices, new_weights
 
 

@@ -1,0 +1,15 @@
+"""STGC: token gradient conflicts in MoE, found exactly in the experts' backward (RESEARCH.md §1)."""
+
+from moevl.stgc.cosine import grouped_token_gradient_cosine, token_gradient_cosine
+from moevl.stgc.loss import conflict_elimination_grad, conflict_elimination_loss
+from moevl.stgc.observer import STGCConfig, STGCObserver, STGCStats
+
+__all__ = [
+    "STGCConfig",
+    "STGCObserver",
+    "STGCStats",
+    "conflict_elimination_grad",
+    "conflict_elimination_loss",
+    "grouped_token_gradient_cosine",
+    "token_gradient_cosine",
+]

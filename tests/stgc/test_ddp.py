@@ -1,0 +1,61 @@
+"""STGC under 2-process DistributedDataParallel on CPU (gloo): one backward, plain autograd."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
+from moevl.stgc import STGCConfig
+
+
+def _layer():
+    torch.manual_seed(0)
+    router = TopKRouter(hidden_size=16, num_experts=4, top_k=2)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    experts = GroupedExperts(num_experts=4, hidden_size=16, intermediate_size=32)
+    return MoEFeedForward(router=router, experts=experts, stgc=STGCConfig(threshold=0.1))
+
+
+def _shard(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+
+
+def _step(model, x, y):
+    out, rec = model(x)
+    (((out - y) ** 2).mean() + rec.aux_loss()).backward()
+    return rec
+
+
+def _worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = torch.nn.parallel.DistributedDataParallel(_layer())
+    rec = _step(model, *_shard(rank))
+    ratio = torch.tensor([rec.stgc.conflict_ratio])
+    dist.all_reduce(ratio)
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.module.named_parameters()} | {"ratio": ratio}, out_file)
+    dist.destroy_process_group()
+
+
+def test_stgc_under_two_process_ddp():
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "grads.pt")
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out_file), nprocs=2, join=True)
+        got = torch.load(out_file)
+    # Reference: each rank's single-process gradient (its own conflicts), averaged as DDP does.
+    ref, ratios = {}, 0.0
+    for rank in range(2):
+        layer = _layer()
+        rec = _step(layer, *_shard(rank))
+        ratios += rec.stgc.conflict_ratio
+        for n, p in layer.named_parameters():
+            ref[n] = ref.get(n, 0) + p.grad / 2
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-5)
+    assert float(got["ratio"]) == pytest.approx(ratios) and ratios > 0
