@@ -1,0 +1,86 @@
+import json
+
+import torch
+from transformers import TrainingArguments
+
+from moevl.hf import MoETrainer, routing_statistics, upcycle
+from moevl.stgc import STGCConfig
+from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        self.items = []
+        for i in range(n):
+            b = llava_batch((1,), seed=i)
+            labels = b["input_ids"].clone()
+            labels[labels == IMAGE_TOKEN] = -100
+            self.items.append(
+                {
+                    "input_ids": b["input_ids"][0],
+                    "attention_mask": b["attention_mask"][0],
+                    "pixel_values": b["pixel_values"][0],
+                    "labels": labels[0],
+                }
+            )
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_stgc_and_ltdr_in_llava_trained_by_hf_trainer(tmp_path):
+    model = upcycle(
+        tiny_llava(), num_experts=4, top_k=2, router="ltdr", stgc=STGCConfig(threshold=0.2), freeze_dense=True
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=2,
+        learning_rate=1e-2,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        disable_tqdm=True,
+    )
+    trainer = MoETrainer(model=model, args=args, train_dataset=_Data())
+    trainer.train()
+    stats = json.loads((tmp_path / "moe_stats.json").read_text())
+    assert len(stats["history"]) == 2
+    last = stats["history"][-1]
+    for key in (
+        "stgc/conflict_ratio",
+        "stgc/cosine_mean",
+        "stgc/cel",
+        "ltdr/tail_share",
+        "moe/experts_per_token",
+    ):
+        assert key in last, key
+    assert 0 < last["ltdr/tail_share"] < 1 and 2 < last["moe/experts_per_token"] <= 4
+    assert -1 <= last["stgc/cosine_mean"] <= 1
+    loads = stats["expert_load"]["0"]
+    assert sum(loads["vision"]) > 0 and sum(loads["text"]) > 0
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".router." in n or ".experts." in n for n in changed)
+    assert any(".router." in n for n in changed)
+    assert list(tmp_path.glob("**/events.out.tfevents*")), "TensorBoard logs were written"
+
+
+def test_routing_statistics_hand_checked():
+    model = upcycle(tiny_llava(), num_experts=4, top_k=2, layers=[1])
+    batch = llava_batch((2,), pad_side="right")
+    with torch.no_grad():
+        model(**batch)
+    scalars, loads = routing_statistics(model)
+    rec = model.moe_context.records[1]
+    assert scalars["moe/experts_per_token"] == 2.0
+    n_vision = int(rec.vision_mask.sum())
+    assert sum(loads[1]["vision"]) == 2 * n_vision
+    assert sum(loads[1]["text"]) == 2 * (int(rec.token_mask.sum()) - n_vision)
+    assert "stgc/conflict_ratio" not in scalars and "ltdr/tail_share" not in scalars
