@@ -75,23 +75,32 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
     if scope == "delta":
         d = grads.layers[-1].out_grads.float()
         mean = d.new_zeros(len(grads.counts_list), d.shape[1]).index_add_(0, e_ids, d) / counts[:, None]
-        return _safe_cosine((d * mean[e_ids]).sum(-1), d.square().sum(-1), mean.square().sum(-1)[e_ids])
+        return _safe_cosine(torch.linalg.vecdot(d, mean[e_ids]), _sqnorm(d, -1), _sqnorm(mean, -1)[e_ids])
     layers = grads.layers if scope == "all" else grads.layers[-1:]
     p = e_ids.shape[0]
     inner = torch.zeros(p, dtype=torch.float32, device=e_ids.device)
     token_norm2 = torch.zeros_like(inner)
     mean_norm2 = counts.new_zeros(counts.shape)  # (E,) Σ ||dW_e||², scaled below
+    input_norm2: dict[int, Tensor] = {}  # gate and up share their input: one norm
     for layer in layers:
         x, d = layer.inputs, layer.out_grads
         # x_t @ dW_e gives (P, d_out); dividing by N_e turns dW_e into the mean gradient G_e.
         proj = grouped_matmul(x, layer.weight_grad.to(x.dtype), grads.offsets, grads.counts_list)
-        inner += (proj.float() * d.float()).sum(-1)
-        token_norm2 += x.float().square().sum(-1) * d.float().square().sum(-1)
-        mean_norm2 += layer.weight_grad.float().square().sum((1, 2))
+        inner += torch.linalg.vecdot(proj.float(), d.float())
+        if id(x) not in input_norm2:
+            input_norm2[id(x)] = _sqnorm(x, -1)
+        d_norm2 = _sqnorm(d, -1)
+        token_norm2 += input_norm2[id(x)] * d_norm2
+        mean_norm2 += _sqnorm(layer.weight_grad, (1, 2))
         if layer.bias_grad is not None:
-            inner += (d.float() * layer.bias_grad.float()[e_ids]).sum(-1)
-            token_norm2 += d.float().square().sum(-1)
-            mean_norm2 += layer.bias_grad.float().square().sum(-1)
+            inner += torch.linalg.vecdot(d.float(), layer.bias_grad.float()[e_ids])
+            token_norm2 += d_norm2
+            mean_norm2 += _sqnorm(layer.bias_grad, -1)
     inner = inner / counts[e_ids]
     mean_norm2 = mean_norm2 / counts.square()
     return _safe_cosine(inner, token_norm2, mean_norm2[e_ids])
+
+
+def _sqnorm(t: Tensor, dim) -> Tensor:
+    """Squared L2 norm over ``dim`` in fp32, without materialising the squares."""
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32).square()
