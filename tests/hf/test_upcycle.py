@@ -72,6 +72,11 @@ def test_aux_loss_is_added_to_the_model_loss():
     recs = model.moe_context.records.values()
     expected = ref.loss + sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    model.moe_context.aux_scale = 0.25  # what MoETrainer sets for 4 accumulation steps
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    expected = ref.loss + 0.25 * sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_llava_modality_masks_with_padding_and_several_images():

@@ -44,4 +44,6 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
         if rec.stgc is not None and rec.stgc.ready:
             for k, v in rec.stgc.summary().items():
                 put(f"stgc/{k}", layer, v)
+            for j, v in enumerate(rec.stgc.conflict_ratio_per_expert.tolist()):
+                per_key.setdefault(f"stgc/conflict_ratio/L{layer}/e{j}", []).append(v)
     return {k: sum(v) / len(v) for k, v in per_key.items()}, loads

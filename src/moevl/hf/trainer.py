@@ -27,6 +27,13 @@ class MoETrainer(Trainer):
         self._pending: dict[str, list[float]] = {}
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
+        context = getattr(self.model, "moe_context", None)
+        if context is not None:
+            # With num_items_in_batch the task loss of a micro-batch is a share of the accumulated
+            # batch's mean and the Trainer does not divide by the accumulation steps: do it for the
+            # aux terms, which are per-micro-batch means.
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            context.aux_scale = 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
         loss = super().training_step(model, inputs, num_items_in_batch)
         scalars, loads = routing_statistics(self.model)
         for k, v in scalars.items():

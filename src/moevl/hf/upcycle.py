@@ -38,9 +38,13 @@ class RoutingContext:
         token_mask: (B, T) bool, real tokens of the current forward, or None (all real).
         vision_mask: (B, T) bool, image-feature positions, or None (all text).
         records: the ``RoutingRecord`` of each MoE layer in the last forward, by layer index.
+        aux_scale: factor on the auxiliary losses added to ``outputs.loss`` (``MoETrainer`` sets
+            ``1 / gradient_accumulation_steps`` when the task loss is normalised over the whole
+            accumulated batch, so the aux terms keep their per-micro-batch weight).
     """
 
     image_token_id: int | None = None
+    aux_scale: float = 1.0
     token_mask: Tensor | None = None
     vision_mask: Tensor | None = None
     records: dict[int, RoutingRecord] = field(default_factory=dict)
@@ -343,7 +347,7 @@ def aux_loss(model: nn.Module) -> Tensor | None:
     for record in context.records.values():
         term = record.aux_loss(settings.balance_coef, settings.z_loss_coef)
         total = term if total is None else total + term
-    return total
+    return None if total is None else total * context.aux_scale
 
 
 def _add_aux_loss(module: nn.Module, args: tuple, output: Any) -> Any:
