@@ -84,3 +84,28 @@ def test_routing_statistics_hand_checked():
     assert sum(loads[1]["vision"]) == 2 * n_vision
     assert sum(loads[1]["text"]) == 2 * (int(rec.token_mask.sum()) - n_vision)
     assert "stgc/conflict_ratio" not in scalars and "ltdr/tail_share" not in scalars
+
+
+def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
+    def make(seed):
+        return upcycle(tiny_llava(seed=seed), num_experts=4, top_k=2, stgc=STGCConfig(), freeze_dense=True)
+
+    args = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        save_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = MoETrainer(model=make(0), args=TrainingArguments(**args), train_dataset=_Data())
+    trainer.train()
+    trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    fresh = make(1)  # other weights everywhere
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
+    resumed = MoETrainer(model=fresh, args=TrainingArguments(**args), train_dataset=_Data())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, trained[k]), k

@@ -62,6 +62,27 @@ def test_training_reduces_loss_and_save_reload_roundtrips(arch, tmp_path):
     assert reloaded.moe_settings == model.moe_settings
 
 
+@pytest.mark.parametrize("original_format", [False, True])
+def test_llava_save_reload_both_key_formats(tmp_path, original_format):
+    model = upcycle(tiny_llava(), num_experts=4, top_k=2, router="ltdr", stgc=STGCConfig(weight=0.3))
+    with torch.no_grad():
+        for p in model.parameters():  # make every tensor distinct from a fresh init
+            p.add_(0.01 * torch.randn_like(p))
+    save_upcycled(model, tmp_path, save_original_format=original_format)
+    if original_format:  # transformers' legacy names really were written
+        from safetensors import safe_open
+
+        with safe_open(str(next(tmp_path.glob("*.safetensors"))), "pt") as f:
+            assert not set(f.keys()) <= set(model.state_dict())
+    reloaded = load_upcycled(tmp_path, type(model))
+    ref = model.state_dict()
+    got = reloaded.state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert reloaded.moe_settings == model.moe_settings
+
+
 def test_aux_loss_is_added_to_the_model_loss():
     model = upcycle(causal_lm("llama"), num_experts=4, top_k=2, balance_coef=0.5, z_loss_coef=0.1)
     ids, mask = _batch()

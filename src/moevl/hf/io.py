@@ -16,7 +16,8 @@ def save_upcycled(model: nn.Module, directory: str | Path, **kwargs) -> None:
     if getattr(model, "moe_settings", None) is None:
         raise ValueError("save_upcycled: the model is not upcycled (no moe_settings); use save_pretrained")
     model.config.moevl = model.moe_settings.to_dict()
-    model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
+    kwargs.setdefault("save_original_format", False)  # the model's own key names: exact round trip
+    model.save_pretrained(str(directory), **kwargs)
 
 
 def load_upcycled(directory: str | Path, model_class: type, **upcycle_overrides) -> nn.Module:
@@ -59,6 +60,8 @@ def load_upcycled(directory: str | Path, model_class: type, **upcycle_overrides)
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    if not set(state) <= set(model.state_dict()):
+        state = _to_model_key_names(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]
@@ -70,3 +73,17 @@ def load_upcycled(directory: str | Path, model_class: type, **upcycle_overrides)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def _to_model_key_names(model: nn.Module, state: dict) -> dict:
+    """Rename a checkpoint saved in the legacy ("original") format, as ``save_pretrained`` does by
+    default for LLaVA-family models, to the model's key names, with transformers' own mapping."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    return {rename_source_key(k, renamings, converters, prefix, meta)[0]: v for k, v in state.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -61,6 +62,22 @@ class MoETrainer(Trainer):
         if self.moe_history or self.expert_load:
             self.write_moe_stats(os.path.join(self.args.output_dir, "moe_stats.json"))
         return out
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by
+        # default, and the Trainer's resume loads them with a plain load_state_dict(strict=False):
+        # the weights silently do not come back. Save the model's own key names instead, so that
+        # resume and ``load_upcycled`` restore every tensor.
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if getattr(model, "moe_settings", None) is not None:
+            model.config.moevl = model.moe_settings.to_dict()
+        model.save_pretrained = functools.partial(
+            type(model).save_pretrained, model, save_original_format=False
+        )
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
 
     def write_moe_stats(self, path: str) -> None:
         if not self.is_world_process_zero():
