@@ -60,9 +60,9 @@ def can_use_grouped_mm(*tensors: Tensor) -> bool:
     return all(_aligned(t) for t in tensors)
 
 
-def _gmm(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int], use_grouped: bool) -> Tensor:
+def _gmm(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int]) -> Tensor:
     """Grouped ``a[g] @ b[g]``: a (P, K) rows grouped by expert, b (E, K, M) -> (P, M)."""
-    if use_grouped and can_use_grouped_mm(a, b):
+    if can_use_grouped_mm(a, b):
         fn = F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm
         return fn(a, b, offs=offsets)
     out = a.new_empty(a.shape[0], b.shape[-1])
@@ -74,10 +74,10 @@ def _gmm(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int], use_grouped: 
     return out
 
 
-def _gmm_weight(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int], use_grouped: bool) -> Tensor:
+def _gmm_weight(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int]) -> Tensor:
     """Per-expert ``a[g]ᵀ @ b[g]``: a (P, K), b (P, M) grouped by expert -> (E, K, M)."""
     a_t = a.t()
-    if use_grouped and a.shape[0] > 0 and can_use_grouped_mm(a_t, b):
+    if a.shape[0] > 0 and can_use_grouped_mm(a_t, b):
         fn = F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm
         return fn(a_t, b, offs=offsets)
     out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
@@ -91,7 +91,7 @@ def _gmm_weight(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int], use_gr
 
 def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor, counts: list[int]) -> Tensor:
     """Public form of the grouped matmul: a (P, K) grouped by ``offsets``, b (E, K, M) -> (P, M)."""
-    return _gmm(a, b, offsets, counts, use_grouped=True)
+    return _gmm(a, b, offsets, counts)
 
 
 @dataclass
@@ -121,7 +121,8 @@ class ExpertGrads:
         layers: the expert's linear layers in forward order (the last is the output projection).
         expert_ids: (P,) long, the expert of each row (sorted).
         token_ids: (P,) long, the token of each row.
-        counts: (E,) long, rows per expert; ``offsets`` (E,) int32 their cumulative sum.
+        counts: (E,) long, rows per expert; ``offsets`` (E,) int32 their cumulative sum;
+            ``counts_list`` the same counts as Python ints (for the per-expert loop fallback).
         anchor_grad: gradient of the loss w.r.t. the observer's zero-valued anchor, None if the
             anchor is not part of the loss.
         observed: the observed tensor's value (detached), e.g. the router logits (N, E).
@@ -133,7 +134,6 @@ class ExpertGrads:
     counts: Tensor
     offsets: Tensor
     counts_list: list[int]
-    use_grouped: bool
     anchor_grad: Tensor | None
     observed: Tensor | None
 
@@ -149,7 +149,6 @@ class ExpertGradientObserver(Protocol):
 class _MLPSpec:
     gated: bool
     activation: Callable[[Tensor], Tensor]
-    use_grouped: bool
 
 
 class _ExpertMLPFunction(torch.autograd.Function):
@@ -163,11 +162,10 @@ class _ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, observed, observer, routing, spec: _MLPSpec, *params):  # type: ignore[override]
         expert_ids, token_ids, counts, offsets, counts_list = routing
-        g = spec.use_grouped
         if spec.gated:
             w_gate, w_up, w_down, b_gate, b_up, b_down = params
-            a_gate = _gmm(xs, w_gate.transpose(1, 2), offsets, counts_list, g)
-            a_up = _gmm(xs, w_up.transpose(1, 2), offsets, counts_list, g)
+            a_gate = _gmm(xs, w_gate.transpose(1, 2), offsets, counts_list)
+            a_up = _gmm(xs, w_up.transpose(1, 2), offsets, counts_list)
             if b_gate is not None:
                 a_gate = a_gate + b_gate[expert_ids]
                 a_up = a_up + b_up[expert_ids]
@@ -177,12 +175,12 @@ class _ExpertMLPFunction(torch.autograd.Function):
             w_in, w_out, b_in, b_out = params
             b_down = b_out
             w_down = w_out
-            a_in = _gmm(xs, w_in.transpose(1, 2), offsets, counts_list, g)
+            a_in = _gmm(xs, w_in.transpose(1, 2), offsets, counts_list)
             if b_in is not None:
                 a_in = a_in + b_in[expert_ids]
             h = spec.activation(a_in)
             ctx.save_for_backward(xs, a_in, *params)
-        ys = _gmm(h, w_down.transpose(1, 2), offsets, counts_list, g)
+        ys = _gmm(h, w_down.transpose(1, 2), offsets, counts_list)
         if b_down is not None:
             ys = ys + b_down[expert_ids]
         ctx.spec = spec
@@ -197,7 +195,6 @@ class _ExpertMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_ys, grad_anchor):  # type: ignore[override]
         spec: _MLPSpec = ctx.spec
         expert_ids, token_ids, counts, offsets, counts_list = ctx.routing
-        g = spec.use_grouped
         num_experts = len(counts_list)
         saved = ctx.saved_tensors
         nparams = 6 if spec.gated else 4
@@ -217,13 +214,13 @@ class _ExpertMLPFunction(torch.autograd.Function):
                 ag = a_gate.detach().requires_grad_()
                 act = spec.activation(ag)
             h = act.detach() * a_up
-            dw_down = _gmm_weight(h, dy, offsets, counts_list, g)  # (E, H, D)
-            dh = _gmm(dy, w_down, offsets, counts_list, g)  # (P, H)
+            dw_down = _gmm_weight(h, dy, offsets, counts_list)  # (E, H, D)
+            dh = _gmm(dy, w_down, offsets, counts_list)  # (P, H)
             (d_gate,) = torch.autograd.grad(act, ag, dh * a_up)
             d_up = dh * act.detach()
-            dw_gate = _gmm_weight(xs, d_gate, offsets, counts_list, g)  # (E, D, H)
-            dw_up = _gmm_weight(xs, d_up, offsets, counts_list, g)
-            dxs = _gmm(d_gate, w_gate, offsets, counts_list, g) + _gmm(d_up, w_up, offsets, counts_list, g)
+            dw_gate = _gmm_weight(xs, d_gate, offsets, counts_list)  # (E, D, H)
+            dw_up = _gmm_weight(xs, d_up, offsets, counts_list)
+            dxs = _gmm(d_gate, w_gate, offsets, counts_list) + _gmm(d_up, w_up, offsets, counts_list)
             has_bias = b_gate is not None
             db = [bias_grad(d) if has_bias else None for d in (d_gate, d_up, dy)]
             layers = [
@@ -239,11 +236,11 @@ class _ExpertMLPFunction(torch.autograd.Function):
                 ai = a_in.detach().requires_grad_()
                 act = spec.activation(ai)
             h = act.detach()
-            dw_out = _gmm_weight(h, dy, offsets, counts_list, g)
-            dh = _gmm(dy, w_out, offsets, counts_list, g)
+            dw_out = _gmm_weight(h, dy, offsets, counts_list)
+            dh = _gmm(dy, w_out, offsets, counts_list)
             (d_in,) = torch.autograd.grad(act, ai, dh)
-            dw_in = _gmm_weight(xs, d_in, offsets, counts_list, g)
-            dxs = _gmm(d_in, w_in, offsets, counts_list, g)
+            dw_in = _gmm_weight(xs, d_in, offsets, counts_list)
+            dxs = _gmm(d_in, w_in, offsets, counts_list)
             has_bias = b_in is not None
             db = [bias_grad(d) if has_bias else None for d in (d_in, dy)]
             layers = [LinearGrads(xs, d_in, dw_in, db[0]), LinearGrads(h, dy, dw_out, db[1])]
@@ -259,7 +256,6 @@ class _ExpertMLPFunction(torch.autograd.Function):
                     counts=counts,
                     offsets=offsets,
                     counts_list=counts_list,
-                    use_grouped=g,
                     anchor_grad=grad_anchor,
                     observed=ctx.observed,
                 )
@@ -420,7 +416,6 @@ class GroupedExperts(nn.Module):
             )
         else:
             params = [None if p is None else p.to(compute_dtype) for p in self._params()]
-            use_grouped = self.implementation == "grouped" or _grouped_mm_available()
             if self.implementation == "grouped" and not can_use_grouped_mm(
                 xs, *[p for p in params if p is not None]
             ):
@@ -430,7 +425,7 @@ class GroupedExperts(nn.Module):
                     f"intermediate {self.intermediate_size}"
                 )
             offsets = torch.cumsum(counts, 0).to(torch.int32)
-            spec = _MLPSpec(gated=self.gated, activation=self.activation, use_grouped=use_grouped)
+            spec = _MLPSpec(gated=self.gated, activation=self.activation)
             routing = (expert_ids, token_ids, counts, offsets, counts_list)
             with torch.autocast(hidden.device.type, enabled=False):
                 ys, anchor = _ExpertMLPFunction.apply(
