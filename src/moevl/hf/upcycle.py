@@ -312,7 +312,7 @@ def upcycle(
             )
         else:
             r = TopKRouter(**common)
-        r.to(experts.gate_proj.device if experts.gated else experts.fc1.device)
+        r.to(next(experts.parameters()).device)
         layer_list[i].mlp = HFMoEBlock(
             router=r, experts=experts, layer_index=i, context=context, stgc=stgc, stgc_scale=1.0 / len(chosen)
         )

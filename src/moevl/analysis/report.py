@@ -1,0 +1,288 @@
+"""The comparison report: results.json, report.md and PNG plots, from the results of ``run_compare``.
+
+``results`` layout::
+
+    {"config": {...}, "wall_time_s": float,
+     "dense": {"stage1_time_s", "stage2_time_s", "eval": {"accuracy": {family: acc}, "overall", "chance"}},
+     "methods": {method: {"runs": {seed: {"train_time_s", "eval": {...}, "moe_stats": moe_stats.json}}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+HISTORY_KEYS = {
+    "conflict_ratio": "stgc/conflict_ratio",
+    "cosine_mean": "stgc/cosine_mean",
+    "cel": "stgc/cel",
+    "tail_share": "ltdr/tail_share",
+    "experts_per_token": "moe/experts_per_token",
+    "balance_loss": "moe/balance_loss",
+}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaN mean for none."""
+    if not values:
+        return math.nan, math.nan
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _history(stats: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(h["step"], h[key]) for h in stats.get("history", []) if key in h and h[key] is not None]
+    if not rows:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*rows, strict=True)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def summarize(results: dict) -> dict:
+    """Per method: accuracy per family (mean, std over seeds), training time, final routing statistics."""
+    summary: dict[str, Any] = {}
+    for method, entry in results.get("methods", {}).items():
+        runs = list(entry["runs"].values())
+        families = sorted({f for r in runs for f in r["eval"]["accuracy"]})
+        s: dict[str, Any] = {
+            "seeds": len(runs),
+            "accuracy": {
+                f: mean_std([r["eval"]["accuracy"][f] for r in runs if f in r["eval"]["accuracy"]])
+                for f in families
+            },
+            "overall": mean_std([r["eval"]["overall"] for r in runs]),
+            "train_time_s": mean_std([r["train_time_s"] for r in runs]),
+        }
+        for name, key in HISTORY_KEYS.items():
+            finals = []
+            for r in runs:
+                _, v = _history(r.get("moe_stats", {}), key)
+                if len(v):
+                    finals.append(float(v[-max(1, len(v) // 4) :].mean()))  # mean of the last quarter
+            s[name] = mean_std(finals) if finals else None
+        summary[method] = s
+        entry["summary"] = s
+    return summary
+
+
+def _fmt(ms: tuple[float, float] | None, pct: bool = False, digits: int = 3) -> str:
+    if ms is None or math.isnan(ms[0]):
+        return "n/a"
+    m, s = ms
+    if pct:
+        return f"{100 * m:.1f} ± {100 * s:.1f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    summary = {m: e["summary"] for m, e in results["methods"].items()}
+    dense = results["dense"]["eval"]
+    families = list(dense["accuracy"])
+    names = ["dense", *summary]
+    width = 0.8 / len(names)
+    x = np.arange(len(families) + 1)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(x)), 4.2))
+    for i, name in enumerate(names):
+        if name == "dense":
+            means = [dense["accuracy"][f] for f in families] + [dense["overall"]]
+            stds = [0.0] * len(means)
+        else:
+            acc = summary[name]["accuracy"]
+            means = [acc[f][0] if f in acc else np.nan for f in families] + [summary[name]["overall"][0]]
+            stds = [acc[f][1] if f in acc else 0 for f in families] + [summary[name]["overall"][1]]
+        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=name)
+    chance = [dense["chance"].get(f, np.nan) for f in families]
+    ax.scatter(x[:-1], chance, marker="_", s=900, color="black", zorder=5, label="majority answer (chance)")
+    ax.set_xticks(x, [*families, "overall"])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact-match accuracy (test)")
+    ax.set_title("Accuracy per question family (mean ± std over seeds)")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(results: dict, keys: list[tuple[str, str]], path: Path, title: str) -> bool:
+    """One panel per key, one line per method (mean over seeds at common steps). False if no data."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
+    any_data = False
+    for ax, (label, key) in zip(axes[0], keys, strict=True):
+        for method, entry in results["methods"].items():
+            curves = [_history(r.get("moe_stats", {}), key) for r in entry["runs"].values()]
+            curves = [c for c in curves if len(c[0])]
+            if not curves:
+                continue
+            n = min(len(c[0]) for c in curves)
+            steps = curves[0][0][:n]
+            values = np.stack([c[1][:n] for c in curves])
+            ax.plot(steps, values.mean(0), label=method)
+            if len(curves) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
+            any_data = True
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if any_data:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return any_data
+
+
+def plot_expert_load(results: dict, path: Path) -> bool:
+    """Rows: methods; columns: MoE layers; bars: share of vision vs text tokens per expert (first seed)."""
+    methods = [
+        m
+        for m, e in results["methods"].items()
+        if next(iter(e["runs"].values())).get("moe_stats", {}).get("expert_load")
+    ]
+    if not methods:
+        return False
+    layers = sorted(
+        {
+            int(k)
+            for m in methods
+            for k in next(iter(results["methods"][m]["runs"].values()))["moe_stats"]["expert_load"]
+        }
+    )
+    fig, axes = plt.subplots(
+        len(methods), len(layers), figsize=(3.6 * len(layers), 2.4 * len(methods)), squeeze=False
+    )
+    for i, m in enumerate(methods):
+        load = next(iter(results["methods"][m]["runs"].values()))["moe_stats"]["expert_load"]
+        for j, layer in enumerate(layers):
+            ax = axes[i][j]
+            entry = load.get(str(layer))
+            if entry is None:
+                ax.axis("off")
+                continue
+            for k, (mod, color) in enumerate((("vision", "tab:orange"), ("text", "tab:blue"))):
+                counts = np.asarray(entry.get(mod, []), dtype=float)
+                if counts.size == 0:
+                    continue
+                share = counts / max(counts.sum(), 1.0)
+                ax.bar(np.arange(len(share)) + (k - 0.5) * 0.4, share, 0.4, color=color, label=mod)
+            ax.set_title(f"{m} · layer {layer}", fontsize=9)
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_ylim(0, 1)
+            if j == 0:
+                ax.set_ylabel("share of tokens", fontsize=8)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Expert load during MoE-tuning: vision vs text tokens (first seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict, out: str | Path) -> Path:
+    """Writes results.json, the plots and report.md into ``out``; returns the report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results)
+    plots = {}
+    if results.get("methods"):
+        plot_accuracy(results, out / "accuracy.png")
+        plots["accuracy"] = "accuracy.png"
+        if plot_curves(
+            results,
+            [
+                ("conflict ratio", HISTORY_KEYS["conflict_ratio"]),
+                ("mean token-gradient cosine", HISTORY_KEYS["cosine_mean"]),
+            ],
+            out / "conflicts.png",
+            "Token gradient conflicts during MoE-tuning",
+        ):
+            plots["conflicts"] = "conflicts.png"
+        if plot_expert_load(results, out / "expert_load.png"):
+            plots["expert_load"] = "expert_load.png"
+        if plot_curves(
+            results,
+            [
+                ("vision tail-token share", HISTORY_KEYS["tail_share"]),
+                ("experts per token", HISTORY_KEYS["experts_per_token"]),
+            ],
+            out / "tail_share.png",
+            "LTDR: tail tokens and experts per token",
+        ):
+            plots["tail_share"] = "tail_share.png"
+    results["plots"] = plots
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+
+    dense = results["dense"].get("eval", {})
+    families = list(dense.get("accuracy", {}))
+    lines = ["# moevl compare", ""]
+    if "wall_time_s" in results:
+        lines.append(f"Wall time: {results['wall_time_s']:.0f} s.")
+    seeds = results.get("config", {}).get("compare", {}).get("seeds", 1)
+    lines += [
+        f"Seeds: {seeds}. Accuracy: exact match of the generated answer, test split, % (mean ± std).",
+        "",
+    ]
+    lines += ["## Dense model (stages 1-2)", ""]
+    lines += ["| | " + " | ".join(families) + " | overall |", "|---" * (len(families) + 2) + "|"]
+    lines.append(
+        "| dense | "
+        + " | ".join(f"{100 * dense['accuracy'][f]:.1f}" for f in families)
+        + f" | {100 * dense.get('overall', 0):.1f} |"
+    )
+    lines.append(
+        "| chance (majority answer) | "
+        + " | ".join(f"{100 * dense['chance'].get(f, 0):.1f}" for f in families)
+        + " | |"
+    )
+    t1, t2 = results["dense"].get("stage1_time_s"), results["dense"].get("stage2_time_s")
+    if t1 is not None and t2 is not None:
+        lines += ["", f"Training time: stage 1 {t1:.0f} s, stage 2 {t2:.0f} s."]
+    if summary:
+        lines += ["", "## MoE-tuning (stage 3), per method", ""]
+        lines += [
+            "| method | " + " | ".join(families) + " | overall | train time (s) |",
+            "|---" * (len(families) + 3) + "|",
+        ]
+        for m, s in summary.items():
+            cells = [_fmt(s["accuracy"].get(f), pct=True) for f in families]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(cells)
+                + f" | {_fmt(s['overall'], pct=True)} | {_fmt(s['train_time_s'], digits=1)} |"
+            )
+        lines += ["", "## Routing statistics (mean of the last quarter of training)", ""]
+        lines += [
+            "| method | conflict ratio | token-gradient cosine | CEL | tail share | experts/token | balance loss |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for m, s in summary.items():
+            lines.append(
+                f"| {m} | {_fmt(s['conflict_ratio'])} | {_fmt(s['cosine_mean'])} | {_fmt(s['cel'])} | "
+                f"{_fmt(s['tail_share'])} | {_fmt(s['experts_per_token'])} | {_fmt(s['balance_loss'], digits=4)} |"
+            )
+        lines += ["", "n/a: the method does not produce this statistic."]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    examples = dense.get("examples", [])
+    if examples:
+        lines += [
+            "",
+            "## Dense model, first test questions",
+            "",
+            "| question | answer | prediction |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in examples[:6]]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

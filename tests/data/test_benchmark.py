@@ -1,0 +1,135 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from moevl.data import DataConfig, VQACollator, VQADataset, benchmark_tokenizer, build_benchmark
+from moevl.data.images import load_fashion_mnist_source
+from moevl.data.scenes import FAMILIES, ask, caption, vocabulary
+
+SMALL = DataConfig(train_scenes=35, validation_scenes=10, test_scenes=10, caption_scenes=10)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return build_benchmark(SMALL)
+
+
+def test_deterministic_given_seed(bench):
+    again = build_benchmark(SMALL)
+    for split in ("train", "validation", "test"):
+        a = [(e.question.text, e.question.answer, e.scene.image_ids.tolist()) for e in bench.questions[split]]
+        b = [(e.question.text, e.question.answer, e.scene.image_ids.tolist()) for e in again.questions[split]]
+        assert a == b
+    other = build_benchmark(DataConfig(**{**SMALL.__dict__, "seed": 1}))
+    assert [e.question.text for e in other.questions["train"]] != [
+        e.question.text for e in bench.questions["train"]
+    ]
+
+
+def test_splits_use_disjoint_images(bench):
+    pools = {k: set(v.tolist()) for k, v in bench.pools.items()}
+    assert not pools["train"] & pools["validation"]
+    assert not pools["train"] & pools["test"]
+    assert not pools["validation"] & pools["test"]
+    for split, examples in bench.questions.items():
+        used = {int(i) for e in examples for i in e.scene.image_ids.ravel() if i >= 0}
+        assert used <= pools[split]
+    assert {int(i) for s in bench.captions for i in s.image_ids.ravel() if i >= 0} <= pools["train"]
+
+
+def test_answers_are_correct(bench):
+    rng = np.random.default_rng(0)
+    scene = bench.questions["train"][0].scene
+    labels = scene.labels
+    for _ in range(50):
+        q = ask(rng, scene, "count", bench.source)
+        digit = int(q.text.split()[-1])
+        assert q.answer == str(int((labels == digit).sum()))
+        q = ask(rng, scene, "sum", bench.source)
+        words = q.text.split()
+        line_word, axis = words[-2], words[-1]
+        names = ("top", "middle", "bottom") if axis == "row" else ("left", "middle", "right")
+        i = names.index(line_word)
+        line = labels[i] if axis == "row" else labels[:, i]
+        assert q.answer == str(int(np.where(line >= 0, line, 0).sum()))
+    # The caption lists the cells in reading order.
+    assert caption(scene, bench.source).split() == [str(v) if v >= 0 else "none" for v in labels.ravel()]
+
+
+def test_families_balanced_and_vocabulary_covers_everything(bench):
+    fams = [e.question.family for e in bench.questions["train"]]
+    weights = dict(zip(FAMILIES, bench.config.family_weights, strict=True))
+    unit = len(fams) // sum(weights.values())
+    assert {f: fams.count(f) for f in FAMILIES} == {f: unit * weights[f] for f in FAMILIES}
+    fams = [e.question.family for e in bench.questions["test"]]
+    assert {f: fams.count(f) for f in FAMILIES} == {f: len(fams) // len(FAMILIES) for f in FAMILIES}
+    vocab = set(vocabulary(bench.source, bench.config.grid))
+    for e in bench.questions["train"]:
+        assert set(e.question.text.split()) | {e.question.answer} <= vocab
+
+
+def test_count_answers_balanced_and_family_weights():
+    cfg = DataConfig(train_scenes=400, validation_scenes=40, test_scenes=40, caption_scenes=1)
+    weighted = build_benchmark(DataConfig(**{**cfg.__dict__, "family_weights": (1, 3, 1, 2, 1)}))
+    fams = [e.question.family for e in weighted.questions["train"]]
+    n = len(fams) // 8
+    assert {f: fams.count(f) for f in FAMILIES} == dict(zip(FAMILIES, (n, 3 * n, n, 2 * n, n), strict=True))
+    for split in ("validation", "test"):  # evaluation splits stay equal per family
+        fams = [e.question.family for e in weighted.questions[split]]
+        assert len({fams.count(f) for f in FAMILIES}) == 1
+    answers = [e.question.answer for e in weighted.questions["train"] if e.question.family == "count"]
+    shares = {a: answers.count(a) / len(answers) for a in set(answers)}
+    assert max(shares.values()) < 0.4 and {"0", "1", "2", "3"} <= set(shares)
+    exists = [e.question.answer for e in weighted.questions["train"] if e.question.family == "exists"]
+    assert abs(exists.count("yes") / len(exists) - 0.5) < 0.05
+    # The old generator (every class uniform, count asked of a present class half the time) gave
+    # mostly "1"; it stays available.
+    old = build_benchmark(DataConfig(**{**cfg.__dict__, "palette": (10, 10), "balance_answers": False}))
+    answers = [e.question.answer for e in old.questions["train"] if e.question.family == "count"]
+    assert answers.count("1") / len(answers) > 0.45
+
+
+def test_dataset_layout_and_collator(bench):
+    tok = benchmark_tokenizer(bench)
+    ds = VQADataset(bench, tok, num_image_tokens=9)
+    item = ds[0]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert int((item["input_ids"] == image_id).sum()) == 9
+    assert item["pixel_values"].shape == (1, 24, 24)
+    learnt = item["labels"][item["labels"] != -100].tolist()
+    assert tok.decode(learnt[:-1]) == item["answer"] and learnt[-1] == tok.eos_token_id
+    batch = VQACollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_tokenizer_roundtrip(bench, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = benchmark_tokenizer(bench)
+    tok.save_pretrained(tmp_path)
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    text = "what is the sum of the left column"
+    assert (
+        again(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    )
+    assert tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_a_local_path(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (60, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(60) % 10)
+    source = load_fashion_mnist_source(tmp_path)
+    assert source.images.shape == (60, 8, 8) and not source.numeric
+    bench = build_benchmark(DataConfig(**{**SMALL.__dict__, "source": "fashion-mnist"}), source=source)
+    assert set(bench.families) == {"position", "count", "exists"}
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
+        load_fashion_mnist_source(tmp_path / "nowhere")
