@@ -34,7 +34,7 @@ ROLES = {"teacher": TEACHER, "student": STUDENT}
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # unwrapped: paths stay copyable
     raise typer.Exit(code=2)
 
 
