@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,8 +141,11 @@ def test_errors_for_missing_checkpoints_and_unwritable_output(cfg, tmp_path):
 
 def test_two_process_ddp_with_torchrun(tmp_path):
     """2 processes, gloo, CPU: the CLI runs unchanged under torchrun."""
+    with socket.socket() as sock:  # a free port, so concurrent runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
         "-m", "moevl.cli", "train", "--stage", "1", "--config", str(TINY), "--out", str(tmp_path),
         "--no-progress", "--set", "stage1.max_steps=2",
     ]  # fmt: skip
