@@ -103,7 +103,7 @@ class LinearGrads:
     Attributes:
         inputs: (P, d_in) the layer inputs ``x_t``.
         out_grads: (P, d_out) ``δ_t = ∂L/∂y_t``.
-        weight_grad: (E, d_in, d_out) ``Σ_t x_t δ_tᵀ`` per expert (the transposed weight gradient).
+        weight_grad: (E, d_out, d_in) ``Σ_t δ_t x_tᵀ`` per expert (the weight gradient).
         bias_grad: (E, d_out) ``Σ_t δ_t`` per expert, or None when the layer has no bias.
     """
 
@@ -214,12 +214,13 @@ class _ExpertMLPFunction(torch.autograd.Function):
                 ag = a_gate.detach().requires_grad_()
                 act = spec.activation(ag)
             h = act.detach() * a_up
-            dw_down = _gmm_weight(h, dy, offsets, counts_list)  # (E, H, D)
+            # weight gradients in the parameters' own (E, out, in) layout: no copy on accumulation
+            dw_down = _gmm_weight(dy, h, offsets, counts_list)  # (E, D, H)
             dh = _gmm(dy, w_down, offsets, counts_list)  # (P, H)
             (d_gate,) = torch.autograd.grad(act, ag, dh * a_up)
             d_up = dh * act.detach()
-            dw_gate = _gmm_weight(xs, d_gate, offsets, counts_list)  # (E, D, H)
-            dw_up = _gmm_weight(xs, d_up, offsets, counts_list)
+            dw_gate = _gmm_weight(d_gate, xs, offsets, counts_list)  # (E, H, D)
+            dw_up = _gmm_weight(d_up, xs, offsets, counts_list)
             dxs = _gmm(d_gate, w_gate, offsets, counts_list) + _gmm(d_up, w_up, offsets, counts_list)
             has_bias = b_gate is not None
             db = [bias_grad(d) if has_bias else None for d in (d_gate, d_up, dy)]
@@ -228,7 +229,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
                 LinearGrads(xs, d_up, dw_up, db[1]),
                 LinearGrads(h, dy, dw_down, db[2]),
             ]
-            grads = [dw_gate.transpose(1, 2), dw_up.transpose(1, 2), dw_down.transpose(1, 2), *db]
+            grads = [dw_gate, dw_up, dw_down, *db]
         else:
             xs, a_in = saved[:2]
             w_in, w_out, b_in, b_out = params
@@ -236,15 +237,15 @@ class _ExpertMLPFunction(torch.autograd.Function):
                 ai = a_in.detach().requires_grad_()
                 act = spec.activation(ai)
             h = act.detach()
-            dw_out = _gmm_weight(h, dy, offsets, counts_list)
+            dw_out = _gmm_weight(dy, h, offsets, counts_list)
             dh = _gmm(dy, w_out, offsets, counts_list)
             (d_in,) = torch.autograd.grad(act, ai, dh)
-            dw_in = _gmm_weight(xs, d_in, offsets, counts_list)
+            dw_in = _gmm_weight(d_in, xs, offsets, counts_list)
             dxs = _gmm(d_in, w_in, offsets, counts_list)
             has_bias = b_in is not None
             db = [bias_grad(d) if has_bias else None for d in (d_in, dy)]
             layers = [LinearGrads(xs, d_in, dw_in, db[0]), LinearGrads(h, dy, dw_out, db[1])]
-            grads = [dw_in.transpose(1, 2), dw_out.transpose(1, 2), *db]
+            grads = [dw_in, dw_out, *db]
 
         grad_observed = None
         if ctx.observer is not None:

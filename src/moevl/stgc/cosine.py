@@ -61,7 +61,7 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
     """``token_gradient_cosine`` for every expert at once, from the experts' backward.
 
     Uses the weight gradients the backward computed anyway: ``G_e = dW_e / N_e``, so the extra
-    cost is one grouped matmul per layer (``x_t @ dW_e``).
+    cost is one grouped matmul per layer (``x_t @ dW_eᵀ``).
 
     Args:
         grads: the experts' backward view (rows sorted by expert).
@@ -84,8 +84,10 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
     input_norm2: dict[int, Tensor] = {}  # gate and up share their input: one norm
     for layer in layers:
         x, d = layer.inputs, layer.out_grads
-        # x_t @ dW_e gives (P, d_out); dividing by N_e turns dW_e into the mean gradient G_e.
-        proj = grouped_matmul(x, layer.weight_grad.to(x.dtype), grads.offsets, grads.counts_list)
+        # x_t @ dW_eᵀ gives (P, d_out); dividing by N_e turns dW_e into the mean gradient G_e.
+        proj = grouped_matmul(
+            x, layer.weight_grad.to(x.dtype).transpose(1, 2), grads.offsets, grads.counts_list
+        )
         inner += torch.linalg.vecdot(proj.float(), d.float())
         if id(x) not in input_norm2:
             input_norm2[id(x)] = _sqnorm(x, -1)
