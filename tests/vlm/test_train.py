@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from moevl.vlm.config import load_config
@@ -125,6 +126,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(cfg, tmp_path):
     r = train_stage(longer, stage=1, output_dir=tmp_path, resume=True, progress=False)
     assert r.global_step == 6 and (r.model_dir / "model.safetensors").is_file()
     assert last_checkpoint(tmp_path).name == "checkpoint-6"
+    # the resumed run restored the checkpoint's weights: it ends where an uninterrupted run ends
+    ref = train_stage(longer, stage=1, output_dir=tmp_path / "ref", progress=False)
+    resumed, expected = (
+        load_file(r.model_dir / "model.safetensors"),
+        load_file(ref.model_dir / "model.safetensors"),
+    )
+    assert resumed.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(resumed[k], expected[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_errors_for_missing_checkpoints_and_unwritable_output(cfg, tmp_path):

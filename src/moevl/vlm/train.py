@@ -30,13 +30,13 @@ import torch
 from transformers import (
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 from moevl.data.dataset import Benchmark, VQACollator, VQADataset, benchmark_tokenizer, build_benchmark
+from moevl.hf import MoETrainer, load_upcycled, save_upcycled, upcycle
 from moevl.vlm.config import METHODS, RunConfig, config_to_dict
 from moevl.vlm.model import build_model, num_image_tokens, set_trainable
 
@@ -129,8 +129,6 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, PreTraine
     meta = read_meta(model_dir)
     path = meta["path"]
     if meta.get("upcycled"):
-        from moevl.hf import load_upcycled
-
         model = load_upcycled(path, LlavaForConditionalGeneration)
     else:
         model = LlavaForConditionalGeneration.from_pretrained(path)
@@ -141,8 +139,6 @@ def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, PreTraine
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: Path, meta: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if meta.get("upcycled"):
-        from moevl.hf import save_upcycled
-
         save_upcycled(model, str(path))  # the model's own key names (moevl.hf.io)
     else:
         model.save_pretrained(path)  # safetensors
@@ -326,17 +322,9 @@ def train_stage(
     else:
         model = new_model(cfg, tokenizer)
     if stage == 3:
-        from moevl.hf import upcycle
-
         set_seed(seed)  # the routers' initialisation depends on the seed, not on what ran before
         model = upcycle(model, **method_options(cfg, method))  # freeze_dense: experts+routers train
         meta["upcycled"] = True
-        trainer_cls: type[Trainer]
-        from moevl.hf import MoETrainer
-
-        trainer_cls = MoETrainer
-    else:
-        trainer_cls = Trainer
     meta["trainable_parameters"] = set_trainable(model, cfg.stage(stage).trainable)
     meta["config"] = config_to_dict(cfg)
 
@@ -349,7 +337,9 @@ def train_stage(
         questions = VQADataset(bench, tokenizer, split="train", kind="vqa", num_image_tokens=P)
         dataset = torch.utils.data.ConcatDataset([questions, captions])
     interrupt = GracefulInterrupt()
-    trainer = trainer_cls(
+    # MoETrainer for every stage: for a dense model it is the Trainer, and its checkpoints keep the
+    # model's key names so that --resume restores every weight (see moevl.hf.trainer).
+    trainer = MoETrainer(
         model=model,
         args=training_arguments(cfg, stage, output_dir, seed, progress),
         train_dataset=dataset,
