@@ -1,4 +1,4 @@
-"""STGC under 2-process DistributedDataParallel on CPU (gloo): one backward, plain autograd."""
+"""STGC under 2-process DDP and FSDP2 on CPU (gloo): one backward, plain autograd."""
 
 import os
 import tempfile
@@ -31,24 +31,27 @@ def _step(model, x, y):
     return rec
 
 
-def _worker(rank, init_file, out_file):
+def _worker(rank, init_file, out_file, engine):
+    from torch.distributed.fsdp import fully_shard
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model = torch.nn.parallel.DistributedDataParallel(_layer())
-    rec = _step(model, *_shard(rank))
+    model = _layer()
+    if engine == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:  # FSDP2: parameters sharded across the ranks, gathered for forward and backward
+        wrapped = fully_shard(model)
+    rec = _step(wrapped, *_shard(rank))
     ratio = torch.tensor([rec.stgc.conflict_ratio])
     dist.all_reduce(ratio)
+    grads = {n: p.grad.full_tensor() if engine == "fsdp2" else p.grad for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.module.named_parameters()} | {"ratio": ratio}, out_file)
+        torch.save(grads | {"ratio": ratio}, out_file)
     dist.destroy_process_group()
 
 
-def test_stgc_under_two_process_ddp():
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "grads.pt")
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out_file), nprocs=2, join=True)
-        got = torch.load(out_file)
-    # Reference: each rank's single-process gradient (its own conflicts), averaged as DDP does.
+def _reference():
+    """Each rank's single-process gradient (its own conflicts), averaged as DDP / FSDP do."""
     ref, ratios = {}, 0.0
     for rank in range(2):
         layer = _layer()
@@ -56,6 +59,16 @@ def test_stgc_under_two_process_ddp():
         ratios += rec.stgc.conflict_ratio
         for n, p in layer.named_parameters():
             ref[n] = ref.get(n, 0) + p.grad / 2
+    return ref, ratios
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_stgc_under_two_processes(engine):
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "grads.pt")
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out_file, engine), nprocs=2, join=True)
+        got = torch.load(out_file)
+    ref, ratios = _reference()
     for n, g in ref.items():
         torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-5)
     assert float(got["ratio"]) == pytest.approx(ratios) and ratios > 0
