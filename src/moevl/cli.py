@@ -1,162 +1,198 @@
-"""The ``moevl`` command: ``train`` (one stage), ``eval``, ``compare`` (the main job). Thin: the work
-happens in ``moevl.vlm``; this file turns options into calls and errors into messages."""
+"""The ``moevl`` command: ``train`` (one stage), ``eval``, ``export``, ``compare`` (the main job) and
+``detect``. Thin: the work happens in ``moevl.vlm``; this file turns options into calls and errors into
+one-line messages (``fail``)."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from moevl.detection.cli import app as detect_app
-from moevl.vlm.config import METHODS, ConfigError, load_config
 
 app = typer.Typer(
-    help="Sparse MoE vision-language models with better routing (STGC, LTDR).", no_args_is_help=True
+    help="Sparse MoE vision-language models with better routing (STGC, LTDR).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 app.add_typer(detect_app, name="detect")
 
-CONFIG_HELP = "YAML recipe (configs/*.yaml); built-in defaults (configs/compare.yaml) when omitted."
-SET_HELP = "Override a config key, e.g. --set stage2.max_steps=50 (repeatable)."
+CONFIG_HELP = "YAML recipe (configs/*.yaml); the built-in defaults (configs/train.yaml) when omitted."
+SET_HELP = "Override a recipe key, e.g. --set stage3.training.learning_rate=1e-4 (repeatable)."
+METHODS_HELP = "baseline, stgc, ltdr or stgc+ltdr"
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Prints ``error: message`` (never wrapped, so paths stay whole) and returns the exit to raise."""
+    typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
-def _config(config: Path | None, overrides: list[str] | None):
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turns the errors a user can cause (bad recipe, data, paths, checkpoints, NaNs, Ctrl-C) into ``fail``."""
+    from moevl.config import ConfigError
+    from moevl.data import DataError
+    from moevl.hf.trainer import NonFiniteTrainingError
+    from moevl.vlm.io import CheckpointError, OutputDirError
+    from moevl.vlm.train import TrainingInterrupted
+
     try:
-        return load_config(config, overrides or [])
-    except ConfigError as e:
-        raise _fail(str(e)) from None
+        yield
+    except (ConfigError, DataError, CheckpointError, OutputDirError, NonFiniteTrainingError) as e:
+        raise fail(str(e)) from None
+    except TrainingInterrupted as e:
+        raise fail(str(e), code=130) from None
+
+
+def _config(config: Path | None, overrides: list[str] | None, extra: list[str] | None = None):
+    from moevl.vlm.config import load_config
+
+    return load_config(config, [*(overrides or []), *(extra or [])])
+
+
+def _progress_option() -> Any:
+    return typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-progress silences all).")
 
 
 @app.command()
 def train(
     stage: int = typer.Option(..., help="1: projector pre-training, 2: instruction tuning, 3: MoE-tuning."),
     out: Path = typer.Option(..., help="Output directory (checkpoints, TensorBoard logs, model/)."),
-    config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    init: Path | None = typer.Option(
-        None, help="Model directory of the previous stage (required for stage 3)."
+    model: Path | None = typer.Option(
+        None, help="Checkpoint directory to start from (a previous stage's --out works too)."
     ),
-    method: str = typer.Option("baseline", help=f"Stage 3 method: {', '.join(METHODS)}."),
-    seed: int | None = typer.Option(None, help="Seed (default: the config's)."),
-    resume: bool = typer.Option(False, help="Resume from the last complete checkpoint in --out."),
+    data: Path | None = typer.Option(
+        None, help="Training data: LLaVA JSON/JSONL or messages json/jsonl/parquet."
+    ),
+    image_folder: Path | None = typer.Option(None, help="Root of the records' relative image paths."),
+    method: str | None = typer.Option(None, help=f"Stage 3 method: {METHODS_HELP} (default: the recipe's)."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
-    progress: bool = typer.Option(True, help="Progress bars."),
+    chat_template: Path | None = typer.Option(
+        None, help="Jinja chat template file (checkpoints without one)."
+    ),
+    skip_bad_records: bool = typer.Option(False, help="Skip and count bad records instead of stopping."),
+    seed: int | None = typer.Option(None, help="Seed (default: the recipe's)."),
+    resume: bool = typer.Option(False, help="Resume from the last complete checkpoint in --out."),
+    progress: bool = _progress_option(),
 ) -> None:
-    """Train one stage (one method for stage 3) with the Hugging Face Trainer; torchrun-compatible."""
-    from moevl.vlm.train import CheckpointError, OutputDirError, TrainingInterrupted, train_stage
+    """Train one stage with the Hugging Face Trainer; torchrun / accelerate / deepspeed launch it as is."""
+    from moevl.vlm.train import train_stage
 
-    cfg = _config(config, set_)
-    if stage not in (1, 2, 3):
-        raise _fail(f"--stage: expected 1, 2 or 3, got {stage}")
-    if method not in METHODS:
-        raise _fail(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
-    try:
+    extra = []
+    if chat_template is not None:
+        extra.append(f"data.chat_template={str(chat_template)!r}")
+    if skip_bad_records:
+        extra.append("data.skip_bad_records=true")
+    with user_errors():
+        cfg = _config(config, set_, extra)
         result = train_stage(
             cfg,
             stage=stage,
+            model=model,
             output_dir=out,
-            init=init,
+            data=data,
+            image_folder=image_folder,
             method=method,
             seed=seed,
+            max_steps=max_steps,
             resume=resume,
             progress=progress,
+            log=typer.echo,
         )
-    except (CheckpointError, OutputDirError) as e:
-        raise _fail(str(e)) from None
-    except TrainingInterrupted as e:
-        raise _fail(str(e), code=130) from None
     typer.echo(
-        f"stage {stage} done in {result.train_time_s:.1f} s ({result.global_step} steps); model: {result.model_dir}"
+        f"stage {stage} done in {result.train_time_s:.1f} s ({result.global_step} steps, "
+        f"{result.num_records} records); model: {result.model_dir}"
     )
 
 
 @app.command("eval")
 def eval_(
-    model: Path = typer.Option(..., help="A model directory written by a stage (or the stage's --out)."),
-    config: Path | None = typer.Option(
-        None, help="Recipe for the data (default: the one saved with the model)."
+    model: Path = typer.Option(..., help="A model directory (or a stage's --out)."),
+    data: Path | None = typer.Option(None, help="Evaluation data (default: the recipe's eval.data)."),
+    image_folder: Path | None = typer.Option(None, help="Root of the records' relative image paths."),
+    out: Path | None = typer.Option(
+        None, help="Write the results as JSON here; the predictions go beside it as <name>.predictions.jsonl."
     ),
-    split: str | None = typer.Option(
-        None, help="train, validation or test (default: the config's eval.split)."
-    ),
-    out: Path | None = typer.Option(None, help="Write the results as JSON here."),
+    batch_size: int | None = typer.Option(None, help="Records per generation batch."),
+    max_new_tokens: int | None = typer.Option(None, help="Longest answer in tokens."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    progress: bool = _progress_option(),
 ) -> None:
-    """Accuracy per question family: exact match of the generated answer."""
-    from moevl.vlm.config import config_from_dict
-    from moevl.vlm.evaluate import evaluate
-    from moevl.vlm.model import num_image_tokens
-    from moevl.vlm.train import CheckpointError, apply_threads, load_model, prepare_data, read_meta
+    """Greedy answers, VQAv2-normalised exact match, accuracy per category."""
+    from moevl.vlm.evaluate import run_eval
 
-    try:
-        meta = read_meta(model)
-    except CheckpointError as e:
-        raise _fail(str(e)) from None
-    try:
-        cfg = load_config(config, set_ or []) if config else config_from_dict(meta["config"], set_ or [])
-    except ConfigError as e:
-        raise _fail(str(e)) from None
-    apply_threads(cfg)
-    net, tokenizer, _ = load_model(meta["path"])
-    bench, _ = prepare_data(cfg)
-    result = evaluate(
-        net,
-        bench,
-        tokenizer,
-        num_image_tokens=num_image_tokens(cfg.model, cfg.data.grid),
-        split=split or cfg.eval.split,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-    )
+    extra = []
+    if batch_size is not None:
+        extra.append(f"eval.batch_size={batch_size}")
+    if max_new_tokens is not None:
+        extra.append(f"eval.max_new_tokens={max_new_tokens}")
+    with user_errors():
+        cfg = _config(config, set_, extra)
+        result = run_eval(cfg, model=model, data=data, image_folder=image_folder, out=out, progress=progress)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{meta['path']} · {result['split']}")
-    for col in ("family", "accuracy %", "chance %", "n"):
+    table = Table(title=f"{model} · {result.count} records")
+    for col in ("category", "accuracy %", "n"):
         table.add_column(col)
-    for f, acc in result["accuracy"].items():
-        table.add_row(
-            f, f"{100 * acc:.1f}", f"{100 * result['chance'].get(f, 0):.1f}", str(result["count"][f])
-        )
-    table.add_row("overall", f"{100 * result['overall']:.1f}", "", str(sum(result["count"].values())))
+    for c, acc in result.per_category.items():
+        table.add_row(c, f"{100 * acc:.1f}", str(result.category_count[c]))
+    table.add_row("overall", f"{100 * result.overall:.1f}", str(result.count))
     Console().print(table)
-    if out is not None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
-        except OSError as e:
-            raise _fail(f"cannot write {out}: {e.strerror or e}") from None
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., help="A model directory written by moevl (or a stage's --out)."),
+    out: Path = typer.Option(..., help="Where to write the exported checkpoint."),
+) -> None:
+    """Write a checkpoint plain transformers loads (native MoE class) where one exists exactly; otherwise
+    the moevl format, which only moevl loads (never silently wrong)."""
+    from moevl.hf import export as export_model
+    from moevl.vlm.io import check_writable_target, load_model
+
+    with user_errors():
+        check_writable_target(out)
+        net, processor = load_model(model)
+        result = export_model(net, out)
+        processor.save_pretrained(str(out))
+    typer.echo(f"{result.format}: {out} ({result.reason})")
 
 
 @app.command()
 def compare(
-    out: Path = typer.Option(Path("runs/compare"), help="Run directory (report.md, results.json, plots)."),
-    config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    seeds: int | None = typer.Option(None, help="Seeds per method (default 1; 3 for the full study)."),
-    methods: str | None = typer.Option(None, help=f"Comma-separated subset of {', '.join(METHODS)}."),
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (report.md, results.json, plots)."),
+    config: Path | None = typer.Option(
+        None, help="YAML recipe; the built-in demo recipe (configs/demo.yaml)."
+    ),
+    seeds: int | None = typer.Option(None, help="Seeds per method (default: the recipe's compare.seeds)."),
+    methods: str | None = typer.Option(None, help=f"Comma-separated subset of {METHODS_HELP}."),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
-    progress: bool = typer.Option(True, help="Progress bars."),
+    progress: bool = _progress_option(),
 ) -> None:
-    """The main job: dense stages once, MoE-tuning per method and seed, evaluation, report."""
-    from moevl.vlm.compare import run_compare
-    from moevl.vlm.train import CheckpointError, OutputDirError, TrainingInterrupted
+    """The main job on the embedded digit benchmark: write it as LLaVA data, build the tiny checkpoint, run
+    stages 1-3 with `moevl train`'s code for every method and seed, evaluate with `moevl eval`'s code, report."""
+    from moevl.vlm.compare import demo_config, run_compare
 
-    overrides = list(set_ or [])
+    extra = []
     if seeds is not None:
-        overrides.append(f"compare.seeds={seeds}")
+        extra.append(f"compare.seeds={seeds}")
     if methods is not None:
-        overrides.append("compare.methods=[" + ",".join(f'"{m.strip()}"' for m in methods.split(",")) + "]")
-    cfg = _config(config, overrides)
-    try:
-        run_compare(cfg, out, log=lambda msg: typer.secho(msg, fg=typer.colors.CYAN), progress=progress)
-    except (CheckpointError, OutputDirError) as e:
-        raise _fail(str(e)) from None
-    except TrainingInterrupted as e:
-        raise _fail(str(e), code=130) from None
+        extra.append("compare.methods=[" + ",".join(f'"{m.strip()}"' for m in methods.split(",")) + "]")
+    with user_errors():
+        cfg = demo_config(config, [*(set_ or []), *extra])
+        run_compare(cfg, out, log=_cyan, progress=progress)
+
+
+def _cyan(message: str) -> None:
+    typer.secho(message, fg=typer.colors.CYAN)
 
 
 def main() -> None:

@@ -1,24 +1,95 @@
-"""``MoETrainer``: the Hugging Face Trainer, logging routing / LTDR / STGC statistics."""
+"""``MoETrainer``: the Hugging Face Trainer, with routing / LTDR / STGC statistics, a short console log,
+a stop on non-finite losses or gradients, and checkpoints that reload exactly."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from typing import Any
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from moevl.atomic import atomic_write_json
 from moevl.hf.stats import routing_statistics
+
+STATS_FILE = "moe_stats.json"
+
+# What the console shows per logging step; everything goes to TensorBoard (and moe_stats.json).
+CONSOLE_KEYS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "epoch",
+    "moe/balance_loss",
+    "stgc/conflict_ratio",
+    "moe/experts_per_token",
+    "ltdr/tail_share",
+    "router/entropy_normalized",
+)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the gradients became NaN or infinite; training stopped before the optimizer step."""
+
+
+def _console_view(logs: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in logs.items() if k in CONSOLE_KEYS or k.startswith("train_")}
+    return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()}
+
+
+class _ConsoleProgress(ProgressCallback):
+    """The Trainer's progress bar, printing only ``CONSOLE_KEYS`` at each logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.write(str(_console_view(logs or {})))
+
+
+class _ConsolePrinter(PrinterCallback):
+    """``PrinterCallback`` (used without progress bars), printing only ``CONSOLE_KEYS``."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(_console_view(logs))
+
+
+class _FiniteGradientGuard(TrainerCallback):
+    """Before each optimizer step: a NaN or infinite gradient stops the run, so the weights stay as the
+    last good step left them and no checkpoint with NaNs is written. (Under DeepSpeed the gradients live in
+    its partitions, not in ``p.grad``; DeepSpeed's own overflow handling applies there.)"""
+
+    def __init__(self, trainer: MoETrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        named = [(n, p.grad) for n, p in self.trainer.model.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        total = torch.stack(torch._foreach_norm([g for _, g in named])).sum()  # one host sync
+        if torch.isfinite(total):
+            return
+        bad = [n for n, g in named if not torch.isfinite(g).all()]
+        raise NonFiniteTrainingError(
+            f"non-finite gradient at step {state.global_step + 1} in {len(bad)} parameter(s), e.g. "
+            f"{bad[0] if bad else '?'}; training stopped before the optimizer step (the last saved checkpoint "
+            "is intact). Lower the learning rate or the auxiliary-loss weights, or use bf16 instead of fp16."
+        )
 
 
 class MoETrainer(Trainer):
     """A ``transformers.Trainer`` that reads each step's MoE statistics after backward.
 
-    For a dense model it is exactly ``Trainer``. For an upcycled model it averages the statistics
-    of the micro-steps between two logging steps into the normal logs (so TensorBoard, W&B, ...
-    get them), keeps them in ``moe_history``, sums expert loads for vision and text tokens per
-    layer, and writes both to ``<output_dir>/moe_stats.json`` (temp file + rename) after training.
+    For a dense model it is the Trainer with checkpoints under the model's own key names. For a MoE model it
+    averages the statistics of the micro-steps between two logging steps into the logs (TensorBoard, W&B, ...
+    get all of them; the console shows ``CONSOLE_KEYS``), keeps them in ``moe_history``, sums expert loads
+    for vision and text tokens per layer, and writes both to ``<output_dir>/moe_stats.json`` (and into each
+    checkpoint, so a resumed run keeps the steps before the resume).
+
+    A NaN or infinite loss or gradient raises ``NonFiniteTrainingError`` before the optimizer step.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -26,6 +97,12 @@ class MoETrainer(Trainer):
         self.moe_history: list[dict[str, float]] = []
         self.expert_load: dict[int, dict[str, list[float]]] = {}
         self._pending: dict[str, list[float]] = {}
+        for old, new in ((ProgressCallback, _ConsoleProgress), (PrinterCallback, _ConsolePrinter)):
+            if self.pop_callback(old) is not None:
+                self.add_callback(new)
+        self.add_callback(_FiniteGradientGuard(self))
+
+    # --- one step ------------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
         context = getattr(self.model, "moe_context", None)
@@ -36,6 +113,12 @@ class MoETrainer(Trainer):
             scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
             context.aux_scale = 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteTrainingError(
+                f"non-finite loss ({float(loss.detach())}) at step {self.state.global_step + 1}; training "
+                "stopped before the optimizer step (the last saved checkpoint is intact). Lower the learning "
+                "rate or the auxiliary-loss weights, or use bf16 instead of fp16."
+            )
         scalars, loads = routing_statistics(self.model)
         for k, v in scalars.items():
             self._pending.setdefault(k, []).append(v)
@@ -50,18 +133,48 @@ class MoETrainer(Trainer):
         if self._pending and "loss" in logs:
             means = {k: sum(v) / len(v) for k, v in self._pending.items()}
             self._pending = {}
-            # per-layer keys go to TensorBoard; the history keeps the layer averages
             logs = {**logs, **means}
+            # the history keeps the layer averages; per-layer keys go to TensorBoard only
             self.moe_history.append(
                 {"step": self.state.global_step, **{k: v for k, v in means.items() if "/L" not in k}}
             )
         super().log(logs, *args, **kwargs)
 
-    def train(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        out = super().train(*args, **kwargs)
+    # --- training, statistics and resume ----------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if isinstance(resume_from_checkpoint, str):
+            self._load_moe_stats(os.path.join(resume_from_checkpoint, STATS_FILE))
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.moe_history or self.expert_load:
-            self.write_moe_stats(os.path.join(self.args.output_dir, "moe_stats.json"))
+            self.write_moe_stats(os.path.join(self.args.output_dir, STATS_FILE))
         return out
+
+    def _load_moe_stats(self, path: str) -> None:
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            payload = json.load(f)
+        self.moe_history = list(payload.get("history", []))
+        self.expert_load = {int(k): v for k, v in payload.get("expert_load", {}).items()}
+
+    def _save_checkpoint(self, model, trial) -> None:  # type: ignore[override]
+        super()._save_checkpoint(model, trial)
+        if self.moe_history or self.expert_load:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            if os.path.isdir(folder):
+                self.write_moe_stats(os.path.join(folder, STATS_FILE))
+
+    def write_moe_stats(self, path: str) -> None:
+        if not self.is_world_process_zero():
+            return
+        payload = {
+            "history": self.moe_history,
+            "expert_load": {str(k): v for k, v in sorted(self.expert_load.items())},
+        }
+        atomic_write_json(path, payload, indent=1)
+
+    # --- saving and loading weights ------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by
@@ -78,16 +191,3 @@ class MoETrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             del model.save_pretrained
-
-    def write_moe_stats(self, path: str) -> None:
-        if not self.is_world_process_zero():
-            return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        payload = {
-            "history": self.moe_history,
-            "expert_load": {str(k): v for k, v in self.expert_load.items()},
-        }
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)

@@ -1,23 +1,19 @@
-"""MoE-LLaVA's three training stages on the embedded benchmark, run by the Hugging Face Trainer.
+"""One training stage of MoE-LLaVA on any Hugging Face vision-language checkpoint, with the HF Trainer.
 
-1. projector pre-training on captions;
-2. dense instruction tuning on the questions;
-3. MoE-tuning: every other decoder MLP is upcycled to 4 experts, top-2 (``moevl.hf.upcycle``,
-   balancing 0.01, ``freeze_dense``) and only experts and routers train (``stage3.trainable``;
-   a dense part listed there trains too).
+1. projector pre-training (``stage1.trainable``: the projector), usually on caption data;
+2. instruction tuning (projector and language model; the vision tower stays frozen);
+3. MoE-tuning: a dense model is upcycled (``moevl.hf.upcycle``: MoE-LLaVA's alternate layers, E=4, top-2,
+   balancing 0.01), a natively sparse model is adopted (``moevl.hf.adopt``), a model moevl already made
+   sparse keeps its experts and takes the method's settings; only experts and routers train.
 
-NOTE: MoE-LLaVA starts from a pretrained CLIP and LLM and trains only the projector in stage 1.
-Nothing here is pretrained (nothing may download), so by default stage 1 trains every part on the
-captions; ``stage1.trainable`` restores the paper's choice.
-
-Each stage writes to its output directory: ``checkpoint-N/`` (Trainer checkpoints, safetensors,
-resumable), ``runs/`` (TensorBoard), ``model/`` (the final model with its tokenizer and
-``moevl.json``), and for stage 3 ``moe_stats.json`` (written by ``MoETrainer``).
+The stage writes to its output directory: ``checkpoint-N/`` (Trainer checkpoints, resumable), ``runs/``
+(TensorBoard), ``model/`` (the final model, its processor and ``moevl.json``), and for MoE models
+``moe_stats.json`` (written by ``MoETrainer``). ``torchrun``, ``accelerate launch`` and ``deepspeed``
+launch the same command: the recipe's ``training:`` section is passed to ``TrainingArguments`` as it is.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -27,29 +23,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
+from transformers import TrainerCallback, TrainingArguments, set_seed
+
+from moevl.config import ConfigError, to_plain
+from moevl.vlm.config import RunConfig
+from moevl.vlm.io import (
+    MODEL_DIR,
+    CheckpointError,
+    OutputDirError,
+    check_model_dir,
+    check_writable_target,
+    ensure_writable,
+    load_model,
+    read_meta,
+    resolve_model_dir,
+    save_model,
 )
+from moevl.vlm.parts import set_trainable
 
-from moevl.data.dataset import Benchmark, VQACollator, VQADataset, benchmark_tokenizer, build_benchmark
-from moevl.hf import MoETrainer, load_upcycled, save_upcycled, upcycle
-from moevl.vlm.config import METHODS, RunConfig, config_to_dict
-from moevl.vlm.model import build_model, num_image_tokens, set_trainable
-
-META_FILE = "moevl.json"
-MODEL_DIR = "model"
-
-
-class CheckpointError(FileNotFoundError):
-    """A model or checkpoint directory that is missing or incomplete."""
-
-
-class OutputDirError(OSError):
-    """An output directory that cannot be created or written."""
+__all__ = [
+    "CheckpointError",
+    "OutputDirError",
+    "StageResult",
+    "TrainingInterrupted",
+    "last_checkpoint",
+    "train_stage",
+]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -70,22 +69,9 @@ class StageResult:
     train_time_s: float
     global_step: int
     train_loss: float | None
-
-
-# --- directories ---------------------------------------------------------------------------------
-
-
-def ensure_writable(path: str | os.PathLike) -> Path:
-    """Creates ``path`` and checks a file can be written in it; ``OutputDirError`` otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".moevl-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(f"output directory {path} is not writable: {e.strerror or e}") from e
-    return path
+    num_records: int
+    dropped_too_long: int
+    skipped_bad: int
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -104,49 +90,6 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if suffix.isdigit() and is_complete_checkpoint(p):
             found.append((int(suffix), p))
     return max(found)[1] if found else None
-
-
-def read_meta(model_dir: str | os.PathLike) -> dict:
-    """``moevl.json`` of a model directory; ``CheckpointError`` when it is missing or incomplete."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model directory not found: {model_dir}")
-    if (model_dir / MODEL_DIR / META_FILE).is_file():  # a stage's output directory was given
-        model_dir = model_dir / MODEL_DIR
-    meta = model_dir / META_FILE
-    if not meta.is_file() or not any(model_dir.glob("*.safetensors")):
-        raise CheckpointError(
-            f"{model_dir} is not a moevl model (expected {META_FILE} and *.safetensors; "
-            "give the 'model' directory a training stage wrote)"
-        )
-    data = json.loads(meta.read_text())
-    data["path"] = str(model_dir)
-    return data
-
-
-def load_model(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict]:
-    """A model a stage saved (dense or upcycled), its tokenizer and its metadata."""
-    meta = read_meta(model_dir)
-    path = meta["path"]
-    if meta.get("upcycled"):
-        model = load_upcycled(path, LlavaForConditionalGeneration)
-    else:
-        model = LlavaForConditionalGeneration.from_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    return model, tokenizer, meta
-
-
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: Path, meta: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    if meta.get("upcycled"):
-        save_upcycled(model, str(path))  # the model's own key names (moevl.hf.io)
-    else:
-        model.save_pretrained(path)  # safetensors
-    tokenizer.save_pretrained(path)
-    (path / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-# --- Ctrl-C ----------------------------------------------------------------------------------------
 
 
 class GracefulInterrupt(TrainerCallback):
@@ -183,168 +126,158 @@ class GracefulInterrupt(TrainerCallback):
             self._previous = None
 
 
-# --- the stages ------------------------------------------------------------------------------------
-
-
-_BENCH_CACHE: dict[Any, tuple[Benchmark, PreTrainedTokenizerFast]] = {}
-
-
-def prepare_data(cfg: RunConfig) -> tuple[Benchmark, PreTrainedTokenizerFast]:
-    """The benchmark and its tokenizer (built once per data config in a process)."""
-    if cfg.data not in _BENCH_CACHE:
-        bench = build_benchmark(cfg.data)
-        _BENCH_CACHE[cfg.data] = (bench, benchmark_tokenizer(bench))
-    return _BENCH_CACHE[cfg.data]
-
-
-def new_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
-    return build_model(
-        cfg.model,
-        grid=cfg.data.grid,
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
-def method_options(cfg: RunConfig, method: str) -> dict[str, Any]:
-    """Keyword arguments of ``moevl.hf.upcycle`` for one method of the comparison."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    from moevl.moe import LTDRConfig
-    from moevl.stgc import STGCConfig
-
-    moe = cfg.moe
-    use_stgc, use_ltdr = "stgc" in method, "ltdr" in method
-    stgc = None
-    if use_stgc or moe.monitor_conflicts:
-        stgc = STGCConfig(
-            threshold=moe.stgc_threshold, weight=moe.stgc_weight if use_stgc else 0.0, scope=moe.stgc_scope
-        )
-    ltdr = None
-    if use_ltdr:
-        ltdr = LTDRConfig(
-            tail_top_k=moe.ltdr_tail_top_k,
-            language_only_balance=moe.ltdr_language_only_balance,
-            vision_tail=moe.ltdr_vision_tail,
-        )
-    return {
-        "num_experts": moe.num_experts,
-        "top_k": moe.top_k,
-        "layers": moe.layers,
-        "router": "ltdr" if use_ltdr else "topk",
-        "ltdr": ltdr,
-        "stgc": stgc,
-        "balance_coef": moe.balance_coef,
-        "freeze_dense": True,
-    }
-
-
-def apply_threads(cfg: RunConfig) -> None:
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-
-
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def training_arguments(
-    cfg: RunConfig, stage: int, output_dir: Path, seed: int, progress: bool
+    cfg: RunConfig,
+    stage: int,
+    output_dir: Path,
+    *,
+    seed: int,
+    progress: bool,
+    max_steps: int | None = None,
 ) -> TrainingArguments:
-    s = cfg.stage(stage)
+    """``TrainingArguments`` from the recipe's ``training`` (+ ``stage{n}.training``) as it is, plus what moevl
+    decides: the output directory, the seed, no column pruning (vision inputs vary by family), CPU/gloo when
+    there is no GPU."""
+    kwargs = cfg.training_arguments(stage)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
     cpu = not torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size,
-        learning_rate=s.learning_rate,
-        warmup_steps=s.warmup_steps,
-        weight_decay=s.weight_decay,
-        lr_scheduler_type=s.lr_scheduler,
-        logging_steps=s.logging_steps,
-        save_strategy="steps",
-        save_steps=s.save_steps,
-        save_total_limit=s.save_total_limit,
-        report_to=["tensorboard"],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=cpu,
-        ddp_backend="gloo" if cpu and _world_size() > 1 else None,
-        disable_tqdm=not progress,
-        log_level="warning",
-    )
+    kwargs.setdefault("use_cpu", cpu)
+    if cpu and _world_size() > 1:
+        kwargs.setdefault("ddp_backend", "gloo")
+    kwargs.setdefault("log_level", "warning")
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            seed=seed,
+            data_seed=seed,
+            remove_unused_columns=False,
+            disable_tqdm=not progress,
+            **kwargs,
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config section 'training' (stage {stage}): {e}") from None
+
+
+def _apply_threads(cfg: RunConfig) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+
+def prepare_moe(model: torch.nn.Module, settings) -> str:
+    """Makes ``model`` sparse for stage 3 and returns how: ``upcycled`` (dense), ``adopted`` (natively
+    sparse), ``reconfigured`` (already a moevl MoE model: keeps its experts and routers, takes ``settings``'
+    STGC / LTDR / balancing options)."""
+    from moevl.hf import adopt, is_native_moe, moe_blocks, reconfigure, upcycle
+
+    if moe_blocks(model):
+        reconfigure(model, settings)
+        return "reconfigured"
+    if is_native_moe(model):
+        adopt(model, settings)
+        return "adopted"
+    upcycle(model, settings)
+    return "upcycled"
 
 
 def train_stage(
     cfg: RunConfig,
     *,
     stage: int,
+    model: str | os.PathLike | None = None,
     output_dir: str | os.PathLike,
-    init: str | os.PathLike | None = None,
-    method: str = "baseline",
+    data: str | os.PathLike | None = None,
+    image_folder: str | os.PathLike | None = None,
+    method: str | None = None,
     seed: int | None = None,
+    max_steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
     callbacks: list[TrainerCallback] | None = None,
+    log: Any = print,
 ) -> StageResult:
-    """Runs one stage. ``init``: the model directory of the previous stage (required for stage 3;
-    for stage 2 None starts from scratch, for stage 1 it is ignored). ``method`` matters for stage 3.
+    """Runs one stage and saves its model to ``output_dir/model``.
 
-    Raises ``CheckpointError`` (missing ``init`` or nothing to resume), ``OutputDirError``,
-    ``TrainingInterrupted`` (Ctrl-C; the checkpoint it saved resumes the run).
+    ``model``: a checkpoint directory (a stage's output directory works too); default ``cfg.model``.
+    ``data``: the training file; default ``cfg.stage{n}.data`` then ``cfg.data.train``. ``method``: the stage 3
+    preset (default ``cfg.method``); refused for stages 1-2. Every input is checked before anything is
+    created or trained: ``CheckpointError`` (missing model, nothing to resume), ``OutputDirError``,
+    ``ConfigError``, ``moevl.data.DataError``; ``TrainingInterrupted`` after Ctrl-C (the saved checkpoint
+    resumes the run).
     """
+    from moevl.data import DataError, read_records
+    from moevl.data.processing import ConversationCollator, ConversationDataset
+    from moevl.hf import MoETrainer
+
     if stage not in (1, 2, 3):
-        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"stage: expected 1, 2 or 3, got {stage!r}")
+    if method is not None and stage != 3:
+        raise ConfigError(
+            f"method: only stage 3 (MoE-tuning) takes a method, got {method!r} for stage {stage}"
+        )
+    method = method or cfg.method
     seed = cfg.seed if seed is None else seed
-    apply_threads(cfg)
-    output_dir = ensure_writable(output_dir)
+    if seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, got {seed}")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps: expected an integer >= 1, got {max_steps}")
+    model_path = model if model is not None else cfg.model
+    if model_path is None:
+        raise CheckpointError("no model: give --model (a checkpoint directory) or `model:` in the recipe")
+    model_dir = check_model_dir(model_path)
+    data_path = data if data is not None else (cfg.stage(stage).data or cfg.data.train)
+    if data_path is None:
+        raise DataError(f"no training data for stage {stage}: give --data or `data.train` in the recipe")
+    image_folder = image_folder if image_folder is not None else cfg.data.image_folder
+    chat_template = None
+    if cfg.data.chat_template is not None:
+        template_file = Path(cfg.data.chat_template)
+        if not template_file.is_file():
+            raise ConfigError(f"config key 'data.chat_template': file not found: {template_file}")
+        chat_template = template_file.read_text()
+    output_dir = check_writable_target(output_dir)
     resume_from = None
     if resume:
         resume_from = last_checkpoint(output_dir)
         if resume_from is None:
             raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}")
-    if stage == 3 and init is None:
-        raise CheckpointError("stage 3 (MoE-tuning) needs --init, the model directory of stage 2")
-    bench, tokenizer = prepare_data(cfg)
-
+    on_bad = "skip" if cfg.data.skip_bad_records else "error"
+    records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
+    if records.skipped:
+        log(f"skipped {len(records.skipped)} bad record(s) of {data_path} (data.skip_bad_records)")
+    _apply_threads(cfg)
     set_seed(seed)
+    net, processor = load_model(model_dir, chat_template=chat_template)
     meta: dict[str, Any] = {"stage": stage, "method": method if stage == 3 else None, "seed": seed}
-    if init is not None and stage > 1:
-        model, tokenizer, init_meta = load_model(init)
-        if init_meta.get("upcycled"):
-            raise CheckpointError(f"--init {init} is already upcycled; give the dense model of stage 2")
-        meta["init"] = init_meta["path"]
-    else:
-        model = new_model(cfg, tokenizer)
+    meta["init"] = str(resolve_model_dir(model_dir))
+    meta["init_meta"] = read_meta(model_dir)
     if stage == 3:
         set_seed(seed)  # the routers' initialisation depends on the seed, not on what ran before
-        model = upcycle(model, **method_options(cfg, method))  # freeze_dense: experts+routers train
-        meta["upcycled"] = True
-    meta["trainable_parameters"] = set_trainable(model, cfg.stage(stage).trainable)
-    meta["config"] = config_to_dict(cfg)
+        settings = cfg.moe_settings(method)
+        meta["moe"] = prepare_moe(net, settings)
+        meta["moe_settings"] = to_plain(settings)
+    meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
-    P = num_image_tokens(cfg.model, cfg.data.grid)
-    captions = VQADataset(bench, tokenizer, split="train", kind="caption", num_image_tokens=P)
-    dataset: torch.utils.data.Dataset = captions
-    if stage > 1:
-        # NOTE: captions stay in the mix after stage 1 (as LLaVA-1.5's instruction data keeps
-        # captioning): without them the small decoder fell back to the answer prior.
-        questions = VQADataset(bench, tokenizer, split="train", kind="vqa", num_image_tokens=P)
-        dataset = torch.utils.data.ConcatDataset([questions, captions])
+    dataset = ConversationDataset(
+        records.records, processor, max_length=cfg.data.max_length, progress=progress
+    )
+    if dataset.dropped_too_long:
+        log(f"dropped {dataset.dropped_too_long} record(s) longer than {dataset.max_length} tokens")
+    if len(dataset) == 0:
+        raise DataError(f"{data_path}: no usable record left (all were dropped or skipped)")
+    args = training_arguments(cfg, stage, output_dir, seed=seed, progress=progress, max_steps=max_steps)
+    output_dir = ensure_writable(output_dir)
     interrupt = GracefulInterrupt()
-    # MoETrainer for every stage: for a dense model it is the Trainer, and its checkpoints keep the
-    # model's key names so that --resume restores every weight (see moevl.hf.trainer).
     trainer = MoETrainer(
-        model=model,
-        args=training_arguments(cfg, stage, output_dir, seed, progress),
+        model=net,
+        args=args,
         train_dataset=dataset,
-        data_collator=VQACollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
+        data_collator=ConversationCollator(processor),
+        processing_class=processor,
         callbacks=[interrupt, *(callbacks or [])],
     )
     start = time.perf_counter()
@@ -352,17 +285,25 @@ def train_stage(
     elapsed = time.perf_counter() - start
     if interrupt.interrupted:
         raise TrainingInterrupted(last_checkpoint(output_dir))
-    model_dir = output_dir / MODEL_DIR
-    meta["train_time_s"] = elapsed
-    meta["global_step"] = trainer.state.global_step
+    meta.update(
+        train_time_s=elapsed,
+        global_step=trainer.state.global_step,
+        config=to_plain(cfg),
+        data=str(data_path),
+        records=len(dataset),
+    )
+    final_dir = output_dir / MODEL_DIR
     if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, model_dir, meta)
+        save_model(trainer.accelerator.unwrap_model(trainer.model), processor, final_dir, meta)
     return StageResult(
         stage=stage,
         method=meta["method"],
         output_dir=output_dir,
-        model_dir=model_dir,
+        model_dir=final_dir,
         train_time_s=elapsed,
         global_step=trainer.state.global_step,
         train_loss=getattr(output, "training_loss", None),
+        num_records=len(dataset),
+        dropped_too_long=dataset.dropped_too_long,
+        skipped_bad=len(records.skipped),
     )
