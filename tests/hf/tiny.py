@@ -93,3 +93,117 @@ def llava_batch(num_images_per_row=(1, 2), pad_side="right", seed=0):
         input_ids[i, sl] = torch.tensor(r)
         mask[i, sl] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.stack(pixel)}
+
+
+# Transformers' native sparse MoE families (tiny: hidden 32, E 4-8, 2-4 layers).
+MOE_COMMON = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=128
+)
+_DEEPSEEK_ATTENTION = dict(
+    kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8
+)
+
+MOE_FAMILIES = {
+    # name: (config class name, model class name, config kwargs)
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            pad_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            **_DEEPSEEK_ATTENTION,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            topk_method="greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            **_DEEPSEEK_ATTENTION,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+        ),
+    ),
+}
+
+
+def moe_config(family: str, **overrides):
+    import transformers
+
+    cfg_name, _, extra = MOE_FAMILIES[family]
+    kwargs = {**MOE_COMMON, "num_hidden_layers": 3, **extra, **overrides}
+    return getattr(transformers, cfg_name)(**kwargs)
+
+
+def native_moe(family: str, seed: int = 0, **overrides):
+    """A tiny native MoE CausalLM with random weights (routers spread, DeepSeek biases nonzero)."""
+    import transformers
+
+    _, model_name, _ = MOE_FAMILIES[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(moe_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # several native routers start at zero
+                p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    return model
