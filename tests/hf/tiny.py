@@ -207,3 +207,91 @@ def native_moe(family: str, seed: int = 0, **overrides):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)
     return model
+
+
+# Qwen3-VL-MoE: a vision tower of one block, patches 4x4, 2x2 merge (4 patches -> 1 token).
+QWEN3VL_IMAGE, QWEN3VL_VIDEO, QWEN3VL_START, QWEN3VL_END = 90, 91, 92, 93
+
+
+def tiny_qwen3_vl_moe(seed: int = 0):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = dict(
+        **MOE_COMMON,
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        patch_size=4,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=32,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    )
+    cfg = Qwen3VLMoeConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN3VL_IMAGE,
+        video_token_id=QWEN3VL_VIDEO,
+        vision_start_token_id=QWEN3VL_START,
+        vision_end_token_id=QWEN3VL_END,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def qwen3_vl_batch(seed: int = 0):
+    """Two left-padded rows: row 0 has an image (8x8 px: 4 tokens) and a 2-frame video (4 tokens a
+    frame, each frame in its own vision_start/end with a text timestamp); row 1 has one image."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(1, 80, (n,), generator=g).tolist()
+
+    def vision(token):
+        return [QWEN3VL_START] + [token] * 4 + [QWEN3VL_END]
+
+    rows = [
+        text(2)
+        + vision(QWEN3VL_IMAGE)
+        + text(1)
+        + vision(QWEN3VL_VIDEO)
+        + text(1)
+        + vision(QWEN3VL_VIDEO)
+        + text(3),
+        text(3) + vision(QWEN3VL_IMAGE) + text(4),
+    ]
+    length = max(len(r) for r in rows)
+    input_ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, length - len(r) :] = torch.tensor(r)
+        mask[i, length - len(r) :] = 1
+    types = torch.zeros_like(input_ids)
+    types[input_ids == QWEN3VL_IMAGE] = 1
+    types[input_ids == QWEN3VL_VIDEO] = 2
+    patch = 3 * 2 * 4 * 4  # channels * temporal patch * patch * patch
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": types,
+        "pixel_values": torch.randn(2 * 16, patch, generator=g),  # two images, 4x4 patches each
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+        "pixel_values_videos": torch.randn(2 * 16, patch, generator=g),  # one video, 2 x 4x4 patches
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+    }

@@ -123,8 +123,8 @@ NATIVE_SEMANTICS = {
     "qwen3_moe_raw": ({"norm_topk_prob": False}, dict(normalize_weights=False)),
     "olmoe": ({}, dict(normalize_weights=False)),
     "deepseek_v2": ({}, dict(normalize_weights=False, routed_scaling_factor=1.5)),
-    "deepseek_v2_groups": (
-        {"topk_method": "group_limited_greedy"},
+    "deepseek_v2_groups": (  # k=3 > topk_group=2: with max-scored groups a smaller k never feels the limit
+        {"topk_method": "group_limited_greedy", "num_experts_per_tok": 3},
         dict(
             normalize_weights=False, routed_scaling_factor=1.5, num_groups=4, topk_groups=2, group_score="max"
         ),
@@ -187,6 +187,13 @@ def test_router_options_equal_transformers_routers(case):
     ref_idx, ref_w = _by_expert(native_idx, native_w)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
+    if semantics.get("topk_groups", 1) < semantics.get("num_groups", 1) or semantics.get("score_bias"):
+        plain = (
+            rec.logits.float().softmax(-1)
+            if semantics.get("scoring", "softmax") == "softmax"
+            else rec.logits.sigmoid()
+        )
+        assert not torch.equal(idx, plain.topk(gate.top_k, -1).indices.sort(-1).values)  # the option mattered
     # the same decision from logits computed elsewhere (what adopt does with a kept native router)
     bias = gate.e_score_correction_bias if semantics.get("score_bias") else None
     outside = TopKRouter(hidden_size=d, num_experts=e, top_k=gate.top_k, own_weight=False, **semantics)
@@ -323,3 +330,32 @@ def test_router_option_errors():
         outside.route(torch.randn(2, 4))
     with pytest.raises(ValueError, match="score_bias"):
         TopKRouter(hidden_size=4, num_experts=4, top_k=1).route(torch.randn(2, 4), score_bias=torch.zeros(4))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_add_to_the_routed_output(gated):
+    torch.manual_seed(0)
+    router = TopKRouter(hidden_size=16, num_experts=4, top_k=2)
+    experts = GroupedExperts(num_experts=4, hidden_size=16, intermediate_size=24)
+    shared = torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.SiLU(), torch.nn.Linear(40, 16))
+    shared_gate = torch.nn.Linear(16, 1, bias=False) if gated else None
+    moe = MoEFeedForward(router=router, experts=experts, shared_experts=shared, shared_gate=shared_gate)
+    plain = MoEFeedForward(router=router, experts=experts)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    out, _ = moe(x, token_mask=mask)
+    routed, _ = plain(x, token_mask=mask)
+    s = shared(x) * (torch.sigmoid(shared_gate(x)) if gated else 1.0)
+    torch.testing.assert_close(out[mask], routed[mask] + s[mask])
+    assert torch.all(out[~mask] == 0)  # padding gets no output, from shared experts neither
+    out.sum().backward()
+    assert shared[0].weight.grad.abs().sum() > 0 and torch.all(x.grad[~mask] == 0)
+    if gated:
+        assert shared_gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shared_gate"):
+        MoEFeedForward(router=router, experts=experts, shared_gate=torch.nn.Linear(16, 1))
+    with pytest.raises(ValueError, match="shared_gate"):
+        MoEFeedForward(
+            router=router, experts=experts, shared_experts=shared, shared_gate=torch.nn.Linear(16, 2)
+        )

@@ -1,5 +1,6 @@
 """Hugging Face integration: upcycling, adopting native MoE models, the runtime, the Trainer."""
 
+from moevl.hf.adopt import adopt, is_native_moe
 from moevl.hf.io import load_upcycled, save_upcycled
 from moevl.hf.runtime import RoutingContext, aux_loss, moe_blocks
 from moevl.hf.settings import MoESettings
@@ -12,7 +13,9 @@ __all__ = [
     "MoESettings",
     "MoETrainer",
     "RoutingContext",
+    "adopt",
     "aux_loss",
+    "is_native_moe",
     "load_upcycled",
     "moe_blocks",
     "routing_statistics",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moevl.hf.settings import MoESettings
-from moevl.moe import GroupedExperts, MoEFeedForward, RoutingRecord, TopKRouter
+from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, RoutingRecord, TopKRouter
 from moevl.stgc import STGCConfig
 
 #: Config attributes (of the model's top config) holding token ids whose positions are vision
@@ -119,6 +119,41 @@ class HFMoEBlock(MoEFeedForward):
         # replace the record whose STGC statistics that backward fills.
         self.context.records.setdefault(self.layer_index, record)
         return out
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (of a CausalLM or a LLaVA-family wrapper), found by structure."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = decoder if decoder is not None else model
+    for _, module in decoder.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(m, "mlp") for m in module):
+            return module
+    raise ValueError(
+        f"found no decoder layer list in {type(model).__name__} (looked for an nn.ModuleList "
+        "whose layers all have an `mlp` attribute, under model.get_decoder())"
+    )
+
+
+def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) -> TopKRouter:
+    """The ``TopKRouter`` (or ``LTDRRouter``) of ``settings``; ``semantics`` are extra router
+    options (scoring, groups, ... of an adopted model)."""
+    common: dict[str, Any] = dict(
+        hidden_size=hidden_size,
+        num_experts=settings.num_experts,
+        top_k=settings.top_k,
+        balance_from=settings.balance_from,
+        capacity_factor=settings.capacity_factor,
+        jitter=settings.jitter,
+        **semantics,
+    )
+    if settings.ltdr is not None:
+        return LTDRRouter(
+            **common,
+            tail_top_k=settings.ltdr.tail_top_k,
+            language_only_balance=settings.ltdr.language_only_balance,
+            vision_tail=settings.ltdr.vision_tail,
+        )
+    return TopKRouter(**common)
 
 
 def attach(model: nn.Module, *, settings: MoESettings, context: RoutingContext) -> None:

@@ -15,23 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moevl.hf.runtime import HFMoEBlock, RoutingContext, attach, freeze_all_but_moe, vision_token_ids
+from moevl.hf.runtime import (
+    HFMoEBlock,
+    RoutingContext,
+    attach,
+    decoder_layers,
+    freeze_all_but_moe,
+    make_router,
+    vision_token_ids,
+)
 from moevl.hf.settings import UPCYCLE_BALANCE_COEF, MoESettings, select_layers, settings_from
 from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # re-export: older imports
-from moevl.moe import GroupedExperts, LTDRRouter, TopKRouter
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's layer list (of a CausalLM or a LLaVA-family wrapper), found by structure."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    decoder = decoder if decoder is not None else model
-    for _, module in decoder.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(m, "mlp") for m in module):
-            return module
-    raise ValueError(
-        f"found no decoder layer list in {type(model).__name__} (looked for an nn.ModuleList "
-        "whose layers all have an `mlp` attribute, under model.get_decoder())"
-    )
+from moevl.moe import GroupedExperts
 
 
 def _linear(mlp: nn.Module, name: str) -> nn.Linear | None:
@@ -95,28 +90,6 @@ def experts_from_mlp(mlp: nn.Module, num_experts: int, implementation: str = "au
             else:
                 copy(name, lin.weight, lin.bias)
     return experts
-
-
-def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) -> TopKRouter:
-    """The ``TopKRouter`` (or ``LTDRRouter``) of ``settings``; ``semantics`` are extra router
-    options (scoring, groups, ... of an adopted model)."""
-    common: dict[str, Any] = dict(
-        hidden_size=hidden_size,
-        num_experts=settings.num_experts,
-        top_k=settings.top_k,
-        balance_from=settings.balance_from,
-        capacity_factor=settings.capacity_factor,
-        jitter=settings.jitter,
-        **semantics,
-    )
-    if settings.ltdr is not None:
-        return LTDRRouter(
-            **common,
-            tail_top_k=settings.ltdr.tail_top_k,
-            language_only_balance=settings.ltdr.language_only_balance,
-            vision_tail=settings.ltdr.vision_tail,
-        )
-    return TopKRouter(**common)
 
 
 def upcycle(
