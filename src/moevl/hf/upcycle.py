@@ -81,13 +81,23 @@ def experts_from_mlp(mlp: nn.Module, num_experts: int, implementation: str = "au
                 (b.detach() if b is not None else torch.zeros(w.shape[0])).expand(num_experts, -1)
             )
 
+    def cat_bias(*lins: nn.Linear) -> Tensor | None:
+        if all(lin.bias is None for lin in lins):
+            return None
+        return torch.cat(
+            [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins]
+        )
+
+    # Native layout: gate_up_proj (E, 2H, D) holds the gate rows then the up rows; fc1/fc2 are up/down.
     with torch.no_grad():
-        for name, lin in weights.items():
-            if name == "gate_up_proj":
-                b = lin.bias
-                copy("gate_proj", lin.weight[:inter], None if b is None else b[:inter])
-                copy("up_proj", lin.weight[inter:], None if b is None else b[inter:])
-            else:
+        if "gate_proj" in weights:
+            copy("gate_up_proj", torch.cat([gate.weight, up.weight]), cat_bias(gate, up))
+            copy("down_proj", down.weight, down.bias)
+        elif "fc1" in weights:
+            copy("up_proj", fc1.weight, fc1.bias)
+            copy("down_proj", fc2.weight, fc2.bias)
+        else:
+            for name, lin in weights.items():
                 copy(name, lin.weight, lin.bias)
     return experts
 

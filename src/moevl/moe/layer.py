@@ -7,7 +7,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from moevl.moe.experts import ExpertGradientObserver, GroupedExperts
+from moevl.moe.expert_function import ExpertGradientObserver
+from moevl.moe.experts import GroupedExperts
 from moevl.moe.routing import RoutingRecord, TopKRouter
 
 
