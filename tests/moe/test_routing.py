@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -360,3 +361,44 @@ def test_shared_experts_add_to_the_routed_output(gated):
         MoEFeedForward(
             router=router, experts=experts, shared_experts=shared, shared_gate=torch.nn.Linear(16, 2)
         )
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2_groups", "deepseek_v3"])
+def test_moe_layer_equals_transformers_native_blocks(case):
+    """MoEFeedForward built from a native block's weights (copies) computes what the block does:
+    outputs, and gradients of the router, experts and shared experts."""
+    from tests.hf.tiny import native_moe
+
+    overrides, semantics = NATIVE_SEMANTICS[case]
+    family = case.removesuffix("_groups")
+    block = native_moe(family, **overrides).model.layers[-1].mlp.train()
+    e, d = block.gate.weight.shape
+    h = block.experts.down_proj.shape[-1]
+    router = TopKRouter(hidden_size=d, num_experts=e, top_k=block.gate.top_k, **semantics)
+    experts = GroupedExperts(num_experts=e, hidden_size=d, intermediate_size=h)
+    shared = copy.deepcopy(getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None))
+    shared_gate = copy.deepcopy(getattr(block, "shared_expert_gate", None))
+    with torch.no_grad():
+        router.weight.copy_(block.gate.weight)
+        if semantics.get("score_bias"):
+            router.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
+        experts.gate_up_proj.copy_(block.experts.gate_up_proj)
+        experts.down_proj.copy_(block.experts.down_proj)
+    moe = MoEFeedForward(router=router, experts=experts, shared_experts=shared, shared_gate=shared_gate)
+    x = torch.randn(1, 23, d, generator=torch.Generator().manual_seed(3))
+    coef = torch.randn(1, 23, d, generator=torch.Generator().manual_seed(4))
+    ref = block(x)
+    out, _ = moe(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (ref * coef).sum().backward()
+    (out * coef).sum().backward()
+    pairs = [(router.weight, block.gate.weight), (experts.gate_up_proj, block.experts.gate_up_proj)]
+    pairs.append((experts.down_proj, block.experts.down_proj))
+    if shared is not None:
+        native_shared = getattr(block, "shared_expert", None) or block.shared_experts
+        pairs += list(zip(shared.parameters(), native_shared.parameters(), strict=True))
+    if shared_gate is not None:
+        pairs.append((shared_gate.weight, block.shared_expert_gate.weight))
+    for ours, theirs in pairs:
+        assert theirs.grad.abs().sum() > 0
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
