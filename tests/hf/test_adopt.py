@@ -192,6 +192,8 @@ def test_is_native_moe_and_refusals():
     assert not is_native_moe(upcycle(causal_lm("llama"), num_experts=2, top_k=1))
     with pytest.raises(ValueError, match="no transformers-native sparse MoE block"):
         adopt(causal_lm("llama"))
+    with pytest.raises(ValueError, match="adopt instead"):
+        upcycle(copy.deepcopy(native), num_experts=4, top_k=2)
     for kwargs, match in [
         (dict(num_experts=5), "num_experts=5"),
         (dict(top_k=1), "top_k=1"),
@@ -224,6 +226,16 @@ def test_unknown_router_class_is_named_never_approximated():
     model.model.layers[1].mlp.gate.load_state_dict(old.state_dict())
     assert is_native_moe(model)
     with pytest.raises(ValueError, match="HashRouter"):
+        adopt(model)
+
+    class OtherBlock(torch.nn.Module):  # a known router in a block moevl does not know
+        def __init__(self, block):
+            super().__init__()
+            self.gate, self.experts = block.gate, block.experts
+
+    model = _native("mixtral")
+    model.model.layers[0].mlp = OtherBlock(model.model.layers[0].mlp)
+    with pytest.raises(ValueError, match="OtherBlock"):
         adopt(model)
 
 

@@ -52,7 +52,7 @@ class NativeFamily:
     """What moevl knows of one transformers router class.
 
     Attributes:
-        block: the sparse block's class name (for messages).
+        block: the class name of the sparse block the router is known in (checked).
         semantics: router module -> ``TopKRouter`` options reproducing its decision.
         shared_experts: attribute name of the block's shared expert(s), or None.
         shared_gate: attribute name of the shared expert's sigmoid gate, or None.
@@ -225,6 +225,11 @@ def family_of(block: nn.Module) -> NativeFamily:
             f"adopt: the router class {router_cls.__module__}.{router_cls.__qualname__} (in "
             f"{type(block).__name__}) is not one whose routing moevl knows, so it cannot keep the "
             f"model's semantics exactly; known router classes: {sorted(FAMILIES)}"
+        )
+    if type(block).__name__ != family.block:  # a known router inside a block of another design
+        raise ValueError(
+            f"adopt: {router_cls.__name__} is known inside {family.block}, but this block is "
+            f"{type(block).__module__}.{type(block).__qualname__}; moevl does not know its combine rule"
         )
     return family
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moevl.hf.adopt import is_native_sparse_block
 from moevl.hf.runtime import (
     HFMoEBlock,
     RoutingContext,
@@ -131,8 +132,6 @@ def upcycle(
     """
     if getattr(model, "moe_context", None) is not None:
         raise ValueError("upcycle: this model is already upcycled or adopted (it has moevl MoE layers)")
-    if "balance_coef" not in kwargs and settings is None:
-        kwargs["balance_coef"] = UPCYCLE_BALANCE_COEF
     settings = settings_from(settings, kwargs, caller="upcycle")
     if settings.num_experts is None or settings.top_k is None:
         raise ValueError(
@@ -140,6 +139,12 @@ def upcycle(
         )
     layer_list = decoder_layers(model)
     chosen = select_layers(settings.layers if settings.layers is not None else "alternate", len(layer_list))
+    native = [i for i in chosen if is_native_sparse_block(layer_list[i].mlp)]
+    if native:
+        raise ValueError(
+            f"upcycle: layers {native} already hold transformers-native sparse MoE blocks; "
+            "bring the model in with moevl.hf.adopt instead"
+        )
     balance_coef = UPCYCLE_BALANCE_COEF if settings.balance_coef is None else settings.balance_coef
     settings = dataclasses.replace(settings, layers=tuple(chosen), balance_coef=balance_coef)
     context = RoutingContext(vision_token_ids=vision_token_ids(getattr(model, "config", None)))
