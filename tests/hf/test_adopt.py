@@ -280,11 +280,12 @@ def test_mixtral_input_jitter_is_kept_in_training():
     assert not torch.allclose(other[real], out[real])  # the noise is really there
 
 
-def test_adopted_model_saves_as_the_native_class_and_generates_the_same(tmp_path):
-    native = _native("deepseek_v3")
+@pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
+def test_adopted_model_saves_as_the_native_class_and_generates_the_same(case, tmp_path):
+    native = _native(case)
     model = adopt(copy.deepcopy(native))
     ids, mask = _batch()
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # Mixtral: transformers' original per-expert key format
     reloaded = type(native).from_pretrained(tmp_path).eval()  # plain transformers, native class
     ref = _real_logits(native, ids, mask)
     torch.testing.assert_close(_real_logits(reloaded, ids, mask), ref, rtol=0, atol=0)  # every weight back
@@ -325,3 +326,35 @@ def test_bf16_adopted_model_is_within_a_bf16_rounding_of_the_native(case):
     # combine rounds to bf16 at another point than transformers' eager loop: one bf16 ulp of a
     # logit below 1 is 2^-8
     assert (out - ref).abs().max() <= 2**-8
+
+
+def test_adopted_model_trains_with_moe_trainer(tmp_path):
+    import json
+
+    from transformers import TrainingArguments
+
+    from moevl.hf import MoETrainer
+
+    native = _native("qwen3_moe", output_router_logits=True)  # the model's own aux loss in training
+    model = adopt(native, stgc=STGCConfig(threshold=0.3), freeze_dense=True)
+    before = model.model.layers[0].mlp.gate.weight.detach().clone()
+    ids, mask = _batch()
+    rows = [
+        {"input_ids": i, "attention_mask": m, "labels": lab}
+        for i, m, lab in zip(ids, mask, _labels(ids, mask), strict=True)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    MoETrainer(model=model, args=args, train_dataset=rows).train()
+    stats = json.loads((tmp_path / "moe_stats.json").read_text())
+    assert len(stats["history"]) == 3 and stats["history"][-1]["stgc/conflict_ratio"] > 0
+    assert not torch.equal(model.model.layers[0].mlp.gate.weight, before)
