@@ -42,7 +42,7 @@ def build(shape, dtype):
         block = OlmoeSparseMoeBlock(cfg)
         with torch.no_grad():
             block.gate.weight.copy_(moe.router.weight)
-            block.experts.gate_up_proj.copy_(torch.cat([moe.experts.gate_proj, moe.experts.up_proj], dim=1))
+            block.experts.gate_up_proj.copy_(moe.experts.gate_up_proj)
             block.experts.down_proj.copy_(moe.experts.down_proj)
         hf[impl] = block.to(dtype)
     # NOTE: moevl keeps the router in fp32 (MoE-LLaVA); OLMoE's router runs in the model dtype.

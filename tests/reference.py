@@ -10,7 +10,8 @@ from moevl.moe import GroupedExperts
 
 
 def expert_forward(experts: GroupedExperts, e: int, x: Tensor) -> Tensor:
-    """Expert ``e`` on x (M, D), written out from its weights."""
+    """Expert ``e`` on x (M, D), written out from its weights (native layout: the gate is rows
+    [0:H] of ``gate_up_proj``, the up projection rows [H:2H])."""
 
     def lin(name: str, inp: Tensor) -> Tensor:
         w = getattr(experts, name)[e]
@@ -19,8 +20,10 @@ def expert_forward(experts: GroupedExperts, e: int, x: Tensor) -> Tensor:
         return out if b is None else out + b[e]
 
     if experts.gated:
-        return lin("down_proj", experts.activation(lin("gate_proj", x)) * lin("up_proj", x))
-    return lin("fc2", experts.activation(lin("fc1", x)))
+        h = experts.intermediate_size
+        gate_up = lin("gate_up_proj", x)
+        return lin("down_proj", experts.activation(gate_up[:, :h]) * gate_up[:, h:])
+    return lin("down_proj", experts.activation(lin("up_proj", x)))
 
 
 def per_token_moe(experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -45,7 +48,7 @@ def per_token_gradient_cosines(
     The loss is linear in the MoE output with upstream gradient ``grad_out`` (N, D), so token t's
     gradient through expert e is grad of ``<grad_out_t, w_te · expert_e(x_t)>``.
     """
-    names = ["gate_proj", "up_proj", "down_proj"] if experts.gated else ["fc1", "fc2"]
+    names = ["gate_up_proj" if experts.gated else "up_proj", "down_proj"]
     if scope == "last":
         names = names[-1:]
     params = [getattr(experts, n) for n in names]

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
-from moevl.moe.experts import can_use_grouped_mm
+from moevl.moe.grouped_mm import can_use_grouped_mm
 from tests.reference import per_token_moe
 
 # (N, D, H, E, K): awkward sizes; 16/48 are grouped_mm-aligned in fp32, 17/33 are not (loop fallback).
@@ -85,11 +85,13 @@ def test_unused_slots_and_all_padding():
     assert torch.all(y == 0)
     y.sum().backward()
     assert torch.all(x.grad == 0)
-    assert torch.all(experts.gate_proj.grad == 0)
+    assert torch.all(experts.gate_up_proj.grad == 0)
 
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_one_expert_equals_dense_mlp(gated):
+    """megablocks' degenerate case: one expert, top-1 routing, is the dense MLP (outputs and weight
+    gradients), with the dense gate and up weights at rows [0:H] and [H:2H] of gate_up_proj."""
     torch.manual_seed(0)
     d, h = 16, 40
     experts = GroupedExperts(
@@ -103,28 +105,61 @@ def test_one_expert_equals_dense_mlp(gated):
     moe = MoEFeedForward(router=TopKRouter(hidden_size=d, num_experts=1, top_k=1), experts=experts)
     x = torch.randn(3, 7, d)
     if gated:
-        dense = [
-            torch.nn.Linear(d, h, bias=False),
-            torch.nn.Linear(d, h, bias=False),
-            torch.nn.Linear(h, d, bias=False),
-        ]
-        for lin, name in zip(dense, ["gate_proj", "up_proj", "down_proj"], strict=True):
-            lin.weight.data.copy_(getattr(experts, name).data[0])
-        ref = dense[2](F.silu(dense[0](x)) * dense[1](x))
+        gate, up, down = (torch.nn.Linear(i, o, bias=False) for i, o in ((d, h), (d, h), (h, d)))
+        with torch.no_grad():
+            gate.weight.copy_(experts.gate_up_proj[0, :h])
+            up.weight.copy_(experts.gate_up_proj[0, h:])
+            down.weight.copy_(experts.down_proj[0])
+        ref = down(F.silu(gate(x)) * up(x))
     else:
-        dense = [torch.nn.Linear(d, h), torch.nn.Linear(h, d)]
-        for lin, name in zip(dense, ["fc1", "fc2"], strict=True):
-            lin.weight.data.copy_(getattr(experts, name).data[0])
-            lin.bias.data.copy_(getattr(experts, f"{name}_bias").data[0])
-        ref = dense[1](F.gelu(dense[0](x)))
+        fc1, fc2 = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+        with torch.no_grad():
+            for lin, name in ((fc1, "up_proj"), (fc2, "down_proj")):
+                torch.nn.init.normal_(getattr(experts, f"{name}_bias"))
+                lin.weight.copy_(getattr(experts, name)[0])
+                lin.bias.copy_(getattr(experts, f"{name}_bias")[0])
+        ref = fc2(F.gelu(fc1(x)))
     out, _ = moe(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     (ref * g).sum().backward()
-    names = ["gate_proj", "up_proj", "down_proj"] if gated else ["fc1", "fc2"]
-    for lin, name in zip(dense, names, strict=True):
-        torch.testing.assert_close(getattr(experts, name).grad[0], lin.weight.grad, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    if gated:
+        torch.testing.assert_close(
+            experts.gate_up_proj.grad[0], torch.cat([gate.weight.grad, up.weight.grad]), **tol
+        )
+        torch.testing.assert_close(experts.down_proj.grad[0], down.weight.grad, **tol)
+    else:
+        for lin, name in ((fc1, "up_proj"), (fc2, "down_proj")):
+            torch.testing.assert_close(getattr(experts, name).grad[0], lin.weight.grad, **tol)
+            torch.testing.assert_close(getattr(experts, f"{name}_bias").grad[0], lin.bias.grad, **tol)
+
+
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+def test_layout_equals_transformers_mixtral_experts(impl):
+    """Same weights in transformers' MixtralExperts (native layout) give the same outputs and
+    weight gradients on the same indices and weights, unused slots included."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    n, d, h, e, k = 29, 16, 24, 5, 3
+    experts, x, idx, w = _make(n, d, h, e, k, impl=impl)
+    idx[4, 2] = -1  # an unused slot (HF: the sentinel expert E)
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=e, num_experts_per_tok=k)
+    hf = MixtralExperts(cfg)
+    with torch.no_grad():
+        hf.gate_up_proj.copy_(experts.gate_up_proj)
+        hf.down_proj.copy_(experts.down_proj)
+    ours = experts(x, idx, w)[0]
+    theirs = hf(x, idx.masked_fill(idx < 0, e), w)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ours)
+    (ours * g).sum().backward()
+    (theirs * g).sum().backward()
+    torch.testing.assert_close(experts.gate_up_proj.grad, hf.gate_up_proj.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experts.down_proj.grad, hf.down_proj.grad, atol=1e-5, rtol=1e-5)
+    assert [n for n, _ in experts.named_parameters()] == [n for n, _ in hf.named_parameters()]
 
 
 def test_bf16_autocast_matches_fp32():

@@ -4,25 +4,20 @@ Knows nothing of Hugging Face or of training. Axis legend: ``N`` tokens, ``E`` e
 slots per token, ``D`` model dim, ``H`` expert hidden dim.
 """
 
-from moevl.moe.experts import ExpertGradientObserver, ExpertGrads, GroupedExperts, LinearGrads, grouped_matmul
+from moevl.moe.experts import GroupedExperts
 from moevl.moe.layer import MoEFeedForward, MoEOutput
 from moevl.moe.ltdr import LTDRConfig, LTDRRouter, ltdr_tail_mask
-from moevl.moe.routing import RoutingRecord, TopKRouter, apply_capacity, balance_loss, router_z_loss
+from moevl.moe.routing import RoutingRecord, TopKRouter, balance_loss, router_z_loss
 
 __all__ = [
-    "ExpertGradientObserver",
-    "ExpertGrads",
     "GroupedExperts",
     "LTDRConfig",
     "LTDRRouter",
-    "LinearGrads",
     "MoEFeedForward",
     "MoEOutput",
     "RoutingRecord",
     "TopKRouter",
-    "apply_capacity",
     "balance_loss",
-    "grouped_matmul",
     "ltdr_tail_mask",
     "router_z_loss",
 ]

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moevl.moe.experts import ExpertGrads, grouped_matmul
+from moevl.moe.expert_function import ExpertGrads
+from moevl.moe.grouped_mm import grouped_matmul
 
 
 def _safe_cosine(inner: Tensor, token_norm2: Tensor, mean_norm2: Tensor) -> Tensor:
@@ -74,25 +75,23 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
     counts = grads.counts.clamp_min(1).float()  # (E,)
     if scope == "delta":
         d = grads.layers[-1].out_grads.float()
-        mean = d.new_zeros(len(grads.counts_list), d.shape[1]).index_add_(0, e_ids, d) / counts[:, None]
+        mean = d.new_zeros(counts.shape[0], d.shape[1]).index_add_(0, e_ids, d) / counts[:, None]
         return _safe_cosine(torch.linalg.vecdot(d, mean[e_ids]), _sqnorm(d, -1), _sqnorm(mean, -1)[e_ids])
     layers = grads.layers if scope == "all" else grads.layers[-1:]
     p = e_ids.shape[0]
     inner = torch.zeros(p, dtype=torch.float32, device=e_ids.device)
     token_norm2 = torch.zeros_like(inner)
     mean_norm2 = counts.new_zeros(counts.shape)  # (E,) Σ ||dW_e||², scaled below
-    input_norm2: dict[int, Tensor] = {}  # gate and up share their input: one norm
     for layer in layers:
+        # NOTE: a fused gate_up layer is one layer whose output rows are the gate's and the up's:
+        # each term below is then the sum of the two separate layers' terms, so the cosine is
+        # exactly that of separate gate and up layers.
         x, d = layer.inputs, layer.out_grads
         # x_t @ dW_eᵀ gives (P, d_out); dividing by N_e turns dW_e into the mean gradient G_e.
-        proj = grouped_matmul(
-            x, layer.weight_grad.to(x.dtype).transpose(1, 2), grads.offsets, grads.counts_list
-        )
+        proj = grouped_matmul(x, layer.weight_grad.to(x.dtype).transpose(1, 2), grads.offsets)
         inner += torch.linalg.vecdot(proj.float(), d.float())
-        if id(x) not in input_norm2:
-            input_norm2[id(x)] = _sqnorm(x, -1)
         d_norm2 = _sqnorm(d, -1)
-        token_norm2 += input_norm2[id(x)] * d_norm2
+        token_norm2 += _sqnorm(x, -1) * d_norm2
         mean_norm2 += _sqnorm(layer.weight_grad, (1, 2))
         if layer.bias_grad is not None:
             inner += torch.linalg.vecdot(d.float(), layer.bias_grad.float()[e_ids])

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moevl.moe.experts import ExpertGrads
+from moevl.moe.expert_function import ExpertGrads
 from moevl.stgc.cosine import grouped_token_gradient_cosine
 from moevl.stgc.loss import conflict_elimination_grad
 

@@ -1,0 +1,91 @@
+"""The grouped matmul under ``GroupedExperts``: rows sorted by expert, one matmul per expert group.
+
+Rows of ``a`` are grouped by ``offsets`` (E,) int32, the cumulative row counts: expert ``e`` owns
+rows ``[offsets[e-1], offsets[e])``. Rows at or after ``offsets[-1]`` belong to no expert; their
+output rows are unspecified (garbage, possibly NaN) and the caller masks them.
+
+Fast path: ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` before torch 2.10), on CPU
+and on CUDA sm80+. Its alignment rule: every operand's data pointer and every stride that is not 1
+must be a multiple of 16 bytes (fp32: sizes divisible by 4; bf16/fp16: by 8). Elsewhere the same
+result comes from a per-expert loop of ``torch.mm`` that reads the row counts on the host; only that
+fallback synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_grouped_mm_fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _aligned(t: Tensor) -> bool:
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    return all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def can_use_grouped_mm(*tensors: Tensor) -> bool:
+    """Whether ``grouped_mm`` can run on these operands: same supported dtype, sm80+ on CUDA,
+    16-byte aligned data pointers and strides."""
+    if _grouped_mm_fn is None:
+        return False
+    t0 = tensors[0]
+    if t0.dtype not in GROUPED_DTYPES or any(t.dtype != t0.dtype for t in tensors):
+        return False
+    if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device) < (8, 0):
+        return False
+    return all(_aligned(t) for t in tensors)
+
+
+def _groups(offsets: Tensor) -> list[tuple[int, int]]:
+    """(start, end) row range of each expert, on the host (the loop fallback's only sync)."""
+    ends = offsets.tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """``out[rows of e] = a[rows of e] @ b[e]``.
+
+    Args:
+        a: (P, K) rows sorted by expert.
+        b: (E, K, M) one matrix per expert (a transposed view of an (E, M, K) weight is fine).
+        offsets: (E,) int32 cumulative row counts.
+    Returns:
+        (P, M); rows at or after ``offsets[-1]`` are unspecified.
+    """
+    if can_use_grouped_mm(a, b):
+        return _grouped_mm_fn(a, b, offs=offsets)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for e, (start, end) in enumerate(_groups(offsets)):
+        if end > start:
+            torch.mm(a[start:end], b[e], out=out[start:end])
+    return out
+
+
+def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
+    """Per-expert ``Σ_rows δ_t x_tᵀ``, the weight gradient of ``y = W_e x`` in the weight's own
+    (E, d_out, d_in) layout (no transpose copy when it is accumulated into ``.grad``).
+
+    Args:
+        out_grads: (P, d_out) δ, rows sorted by expert.
+        inputs: (P, d_in) x, the same rows.
+        offsets: (E,) int32 cumulative row counts.
+    Returns:
+        (E, d_out, d_in); zero for an expert without rows. Rows at or after ``offsets[-1]`` are
+        ignored.
+    """
+    num_experts = offsets.shape[0]
+    d_t = out_grads.t()  # (d_out, P)
+    if out_grads.shape[0] > 0 and can_use_grouped_mm(d_t, inputs):
+        return _grouped_mm_fn(d_t, inputs, offs=offsets)
+    out = out_grads.new_zeros(num_experts, out_grads.shape[1], inputs.shape[1])
+    if out_grads.shape[0] > 0:
+        for e, (start, end) in enumerate(_groups(offsets)):
+            if end > start:
+                torch.mm(d_t[:, start:end], inputs[start:end], out=out[e])
+    return out

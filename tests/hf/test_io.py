@@ -1,0 +1,323 @@
+"""The moevl checkpoint format: exact round trips, strict loading, plain transformers refusing it,
+the Auto classes after ``import moevl``, atomic writes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moevl
+from moevl.hf import adopt, moe_blocks, upcycle
+from moevl.hf.io import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    is_moevl_checkpoint,
+    load_moe_model,
+    load_moe_state_into,
+    load_upcycled,
+    save_moe_model,
+    save_upcycled,
+)
+from moevl.moe import LTDRConfig, LTDRRouter
+from moevl.stgc import STGCConfig
+from tests.hf.tiny import causal_lm, llava_batch, native_moe, tiny_llava
+from tests.hf.tiny_export import make_routing_matter, text_batch, tiny_processor
+
+
+def _upcycled_llama(**kwargs):
+    settings = dict(num_experts=4, top_k=2, layers="alternate", router="ltdr", stgc=STGCConfig(weight=0.3))
+    return make_routing_matter(upcycle(causal_lm("llama"), **{**settings, **kwargs}))
+
+
+def _upcycled_llava():
+    return make_routing_matter(
+        upcycle(tiny_llava(), num_experts=4, top_k=2, router="ltdr", ltdr=LTDRConfig(tail_top_k=3))
+    )
+
+
+def _assert_same_model(a, b, batch):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a.moe_settings == b.moe_settings
+    with torch.no_grad():
+        assert torch.equal(a(**batch).logits, b(**batch).logits)
+
+
+def test_format_files_and_exact_round_trip(tmp_path):
+    model = _upcycled_llama()
+    save_moe_model(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        WEIGHTS_NAME,
+    ]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "moevl" and config["architectures"] == ["MoevlForCausalLM"]
+    info = config["moevl"]
+    assert info["model_type"] == "llama" and info["architectures"] == ["LlamaForCausalLM"]
+    assert info["method"] == "upcycle" and info["settings"]["layers"] == [0, 2]
+    assert info["weights"] == WEIGHTS_NAME and "transformers_weights" not in config
+    assert is_moevl_checkpoint(tmp_path)
+    reloaded = load_moe_model(tmp_path)
+    assert type(reloaded) is type(model) and not reloaded.training
+    assert isinstance(moe_blocks(reloaded)[0].router, LTDRRouter)
+    _assert_same_model(model, reloaded, text_batch())
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = _upcycled_llama()
+    save_moe_model(model, tmp_path, max_shard_size="40KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and all(s.startswith("moevl-model-") for s in shards)
+    index = json.loads((tmp_path / WEIGHTS_INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    _assert_same_model(model, load_moe_model(tmp_path), text_batch())
+
+
+def test_llava_round_trip_with_processor_and_both_key_formats(tmp_path):
+    from transformers import AutoProcessor
+
+    model = _upcycled_llava()
+    batch = llava_batch((1, 2), pad_side="left")
+    for original_format in (False, True):
+        folder = tmp_path / str(original_format)
+        save_moe_model(model, folder, processor=tiny_processor(), save_original_format=original_format)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["MoevlForImageTextToText"]
+        assert config["text_config"]["model_type"] == "llama"  # nested configs stay as they are
+        _assert_same_model(model, load_moe_model(folder), batch)
+        processor = AutoProcessor.from_pretrained(folder)
+        ids = processor(text="w5 <image> w7", images=torch.rand(3, 8, 8), return_tensors="pt")["input_ids"]
+        assert ids.tolist() == [[5, 95, 95, 95, 95, 7]]
+
+
+def test_adopted_model_round_trip(tmp_path):
+    model = adopt(native_moe("qwen3_moe"), router="ltdr", balance_coef=0.02, ltdr=LTDRConfig(tail_top_k=4))
+    save_moe_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["moevl"]["method"] == "adopt"
+    reloaded = load_moe_model(tmp_path)
+    assert type(moe_blocks(reloaded)[0]) is type(moe_blocks(model)[0])
+    _assert_same_model(model, reloaded, text_batch())
+
+
+def test_checkpoints_of_older_moevl_versions_load(tmp_path):
+    # before the format: save_pretrained with the settings in config.moevl, model.safetensors
+    model = _upcycled_llama()
+    model.save_pretrained(tmp_path / "upcycled", save_original_format=False)
+    assert not is_moevl_checkpoint(tmp_path / "upcycled")
+    _assert_same_model(model, load_moe_model(tmp_path / "upcycled"), text_batch())
+    adopted = adopt(native_moe("mixtral"))
+    adopted.save_pretrained(tmp_path / "adopted")  # transformers' per-expert legacy names
+    _assert_same_model(adopted, load_moe_model(tmp_path / "adopted"), text_batch())
+
+
+def test_old_names_and_overrides(tmp_path):
+    model = _upcycled_llama()
+    save_upcycled(model, tmp_path)
+    assert is_moevl_checkpoint(tmp_path)
+    _assert_same_model(model, load_upcycled(tmp_path, type(model)), text_batch())
+    plain = load_moe_model(tmp_path, stgc=None, router="topk")
+    assert plain.moe_settings.stgc is None and plain.moe_settings.ltdr is None
+    assert type(moe_blocks(plain)[0].router).__name__ == "TopKRouter"
+    with pytest.raises(ValueError, match="fixed by the checkpoint"):
+        load_moe_model(tmp_path, num_experts=8)
+    with pytest.raises(TypeError, match="unknown MoE setting"):
+        load_moe_model(tmp_path, experts=8)
+
+
+def test_load_state_into_a_built_model(tmp_path):
+    model = _upcycled_llama()
+    save_moe_model(model, tmp_path)
+    fresh = upcycle(causal_lm("llama", seed=1), model.moe_settings)
+    assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    load_moe_state_into(fresh, tmp_path)
+    _assert_same_model(model, fresh, text_batch())
+    other = upcycle(causal_lm("llama"), num_experts=4, top_k=2, layers="all")
+    with pytest.raises(ValueError, match="layers"):
+        load_moe_state_into(other, tmp_path)
+    with pytest.raises(ValueError, match="no moevl MoE layers"):
+        load_moe_state_into(causal_lm("llama"), tmp_path)
+
+
+def _rewrite(path, change):
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda s: s.pop("model.layers.0.mlp.router.weight"),
+            r"1 missing \(model.layers.0.mlp.router.weight\)",
+        ),
+        (lambda s: s.__setitem__("model.layers.9.mlp.router.weight", torch.zeros(4, 32)), "1 unexpected"),
+        (
+            lambda s: s.__setitem__("model.layers.0.mlp.router.weight", torch.zeros(5, 32)),
+            r"shape-mismatched \(model.layers.0.mlp.router.weight: checkpoint \(5, 32\), model \(4, 32\)\)",
+        ),
+    ],
+)
+def test_strict_loading_names_the_keys(tmp_path, change, message):
+    save_moe_model(_upcycled_llama(), tmp_path)
+    _rewrite(tmp_path / WEIGHTS_NAME, change)
+    with pytest.raises(ValueError, match=message):
+        load_moe_model(tmp_path)
+
+
+def test_corrupt_and_missing_files_are_named(tmp_path):
+    save_moe_model(_upcycled_llama(), tmp_path / "a", max_shard_size="40KB")
+    shard = sorted((tmp_path / "a").glob("moevl-model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    with pytest.raises(ValueError, match=f"{shard.name} is not a readable safetensors file"):
+        load_moe_model(tmp_path / "a")
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        load_moe_model(tmp_path / "a")
+    (tmp_path / "a" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_moe_model(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        is_moevl_checkpoint(tmp_path / "b")
+    assert not is_moevl_checkpoint(tmp_path / "missing")
+
+
+def test_save_refuses_a_file_and_dense_models(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=f"{target} is an existing file"):
+        save_moe_model(_upcycled_llama(), target)
+    assert target.read_text() == "x"
+    with pytest.raises(ValueError, match="no moevl MoE layers"):
+        save_moe_model(causal_lm("llama"), tmp_path / "dense")
+
+
+def test_save_into_an_existing_folder_removes_stale_weights(tmp_path):
+    causal_lm("llama").save_pretrained(tmp_path)  # a dense model.safetensors that LlamaForCausalLM would load
+    (tmp_path / "notes.txt").write_text("kept")
+    model = _upcycled_llama()
+    save_moe_model(model, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "generation_config.json", WEIGHTS_NAME, "notes.txt"]
+    _assert_same_model(model, load_moe_model(tmp_path), text_batch())
+
+
+def test_a_failed_save_changes_nothing(tmp_path, monkeypatch):
+    first = _upcycled_llama()
+    save_moe_model(first, tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    second = _upcycled_llama(layers="all")
+
+    def crash(self, directory, **kwargs):  # dies after writing part of the checkpoint
+        (directory / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(second), "save_pretrained", crash)
+    for target in (tmp_path / "ck", tmp_path / "new"):
+        with pytest.raises(RuntimeError, match="disk full"):
+            save_moe_model(second, target)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no new folder, no temporary left
+
+
+def test_auto_classes_load_the_format_after_import_moevl(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    llama, llava = _upcycled_llama(), _upcycled_llava()
+    save_moe_model(llama, tmp_path / "llama")
+    save_moe_model(llava, tmp_path / "llava")
+    assert type(AutoConfig.from_pretrained(tmp_path / "llama")).__name__ == "MoevlConfig"
+    _assert_same_model(llama, AutoModelForCausalLM.from_pretrained(tmp_path / "llama"), text_batch())
+    _assert_same_model(
+        llava, AutoModelForImageTextToText.from_pretrained(tmp_path / "llava"), llava_batch((1, 2))
+    )
+    inference = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", stgc=None, dtype=torch.float64)
+    assert inference.moe_settings.stgc is None and inference.lm_head.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="holds a 'llava' model, which AutoModelForCausalLM does not load"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "llava")
+
+
+def _run_python(code: str, tmp_path) -> str:
+    """Run ``code`` in a fresh interpreter (this checkout's moevl importable) in ``tmp_path``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(moevl.__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_plain_transformers_refuses_the_format(tmp_path):
+    save_moe_model(_upcycled_llama(), tmp_path / "llama")
+    save_moe_model(_upcycled_llava(), tmp_path / "llava", processor=tiny_processor())
+    out = _run_python(
+        """
+        import sys
+        import transformers as T
+
+        def attempt(label, load):
+            try:
+                load()
+                print(label, "LOADED")
+            except Exception as err:
+                print(label, type(err).__name__, str(err).replace("\\n", " ")[:200])
+
+        attempt("AutoConfig", lambda: T.AutoConfig.from_pretrained("llama"))
+        attempt("AutoModelForCausalLM", lambda: T.AutoModelForCausalLM.from_pretrained("llama"))
+        attempt("LlamaForCausalLM", lambda: T.LlamaForCausalLM.from_pretrained("llama"))
+        attempt("AutoModelForImageTextToText", lambda: T.AutoModelForImageTextToText.from_pretrained("llava"))
+        attempt("LlavaForConditionalGeneration", lambda: T.LlavaForConditionalGeneration.from_pretrained("llava"))
+        print("processor", type(T.AutoProcessor.from_pretrained("llava")).__name__)
+        print("moevl imported:", any(m.split(".")[0] == "moevl" for m in sys.modules))
+        """,
+        tmp_path,
+    )
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    for label in ("AutoConfig", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        line = lines[label]
+        assert line.startswith("ValueError") and "model type `moevl`" in line and "not recognize" in line, (
+            line
+        )
+    for label in ("LlamaForCausalLM", "LlavaForConditionalGeneration"):
+        assert lines[label].startswith("OSError") and "no file named model.safetensors" in lines[label], (
+            lines[label]
+        )
+    assert lines["processor"] == "LlavaProcessor"
+    assert lines["moevl"] == "imported: False"
+
+
+def test_import_moevl_is_lazy_and_registers_on_first_use(tmp_path):
+    save_moe_model(_upcycled_llama(), tmp_path / "llama")
+    out = _run_python(
+        """
+        import sys
+        import moevl
+        print("after import:", "torch" in sys.modules, "transformers" in sys.modules)
+        moevl.register_auto_classes()  # idempotent
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("llama")
+        print("loaded:", type(model).__name__, len(model.moe_settings.layers))
+        from moevl.auto import _RegisterAfterImport
+        print("hook left:", any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path))
+        moevl.register_auto_classes()
+        """,
+        tmp_path,
+    )
+    assert out.splitlines() == ["after import: False False", "loaded: LlamaForCausalLM 2", "hook left: False"]
