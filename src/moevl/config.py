@@ -9,8 +9,10 @@ values parsed as YAML) are applied to the plain data before building, so they ar
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -99,12 +101,12 @@ def type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (types.UnionType, typing.Union):
         return " or ".join(type_name(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence):
         args = typing.get_args(tp)
         inner = type_name(args[0]) if args else "values"
         return (
             f"a list of {inner}"
-            if origin is list or args[-1] is Ellipsis
+            if origin is not tuple or args[-1] is Ellipsis
             else f"a list of {len(args)} {inner}"
         )
     if origin is dict or tp is dict:
@@ -120,6 +122,9 @@ def type_name(tp: Any) -> str:
 
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+_SEQUENCES = (tuple, list, collections.abc.Sequence)  # YAML lists; a Sequence field gets a tuple
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -143,7 +148,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         # (e.g. an unknown key inside a section) rather than "expected X or null".
         for arg in args:
             if (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or (
-                isinstance(value, list | tuple) and typing.get_origin(arg) in (tuple, list)
+                isinstance(value, list | tuple) and typing.get_origin(arg) in _SEQUENCES
             ):
                 return _convert(value, arg, key)
         for arg in args:
@@ -152,11 +157,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise bad
-    if origin in (tuple, list):
+    if origin in _SEQUENCES:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple):
             raise bad
-        if origin is list or args[-1] is Ellipsis:
+        if origin is not tuple or args[-1] is Ellipsis:
             items = tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             return list(items) if origin is list else items
         if len(value) != len(args):
@@ -165,11 +170,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise bad
-        for k, v in value.items():
+        for k in value:
             if not isinstance(k, str):
                 raise ConfigError(f"config key '{key}': expected string keys, got {type(k).__name__} {k!r}")
-            _check_finite(v, f"{key}.{k}")
-        return dict(value)
+        return {k: _free_form(v, f"{key}.{k}") for k, v in value.items()}
     if tp is type(None):
         if value is not None:
             raise bad
@@ -200,16 +204,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in the recipe's classes
 
 
-def _check_finite(value: Any, key: str) -> None:
-    """Free-form values (``training:`` mappings) may not hold NaN or infinity either."""
+# YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; in free-form sections it is meant as a number.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _free_form(value: Any, key: str) -> Any:
+    """A free-form value (``training:`` mappings): exponent strings become floats, and NaN or infinity is
+    refused at any depth."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
     if isinstance(value, dict):
-        for k, v in value.items():
-            _check_finite(v, f"{key}.{k}")
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_finite(v, f"{key}[{i}]")
+        return {k: _free_form(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_free_form(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def build(cls: type, data: dict, prefix: str = "", defaults: Any = None) -> Any:

@@ -1,30 +1,43 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from moevl.vlm.config import ConfigError, RunConfig, config_from_dict, load_config
+from moevl.config import ConfigError
+from moevl.stgc import STGCConfig
+from moevl.vlm.config import METHODS, RunConfig, config_from_dict, load_config, method_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_defaults_and_yaml_files_load():
-    assert load_config(None) == RunConfig()
-    assert load_config("configs/compare.yaml") == RunConfig()
-    tiny = load_config("configs/tiny.yaml", ["stage2.max_steps=7"])
-    assert tiny.stage2.max_steps == 7 and tiny.data.grid == 2
+def test_defaults_file_equals_builtin_defaults():
+    assert load_config(ROOT / "configs" / "train.yaml") == load_config(None) == RunConfig()
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["stage2.max_step=3"], "unknown config key 'stage2.max_step'"),
-        (["modle.patch_size=4"], "unknown config key 'modle'"),
-        (["stage2.max_steps=abc"], "'stage2.max_steps': expected int, got str 'abc'"),
-        (["moe.top_k=5"], "'moe.top_k': expected an integer in [1, moe.num_experts=4], got 5"),
-        (["data.grid=5"], "'data.grid': expected 2 or 3, got 5"),
-        (["moe.stgc_scope=some"], "'moe.stgc_scope': expected one of 'all', 'last', 'delta'"),
-        (["data.split_fractions=[0.5,0.5,0.5]"], "'data.split_fractions': expected three positive fractions"),
+        (["stage2.trainabel=[projector]"], "unknown config key 'stage2.trainabel'"),
+        (["modle=x"], "unknown config key 'modle'"),
+        (["seed=abc"], "'seed': expected int, got str 'abc'"),
+        (["moe.top_k=5"], "top_k must be an integer >= 1 and <= 4, got 5"),
+        (["moe.stgc.scope=some"], "'moe.stgc.scope': expected one of 'all', 'last', 'delta'"),
+        (["moe.stgc.weight=.inf"], "'moe.stgc.weight': expected a finite number, got float inf"),
+        (["moe.balance_coef=.nan"], "'moe.balance_coef'"),
+        (["moe.balance_coef=-1"], "balance_coef must be a finite number >= 0.0, got -1.0"),
+        (["moe.layers=[1.7]"], "'moe.layers[0]': expected int, got float 1.7"),
+        (["moe.layers=[true]"], "'moe.layers[0]': expected int, got bool True"),
         (["compare.methods=[moe]"], "'compare.methods[0]'"),
+        (["compare.methods=[baseline,baseline]"], "'compare.methods': expected each method at most once"),
         (["stage1.trainable=[decoder]"], "'stage1.trainable[0]'"),
         (["stage2.trainable=[experts]"], "'stage2.trainable[0]'"),
-        (["data.family_weights=[1,2]"], "'data.family_weights'"),
-        (["data.palette=[5,2]"], "'data.palette'"),
+        (["training.learning_rat=1"], "did you mean learning_rate?"),
+        (["training.output_dir=x"], "'training.output_dir': set by moevl"),
+        (["training.learning_rate=.nan"], "'training.learning_rate': expected a finite number"),
+        (["stage3.training.warmup_steps=.inf"], "'stage3.training.warmup_steps'"),
+        (["method=moe"], "'method': expected one of baseline, stgc, ltdr, stgc+ltdr"),
+        (["seed=-1"], "'seed': expected an integer >= 0, got -1"),
+        (["moe.ltdr.tail_top_k=1"], "ltdr.tail_top_k must be in [top_k=2, num_experts=4], got 1"),
     ],
 )
 def test_bad_values_name_key_expected_and_given(overrides, message):
@@ -33,19 +46,40 @@ def test_bad_values_name_key_expected_and_given(overrides, message):
     assert message in str(err.value)
 
 
-def test_stage3_trains_experts_and_routers_only_by_default():
-    cfg = load_config("configs/compare.yaml")
-    assert cfg.stage3.trainable == ("experts", "routers")
-    assert (
-        config_from_dict({}, ["stage3.trainable=[experts,routers,projector]"]).stage3.trainable[-1]
-        == "projector"
+def test_sections_merge_key_by_key():
+    cfg = config_from_dict(
+        {"training": {"bf16": True}, "moe": {"stgc": {"weight": 0.2}}},
+        ["moe.layers=[0,2]", "stage3.training.learning_rate=1e-4"],
     )
+    assert cfg.training["bf16"] is True and cfg.training["lr_scheduler_type"] == "cosine"
+    assert cfg.moe.stgc == STGCConfig(weight=0.2) and cfg.moe.layers == (0, 2)
+    assert cfg.training_arguments(3)["learning_rate"] == 1e-4
+    assert cfg.training_arguments(2)["learning_rate"] == 2e-5
 
 
 def test_float_written_without_dot_is_accepted():
-    assert config_from_dict({"stage1": {"learning_rate": "1e-3"}}).stage1.learning_rate == 1e-3
+    assert config_from_dict({"moe": {"jitter": "1e-3"}}).moe.jitter == 1e-3
 
 
-def test_missing_file():
+def test_duplicate_key_and_missing_file(tmp_path):
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'seed' at line 2"):
+        load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config("configs/nope.yaml")
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_presets_switch_stgc_and_ltdr(method):
+    moe = RunConfig().moe
+    s = method_settings(moe, method, monitor_conflicts=False)
+    assert (s.stgc is not None) == ("stgc" in method)
+    assert (s.ltdr is not None) == ("ltdr" in method)
+    monitored = method_settings(moe, method, monitor_conflicts=True)
+    assert monitored.stgc is not None
+    assert monitored.stgc.weight == (moe.stgc.weight if "stgc" in method else 0.0)
+    # everything but STGC / LTDR is the recipe's
+    for f in ("num_experts", "top_k", "layers", "balance_coef"):
+        assert getattr(s, f) == getattr(moe, f)
+    assert dataclasses.replace(s, stgc=moe.stgc, ltdr=moe.ltdr) == moe

@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from moevl.atomic import atomic_write_json
+from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
 from moevl.hf.stats import routing_statistics
 
 STATS_FILE = "moe_stats.json"
@@ -177,17 +179,29 @@ class MoETrainer(Trainer):
     # --- saving and loading weights ------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        # NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by
-        # default, and the Trainer's resume loads them with a plain load_state_dict(strict=False):
-        # the weights silently do not come back. Save the model's own key names instead, so that
-        # resume and ``load_upcycled`` restore every tensor.
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if getattr(model, "moe_settings", None) is not None:
-            model.config.moevl = model.moe_settings.to_dict()
-        model.save_pretrained = functools.partial(
-            type(model).save_pretrained, model, save_original_format=False
-        )
-        try:
-            super()._save(output_dir, state_dict)
-        finally:
-            del model.save_pretrained
+        if getattr(model, "moe_settings", None) is None:
+            # NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by default,
+            # and the Trainer's resume loads them with a plain load_state_dict(strict=False): the weights
+            # silently do not come back. Save the model's own key names instead.
+            model.save_pretrained = functools.partial(
+                type(model).save_pretrained, model, save_original_format=False
+            )
+            try:
+                super()._save(output_dir, state_dict)
+            finally:
+                del model.save_pretrained
+            return
+        # A MoE model: the moevl format, which plain transformers refuses instead of loading random experts
+        # (moevl.hf.io); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_moe_model(model, output_dir, processor=self.processing_class, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # type: ignore[override]
+        target = model if model is not None else self.model
+        if is_moevl_checkpoint(resume_from_checkpoint) and not self.is_deepspeed_enabled:
+            # strict: every tensor of the model comes back, or an error names what is missing
+            load_moe_state_into(self.accelerator.unwrap_model(target), resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)

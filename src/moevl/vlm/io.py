@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from moevl.atomic import atomic_directory, atomic_write_json
+from moevl.atomic import atomic_write_json, replace_directory
 
 META_FILE = "moevl.json"
 MODEL_DIR = "model"
@@ -67,12 +68,18 @@ def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def load_model(path: str | os.PathLike, *, chat_template: str | None = None) -> tuple[nn.Module, Any]:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    chat_template: str | None = None,
+    moe_overrides: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any]:
     """``(model, processor)`` from a local checkpoint directory; nothing downloads.
 
     Dense and natively sparse checkpoints load with ``AutoModelForImageTextToText``; checkpoints moevl saved
-    with MoE layers load exactly through ``moevl.hf.load``. ``chat_template`` (Jinja text) replaces the
-    processor's template.
+    with MoE layers load exactly through ``moevl.hf.load_moe_model``, with ``moe_overrides`` (``MoESettings``
+    fields that leave the weights' layout alone: STGC, LTDR, balancing) replacing the stored ones.
+    ``chat_template`` (Jinja text) replaces the processor's template.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -90,7 +97,7 @@ def load_model(path: str | os.PathLike, *, chat_template: str | None = None) -> 
             tokenizer.chat_template = chat_template
     try:
         if is_moevl_checkpoint(model_dir):
-            model = load_moe_model(model_dir)
+            model = load_moe_model(model_dir, **(moe_overrides or {}))
         else:
             model = AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
@@ -98,36 +105,26 @@ def load_model(path: str | os.PathLike, *, chat_template: str | None = None) -> 
     return model, processor
 
 
-def save_model(
-    model: nn.Module,
-    processor: Any,
-    path: str | os.PathLike,
-    meta: dict[str, Any],
-    *,
-    write_weights: Any = None,
-) -> Path:
-    """Writes model, processor and ``moevl.json`` into a temporary sibling directory, then renames it to
-    ``path`` (replacing an older one): ``path`` always holds either the old or the new complete model.
+def save_final_model(trainer: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Saves a stage's model, processor and ``moevl.json`` to ``path`` atomically (``path`` always holds
+    either the old or the new complete model).
 
-    ``write_weights(directory)`` writes the model (default: ``moevl.hf.save_moe_model`` for MoE models,
-    ``save_pretrained`` otherwise); the Trainer passes its own so that sharded (ZeRO-3, FSDP) weights are
-    gathered first.
+    Every process calls it: ``trainer.save_model`` gathers sharded (ZeRO-3, FSDP) weights and the main
+    process writes them (MoE models in the moevl format, ``MoETrainer._save``) into a staging directory,
+    which then replaces ``path`` in one rename.
     """
-    from moevl.hf import moe_blocks, save_moe_model
-
-    if write_weights is None:
-
-        def write_weights(directory: Path) -> None:
-            if moe_blocks(model):
-                save_moe_model(model, directory)
-            else:
-                model.save_pretrained(str(directory))
-
-    with atomic_directory(path) as tmp:
-        write_weights(tmp)
-        processor.save_pretrained(str(tmp))
-        atomic_write_json(tmp / META_FILE, meta)
-    return Path(path)
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.staging")
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if main:
+        atomic_write_json(staging / META_FILE, meta)
+        replace_directory(staging, path)
+    trainer.accelerator.wait_for_everyone()
+    return path
 
 
 def ensure_writable(path: str | os.PathLike) -> Path:

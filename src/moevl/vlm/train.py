@@ -37,7 +37,7 @@ from moevl.vlm.io import (
     load_model,
     read_meta,
     resolve_model_dir,
-    save_model,
+    save_final_model,
 )
 from moevl.vlm.parts import set_trainable
 
@@ -168,15 +168,16 @@ def _apply_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
-def prepare_moe(model: torch.nn.Module, settings) -> str:
-    """Makes ``model`` sparse for stage 3 and returns how: ``upcycled`` (dense), ``adopted`` (natively
-    sparse), ``reconfigured`` (already a moevl MoE model: keeps its experts and routers, takes ``settings``'
-    STGC / LTDR / balancing options)."""
-    from moevl.hf import adopt, is_native_moe, moe_blocks, reconfigure, upcycle
+# MoESettings fields a stage-3 run may change on a model moevl already made sparse (the rest is fixed by
+# its weights: experts, top-k, layers).
+_RECONFIGURABLE = ("stgc", "ltdr", "balance_coef", "z_loss_coef", "balance_from", "capacity_factor", "jitter")
 
-    if moe_blocks(model):
-        reconfigure(model, settings)
-        return "reconfigured"
+
+def prepare_moe(model: torch.nn.Module, settings) -> str:
+    """Makes a dense or natively sparse ``model`` sparse for stage 3 and returns how: ``upcycled`` (dense),
+    ``adopted`` (natively sparse: Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...)."""
+    from moevl.hf import adopt, is_native_moe, upcycle
+
     if is_native_moe(model):
         adopt(model, settings)
         return "adopted"
@@ -212,6 +213,7 @@ def train_stage(
     from moevl.data import DataError, read_records
     from moevl.data.processing import ConversationCollator, ConversationDataset
     from moevl.hf import MoETrainer
+    from moevl.hf.io import is_moevl_checkpoint
 
     if stage not in (1, 2, 3):
         raise ConfigError(f"stage: expected 1, 2 or 3, got {stage!r}")
@@ -251,15 +253,22 @@ def train_stage(
         log(f"skipped {len(records.skipped)} bad record(s) of {data_path} (data.skip_bad_records)")
     _apply_threads(cfg)
     set_seed(seed)
-    net, processor = load_model(model_dir, chat_template=chat_template)
+    settings = cfg.moe_settings(method) if stage == 3 else None
+    sparse_already = is_moevl_checkpoint(model_dir)
+    overrides = None
+    if settings is not None and sparse_already:
+        overrides = {name: getattr(settings, name) for name in _RECONFIGURABLE}
+    net, processor = load_model(model_dir, chat_template=chat_template, moe_overrides=overrides)
     meta: dict[str, Any] = {"stage": stage, "method": method if stage == 3 else None, "seed": seed}
     meta["init"] = str(resolve_model_dir(model_dir))
     meta["init_meta"] = read_meta(model_dir)
-    if stage == 3:
-        set_seed(seed)  # the routers' initialisation depends on the seed, not on what ran before
-        settings = cfg.moe_settings(method)
-        meta["moe"] = prepare_moe(net, settings)
-        meta["moe_settings"] = to_plain(settings)
+    if settings is not None:
+        if sparse_already:
+            meta["moe"] = "reconfigured"  # keeps its experts and routers, takes the method's options
+        else:
+            set_seed(seed)  # the routers' initialisation depends on the seed, not on what ran before
+            meta["moe"] = prepare_moe(net, settings)
+        meta["moe_settings"] = net.moe_settings.to_dict()
     meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
     dataset = ConversationDataset(
@@ -293,8 +302,7 @@ def train_stage(
         records=len(dataset),
     )
     final_dir = output_dir / MODEL_DIR
-    if trainer.is_world_process_zero():
-        save_model(trainer.accelerator.unwrap_model(trainer.model), processor, final_dir, meta)
+    save_final_model(trainer, final_dir, meta)
     return StageResult(
         stage=stage,
         method=meta["method"],
