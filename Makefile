@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU pin first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# DeepSpeed (ZeRO-2/3 tests on CPU): its own ops are compiled at run time when used, never here;
+	# without build isolation, so that its build sees the CPU torch instead of pulling a CUDA one.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 	touch $@
 
 demo: setup

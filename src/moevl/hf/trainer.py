@@ -109,11 +109,7 @@ class MoETrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
         context = getattr(self.model, "moe_context", None)
         if context is not None:
-            # With num_items_in_batch the task loss of a micro-batch is a share of the accumulated
-            # batch's mean and the Trainer does not divide by the accumulation steps: do it for the
-            # aux terms, which are per-micro-batch means.
-            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            context.aux_scale = 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+            context.aux_scale = self._aux_scale(num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not math.isfinite(float(loss.detach())):
             raise NonFiniteTrainingError(
@@ -130,6 +126,24 @@ class MoETrainer(Trainer):
                 prev = acc.get(mod, [0.0] * len(counts))
                 acc[mod] = [a + b for a, b in zip(prev, counts, strict=True)]
         return loss
+
+    def _aux_scale(self, num_items_in_batch) -> float:
+        """The factor that keeps the auxiliary terms (balance, z-loss, STGC) at their per-micro-batch mean
+        over the accumulated, data-parallel batch.
+
+        With ``num_items_in_batch`` the task loss of a micro-batch is a share of the whole batch's token mean:
+        the Trainer does not divide it by the accumulation steps, and with ``average_tokens_across_devices``
+        ``compute_loss`` multiplies it by the number of processes (DDP / DeepSpeed then average gradients).
+        The aux terms are per-micro-batch means, so undo both for them: without this they weigh
+        ``world_size`` times more under DDP and DeepSpeed than in one process.
+        """
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return 1.0
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        if self.args.average_tokens_across_devices:
+            processes = self.accelerator.num_processes // self.get_tp_size()
+            scale /= processes if self.args.n_gpu <= 1 else self.args.n_gpu
+        return scale
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._pending and "loss" in logs:
@@ -195,8 +209,11 @@ class MoETrainer(Trainer):
         # A MoE model: the moevl format, which plain transformers refuses instead of loading random experts
         # (moevl.hf.io); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_moe_model(model, output_dir, processor=self.processing_class, state_dict=state_dict)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        main = self.args.should_save
+        processor = self.processing_class if main else None
+        save_moe_model(model, output_dir, processor=processor, state_dict=state_dict, is_main_process=main)
+        if main:
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # type: ignore[override]
         target = model if model is not None else self.model
