@@ -152,6 +152,10 @@ def eval_(
 def export(
     model: Path = typer.Option(..., help="A model directory written by moevl (or a stage's --out)."),
     out: Path = typer.Option(..., help="Where to write the exported checkpoint."),
+    require_native: bool = typer.Option(
+        False,
+        help="Fail (with the reason) instead of writing the moevl format when no native class is exact.",
+    ),
 ) -> None:
     """Write a checkpoint plain transformers loads (native MoE class) where one exists exactly; otherwise
     the moevl format, which only moevl loads (never silently wrong)."""
@@ -161,9 +165,15 @@ def export(
     with user_errors():
         check_writable_target(out)
         net, processor = load_model(model)
-        result = export_model(net, out)
-        processor.save_pretrained(str(out))
+        if not hasattr(net, "moe_settings"):
+            raise fail(f"--model {model}: a dense model; export is for MoE models (save it as it is)")
+        try:
+            result = export_model(net, out, processor=processor, require_native=require_native)
+        except ValueError as e:
+            raise fail(str(e)) from None
     typer.echo(f"{result.format}: {out} ({result.reason})")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
 
 
 @app.command()

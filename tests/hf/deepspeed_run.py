@@ -18,10 +18,10 @@ from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moevl.hf import MoETrainer, upcycle  # noqa: E402
-from moevl.stgc import STGCConfig  # noqa: E402
-from tests.hf.test_trainer import _Data  # noqa: E402
-from tests.hf.tiny import tiny_llava  # noqa: E402
+from moevl.hf import MoETrainer, upcycle
+from moevl.stgc import STGCConfig
+from tests.hf.test_trainer import _Data
+from tests.hf.tiny import tiny_llava
 
 
 def main() -> None:

@@ -57,7 +57,9 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def demo_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def demo_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """The demo's recipe: ``DEMO_DEFAULTS`` over the built-in defaults, then the YAML file, then overrides."""
     data = read_yaml(path) if path is not None else {}
     if data is None:
