@@ -1,0 +1,337 @@
+"""Conversation records in, checked: LLaVA conversation files and the TRL / ``datasets`` messages format.
+
+Every record becomes a ``Record`` whose ``messages`` are in the Hugging Face chat format the processors'
+chat templates read (``{"role": ..., "content": [{"type": "text", "text": ...} | {"type": "image"}]}``),
+with its images as lazy references (a path, or the bytes / PIL image a ``datasets`` column holds).
+
+Formats (auto-detected):
+
+* LLaVA: a JSON list or JSONL of ``{"id", "image": "rel/path.jpg" | [paths] | absent,
+  "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}, ...]}``; relative
+  paths are resolved against ``image_folder``. Each ``<image>`` marker becomes an image part at its
+  place; the newline LLaVA writes right after a marker is dropped with it (the chat template lays the
+  parts out). A record with images but no marker gets them before the first user text (LLaVA's rule).
+* Messages: records with ``messages`` (``role`` + ``content`` as a string or a list of parts) and an
+  ``images`` list, from json / jsonl / parquet or a directory written by ``datasets``' ``save_to_disk``.
+
+A bad record (malformed conversation, roles that do not alternate, no assistant turn, an image count
+that does not match the image markers, a missing or unreadable image) raises ``DataError`` naming the
+record's id and where it is (file and line or index); with ``on_bad="skip"`` it is skipped and counted.
+Image files are checked by reading their header only (``PIL.Image.open`` + ``.size``), never decoded here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+IMAGE_MARKER = "<image>"
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message names the record id and the file."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A lazily loaded image: a file path, or encoded bytes / a PIL image held in memory."""
+
+    path: Path | None = None
+    data: Any = None  # bytes or a PIL.Image.Image
+
+    def open(self):
+        """The image as an RGB ``PIL.Image`` (decoded now)."""
+        from PIL import Image
+
+        if self.path is not None:
+            with Image.open(self.path) as im:
+                return im.convert("RGB")
+        if isinstance(self.data, bytes | bytearray):
+            with Image.open(io.BytesIO(self.data)) as im:
+                return im.convert("RGB")
+        return self.data.convert("RGB")
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the header only."""
+        from PIL import Image
+
+        if self.path is not None:
+            with Image.open(self.path) as im:
+                return im.size
+        if isinstance(self.data, bytes | bytearray):
+            with Image.open(io.BytesIO(self.data)) as im:
+                return im.size
+        return self.data.size
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory image>"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One conversation: ``messages`` in the HF chat format, its images in order of use."""
+
+    id: str
+    messages: list[dict[str, Any]]
+    images: tuple[ImageRef, ...] = ()
+    category: str | None = None
+    source: str = ""
+
+
+@dataclass
+class RecordSet:
+    records: list[Record] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, source, reason)
+
+
+def last_assistant_text(record: Record) -> str:
+    """The text of the record's last assistant turn (the reference answer in evaluation)."""
+    for message in reversed(record.messages):
+        if message["role"] == "assistant":
+            return "".join(p["text"] for p in message["content"] if p["type"] == "text").strip()
+    raise DataError(f"record {record.id!r} ({record.source}): no assistant turn")
+
+
+def prompt_messages(record: Record) -> list[dict[str, Any]]:
+    """The conversation up to (not including) its last assistant turn: what a model is asked."""
+    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    return record.messages[:last]
+
+
+# --- reading files --------------------------------------------------------------------------------------
+
+
+def read_records(
+    path: str | os.PathLike,
+    *,
+    image_folder: str | os.PathLike | None = None,
+    on_bad: Literal["error", "skip"] = "error",
+    check_images: bool = True,
+) -> RecordSet:
+    """Reads and checks every record of ``path`` (module doc for the formats).
+
+    Args:
+        path: a .json / .jsonl / .parquet file or a ``save_to_disk`` directory.
+        image_folder: root of relative image paths (default: the data file's folder).
+        on_bad: ``"error"`` raises ``DataError`` at the first bad record; ``"skip"`` skips and counts.
+        check_images: open each image file's header (existence and readability).
+    """
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    root = Path(image_folder) if image_folder is not None else (path if path.is_dir() else path.parent)
+    if image_folder is not None and not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    out = RecordSet()
+    for where, raw in _raw_records(path):
+        rid = str(raw.get("id", "?")) if isinstance(raw, dict) else "?"
+        try:
+            out.records.append(_record(raw, where, root, check_images))
+        except DataError as e:
+            if on_bad == "error":
+                raise
+            out.skipped.append((rid, where, str(e)))
+    if not out.records and not out.skipped:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.is_dir():
+        yield from _datasets_rows(path)
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _datasets_rows(path)
+        return
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if suffix == ".jsonl" or (stripped and stripped[0] == "{"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (or JSONL), got {type(data).__name__}")
+    for i, raw in enumerate(data):
+        yield f"{path}[{i}]", raw
+
+
+def _datasets_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if len(ds) != 1:
+                    raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; give one split's directory")
+                ds = next(iter(ds.values()))
+        else:
+            ds = datasets.Dataset.from_parquet(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot read it as a dataset ({e})") from None
+    for i, row in enumerate(ds):
+        yield f"{path}[{i}]", row
+
+
+# --- one record ---------------------------------------------------------------------------------------
+
+
+def _record(raw: Any, where: str, root: Path, check_images: bool) -> Record:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a record (a JSON object), got {type(raw).__name__}")
+    rid = str(raw.get("id", where))
+
+    def bad(reason: str) -> DataError:
+        return DataError(f"record {rid!r} ({where}): {reason}")
+
+    if "conversations" in raw:
+        messages, images = _from_llava(raw, bad)
+    elif "messages" in raw:
+        messages, images = _from_messages(raw, bad)
+    else:
+        raise bad("no 'conversations' (LLaVA format) or 'messages' (messages format)")
+    _check_roles(messages, bad)
+    markers = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+    if markers != len(images):
+        raise bad(f"{markers} image marker(s) in the conversation but {len(images)} image(s)")
+    refs = tuple(_image_ref(x, root, bad) for x in images)
+    if check_images:
+        for ref in refs:
+            try:
+                w, h = ref.size()
+            except Exception as e:  # PIL raises several types for unreadable files
+                raise bad(f"cannot read image {ref}: {e}") from None
+            if w < 1 or h < 1:
+                raise bad(f"image {ref} is empty ({w}x{h})")
+    category = raw.get("category")
+    return Record(
+        id=rid,
+        messages=messages,
+        images=refs,
+        category=None if category is None else str(category),
+        source=where,
+    )
+
+
+def _text_parts(text: str) -> list[dict[str, Any]]:
+    """Splits LLaVA text at ``<image>`` markers into text and image parts (the marker's newline goes too)."""
+    parts: list[dict[str, Any]] = []
+    pieces = text.split(IMAGE_MARKER)
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+            if piece.startswith("\n"):
+                piece = piece[1:]
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _from_llava(raw: dict, bad) -> tuple[list[dict[str, Any]], list[Any]]:
+    conv = raw["conversations"]
+    if not isinstance(conv, list) or not conv:
+        raise bad("'conversations' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise bad(f"conversations[{i}] must have 'from' and 'value'")
+        role = _LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise bad(f"conversations[{i}].from must be human, gpt or system, got {turn['from']!r}")
+        if not isinstance(turn["value"], str):
+            raise bad(f"conversations[{i}].value must be a string, got {type(turn['value']).__name__}")
+        messages.append({"role": role, "content": _text_parts(turn["value"])})
+    image = raw.get("image")
+    images = [] if image is None else ([image] if isinstance(image, str) else image)
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise bad(f"'image' must be a path or a list of paths, got {image!r}")
+    markers = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+    if images and markers == 0:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise bad("images but no user turn to put them in")
+        first_user["content"] = [{"type": "image"} for _ in images] + first_user["content"]
+    return messages, images
+
+
+def _from_messages(raw: dict, bad) -> tuple[list[dict[str, Any]], list[Any]]:
+    msgs = raw["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise bad(f"messages[{i}] must have 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise bad(f"messages[{i}].role must be system, user or assistant, got {m['role']!r}")
+        content = m["content"]
+        if isinstance(content, str):
+            parts = _text_parts(content)
+        elif isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind == "image":
+                    parts.append({"type": "image"})
+                else:
+                    raise bad(f"messages[{i}].content[{j}] must be a text or image part, got {p!r}")
+        else:
+            raise bad(f"messages[{i}].content must be a string or a list of parts")
+        messages.append({"role": m["role"], "content": parts})
+    images = raw.get("images") or []
+    if not isinstance(images, list):
+        images = [images]
+    return messages, images
+
+
+def _check_roles(messages: list[dict[str, Any]], bad) -> None:
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    if not body or body[0] != "user":
+        raise bad(f"the conversation must start with a user turn (after an optional system turn), got {roles}")
+    for i, role in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise bad(f"turns must alternate user/assistant, got {roles}")
+    if "assistant" not in body:
+        raise bad("no assistant turn")
+
+
+def _image_ref(x: Any, root: Path, bad) -> ImageRef:
+    if isinstance(x, str | os.PathLike):
+        p = Path(x)
+        p = p if p.is_absolute() else root / p
+        if not p.is_file():
+            raise bad(f"image file not found: {p}")
+        return ImageRef(path=p)
+    if isinstance(x, dict):  # datasets' Image feature without decoding: {"bytes", "path"}
+        if x.get("bytes"):
+            return ImageRef(data=x["bytes"])
+        if x.get("path"):
+            return _image_ref(x["path"], root, bad)
+        raise bad(f"image entry without bytes or path: {x!r}")
+    if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image (datasets decodes Image columns)
+        return ImageRef(data=x)
+    raise bad(f"unsupported image entry of type {type(x).__name__}")
