@@ -122,6 +122,7 @@ def test_corrupt_checkpoint_metadata_is_one_line(tmp_path):
         ("distill", "--lr", "-inf"),
         ("distill", "--test-scenes", "0"),
         ("compare", "--seeds", "0"),
+        ("compare", "--seeds", "100000000"),
         ("compare", "--threads", "0"),
         ("compare", "--teacher-steps", "-5"),
     ],

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["check_fields", "check_number"]
+__all__ = ["check_fields", "check_number", "check_seed"]
+
+SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1
 
 
 def check_number(
@@ -31,3 +33,10 @@ def check_fields(obj: object, rules: dict[str, tuple[float, bool]]) -> None:
             minimum, inclusive = rules[f.name]
             integer = f.type in (int, "int")
             check_number(f.name, getattr(obj, f.name), minimum=minimum, inclusive=inclusive, integer=integer)
+
+
+def check_seed(name: str, value: object) -> None:
+    """``ValueError`` unless ``value`` is an integer torch accepts as a seed (``0 <= value < 2**64``)."""
+    check_number(name, value, minimum=0, integer=True)
+    if value >= SEED_LIMIT:  # type: ignore[operator]
+        raise ValueError(f"{name}: expected an integer < 2**64 (torch's seed range), got {value}")

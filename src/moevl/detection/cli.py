@@ -49,6 +49,7 @@ app = typer.Typer(
 )
 console = Console()
 ROLES = {"teacher": TEACHER, "student": STUDENT}
+MAX_SEEDS = 1000  # --seeds N runs seeds 0..N-1; a typo must not build a list of a billion
 T = TypeVar("T")
 
 
@@ -225,19 +226,16 @@ def compare(
     for name, value in options.items():
         if value is not None:
             _from_options(check_number, name=name, value=value, minimum=1, integer=True)
-    overrides = list(set_ or [])
-    overrides += [
-        f"{key}={value}"
-        for key, value in (("teacher_steps", teacher_steps), ("student_steps", student_steps))
-        if value is not None
-    ]
-    overrides += [
-        f"data.{key}={value}"
-        for key, value in (("train_scenes", train_scenes), ("test_scenes", test_scenes))
-        if value is not None
-    ]
-    if seeds is not None:
-        overrides.append(f"seeds={list(range(seeds))}")
+    if seeds is not None and seeds > MAX_SEEDS:
+        raise fail(f"--seeds: expected an integer <= {MAX_SEEDS}, got {seeds}")
+    from_options = {
+        "teacher_steps": teacher_steps,
+        "student_steps": student_steps,
+        "data.train_scenes": train_scenes,
+        "data.test_scenes": test_scenes,
+        "seeds": None if seeds is None else list(range(seeds)),
+    }
+    overrides = [*(set_ or []), *(f"{k}={v}" for k, v in from_options.items() if v is not None)]
     if config_file is not None and not config_file.is_file():
         raise fail(f"--config: expected an existing YAML file, got {str(config_file)!r}")
     try:
@@ -256,9 +254,12 @@ def compare(
     if checkpoint_dir is not None:
         _check_output("--checkpoint-dir", checkpoint_dir, directory=True)
     torch.set_num_threads(threads)
-    result = run_comparison(
-        config, checkpoint_dir=checkpoint_dir, teacher_checkpoint=teacher, log=console.print
-    )
+    try:
+        result = run_comparison(
+            config, checkpoint_dir=checkpoint_dir, teacher_checkpoint=teacher, log=console.print
+        )
+    except OSError as error:  # the disk filled up or a folder vanished during the run
+        raise fail(f"--checkpoint-dir: could not write a checkpoint ({error})") from None
     try:
         paths = write_detection_report(result, out_dir, prefix=prefix)
     except OSError as error:

@@ -13,7 +13,7 @@ import torch
 
 from moevl.atomic import check_writable
 from moevl.config import ConfigError, apply_overrides, build, read_yaml, to_plain
-from moevl.detection.checks import check_fields, check_number
+from moevl.detection.checks import check_fields, check_number, check_seed
 from moevl.detection.data import DigitScenes, make_digit_scenes
 from moevl.detection.evaluation import evaluate_detector
 from moevl.detection.model import DetectorConfig, GFLDetector
@@ -88,9 +88,7 @@ class DetectionCompareConfig:
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"{name}: expected a non-empty list without repeats, got {list(values)}")
         for i, seed in enumerate(self.seeds):
-            check_number(f"seeds[{i}]", seed, minimum=0, integer=True)
-            if seed >= 2**63:
-                raise ValueError(f"seeds[{i}]: expected an integer < 2**63 (torch's seed range), got {seed}")
+            check_seed(f"seeds[{i}]", seed)
         for i, method in enumerate(self.methods):
             if method not in DISTILL_METHODS:
                 raise ValueError(

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moevl.atomic import atomic_write_json, atomic_write_to
-from moevl.detection.checks import check_fields
+from moevl.detection.checks import check_fields, check_seed
 from moevl.detection.data import DigitScenes, assign_targets
 from moevl.detection.losses import (
     bckd_classification_loss,
@@ -79,11 +79,9 @@ class TrainConfig:
                 "lr": (0, False),
                 "weight_decay": (0, True),
                 "warmup_steps": (0, True),
-                "seed": (0, True),
             },
         )
-        if self.seed >= 2**63:
-            raise ValueError(f"seed: expected an integer < 2**63 (torch's seed range), got {self.seed}")
+        check_seed("seed", self.seed)
 
 
 @dataclass(frozen=True)
