@@ -37,7 +37,7 @@ def main() -> None:
     notes = [
         "Hyperparameters: BCKD uses the paper's weights (1.0, 4.0) untouched. The KL weight (1.0, T = 2) "
         "was set once, not tuned. The LD weight 0.25 (the official LD config's value) was chosen on the "
-        "*val* split (seed 0, same schedule) among 0.25 / 1 / 4: val mAP 45.9 / 45.6 / 40.3; a first "
+        "*validation* split (seed 0, same schedule) among 0.25 / 1 / 4: validation mAP 45.9 / 45.6 / 40.3; a first "
         "version of LD that summed (instead of averaged) the KL over the distance bins, with weight 1, "
         "gave 32.2 test mAP on seed 0 and was replaced by the official per-bin mean.",
     ]
