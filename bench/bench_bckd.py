@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from moevl.detection.recipe import CompareConfig, run_comparison
-from moevl.detection.report import write_report
+from moevl.detection.recipe import DetectionCompareConfig, run_comparison
+from moevl.detection.report import write_detection_report
 
 
 def main() -> None:
@@ -32,16 +32,16 @@ def main() -> None:
         parser.error(f"--teacher: expected an existing checkpoint file, got {str(args.teacher)!r}")
     torch.set_num_threads(args.threads)
     result = run_comparison(
-        CompareConfig(), checkpoint_dir=args.checkpoint_dir, teacher_checkpoint=args.teacher
+        DetectionCompareConfig(), checkpoint_dir=args.checkpoint_dir, teacher_checkpoint=args.teacher
     )
     notes = [
         "Hyperparameters: BCKD uses the paper's weights (1.0, 4.0) untouched. The KL weight (1.0, T = 2) "
         "was set once, not tuned. The LD weight 0.25 (the official LD config's value) was chosen on the "
-        "*val* split (seed 0, same schedule) among 0.25 / 1 / 4: val mAP 45.9 / 45.6 / 40.3; a first "
+        "*validation* split (seed 0, same schedule) among 0.25 / 1 / 4: validation mAP 45.9 / 45.6 / 40.3; a first "
         "version of LD that summed (instead of averaged) the KL over the distance bins, with weight 1, "
         "gave 32.2 test mAP on seed 0 and was replaced by the official per-bin mean.",
     ]
-    paths = write_report(result, args.out_dir, notes=notes)
+    paths = write_detection_report(result, args.out_dir, notes=notes)
     print(paths["md"].read_text())
 
 

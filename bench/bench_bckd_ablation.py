@@ -8,16 +8,16 @@ and a 2x longer student schedule for ``none`` vs ``bckd``. Writes ``bench/result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from moevl.atomic import atomic_write_json, atomic_write_text
 from moevl.detection.evaluation import evaluate_detector
 from moevl.detection.model import GFLDetector
-from moevl.detection.recipe import CompareConfig, load_scenes
+from moevl.detection.recipe import DetectionCompareConfig, load_scenes
 from moevl.detection.train import DistillConfig, TrainConfig, load_checkpoint, teacher_outputs, train_detector
 
 VARIANTS = {
@@ -39,7 +39,7 @@ def main() -> None:
     if not args.teacher.is_file():
         parser.error(f"--teacher: expected an existing checkpoint file, got {str(args.teacher)!r}")
     torch.set_num_threads(1)
-    config = CompareConfig()
+    config = DetectionCompareConfig()
     start = time.perf_counter()
     train, test = load_scenes(config.data)
     teacher, _ = load_checkpoint(args.teacher)
@@ -59,7 +59,7 @@ def main() -> None:
         rows[name] = {"mAP": values, "mean": statistics.fmean(values), "std": statistics.stdev(values)}
     seconds = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bckd_ablation.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=2))
+    atomic_write_json(args.out_dir / "bckd_ablation.json", {"rows": rows, "seconds": seconds})
     lines = [
         "# BCKD ablation (test split, same teacher, seeds and schedule as bckd.md unless noted)",
         "",
@@ -70,7 +70,7 @@ def main() -> None:
         per_seed = ", ".join(f"{100 * v:.1f}" for v in row["mAP"])
         lines.append(f"| {name} | {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | {per_seed} |")
     lines += ["", f"Wall time: {seconds:.0f} s.", ""]
-    (args.out_dir / "bckd_ablation.md").write_text("\n".join(lines))
+    atomic_write_text(args.out_dir / "bckd_ablation.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -22,10 +22,23 @@ def _target(path: str | os.PathLike) -> Path:
     return path
 
 
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` with the mode ``open()`` would give (``0o666 & ~umask``).
+
+    NOTE: ``mkstemp`` makes files readable by the owner only; without the chmod every file moevl
+    writes would be private, unlike what the user's umask asks for.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
     """Calls ``write(f)`` on a temporary file beside ``path``, then renames it to ``path``."""
     path = _target(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -52,6 +65,54 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: list[Any]) -> Path:
             f.write(json.dumps(row, default=_json_default) + "\n")
 
     return atomic_write(path, write)
+
+
+def atomic_write_to(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Calls ``write(tmp_path)`` for writers that want a file name (``torch.save``, safetensors,
+    ``savefig``), on a temporary file beside ``path``, then renames it to ``path``."""
+    path = _target(path)
+    fd, tmp = _temporary(path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """``fig.savefig`` (matplotlib) through a temporary file; the format comes from ``path``'s suffix."""
+    fmt = kwargs.pop("format", None) or Path(path).suffix.lstrip(".") or "png"
+    return atomic_write_to(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def check_writable(path: str | os.PathLike, *, directory: bool = False) -> Path:
+    """``path`` if a file (or, with ``directory``, a folder) could be written there; creates nothing.
+
+    Commands call this on every output path before they start work, so a typo costs seconds, not a
+    training run. Raises ``ValueError`` naming the path and the reason.
+    """
+    path = Path(path)
+    kind = "a directory" if directory else "a file path"
+    if path.exists():
+        if directory != path.is_dir():
+            what = "a directory" if path.is_dir() else "a file"
+            raise ValueError(f"expected {kind}, got {str(path)!r} which is {what}")
+        if not os.access(path if directory else path.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"expected {kind} that can be written, got {str(path)!r} (permission denied)")
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"expected {kind}, got {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"expected {kind} that can be written, got {str(path)!r} ({str(ancestor)!r} is read-only)"
+        )
+    return path
 
 
 def _json_default(obj: Any) -> Any:

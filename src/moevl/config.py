@@ -36,6 +36,10 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
     seen: set = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            break  # construct_mapping below refuses it with PyYAML's own error ("found unhashable key")
         if key in seen:
             line = key_node.start_mark.line + 1
             raise ConfigError(f"duplicate key {key!r} at line {line}: each key may appear once per mapping")
@@ -194,9 +198,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise bad from None
+        if not math.isfinite(number):
             raise bad
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad

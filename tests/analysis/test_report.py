@@ -1,9 +1,16 @@
-import json
+"""The comparison report: summaries over seeds, files, and issue 12's defects (one seed shows no
+"± 0.0", one colour per method across figures, no empty tail-share panel, accuracy in %, input untouched)."""
 
+import copy
+import json
+import warnings
+
+import matplotlib
 import numpy as np
 import pytest
 
-from moevl.analysis import mean_std, summarize, write_report
+from moevl.analysis import MeanStd, format_mean_std, mean_std, method_color, summarize, write_report
+from moevl.analysis import report as report_module
 
 FAMILIES = ["position", "count"]
 
@@ -48,8 +55,16 @@ def results():
 
 
 def test_mean_std():
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)))
-    assert mean_std([4.0]) == (4.0, 0.0)
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)), 2)
+    assert mean_std([4.0]) == MeanStd(4.0, 0.0, 1)
+    assert mean_std([]).n == 0
+
+
+def test_format_mean_std_shows_one_seed_alone():
+    assert format_mean_std(MeanStd(0.5, 0.1, 2), scale=100) == "50.0 ± 10.0"
+    assert format_mean_std(MeanStd(0.5, 0.0, 1), scale=100) == "50.0"
+    assert format_mean_std(MeanStd(0.1234, 0.0, 1), digits=3) == "0.123"
+    assert format_mean_std(None) == format_mean_std(mean_std([])) == "n/a"
 
 
 def test_summary_over_seeds(results):
@@ -57,6 +72,7 @@ def test_summary_over_seeds(results):
     assert s["baseline"]["accuracy"]["position"] == (
         pytest.approx(0.6),
         pytest.approx(np.std([0.5, 0.7], ddof=1)),
+        2,
     )
     assert s["ltdr"]["tail_share"][0] == pytest.approx(0.14)
     assert s["baseline"]["tail_share"] is None  # absent statistic, not a zero
@@ -80,3 +96,93 @@ def test_report_files(results, tmp_path):
     assert "| ltdr |" in text and "n/a" in text and "Wall time: 123 s" in text
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["methods"]["ltdr"]["summary"]["seeds"] == 2
+    assert saved["plots"]["tail_share"] == "tail_share.png"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_write_report_does_not_change_its_input(results, tmp_path):
+    before = copy.deepcopy(results)
+    write_report(results, tmp_path)
+    assert results == before
+
+
+def _one_seed(results):
+    for entry in results["methods"].values():
+        entry["runs"] = {"0": entry["runs"]["0"]}
+    results["config"]["compare"]["seeds"] = 1
+    return results
+
+
+def test_one_seed_tables_show_values_alone(results, tmp_path):
+    write_report(_one_seed(results), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "±" not in text
+    assert "| baseline | 50.0 | 60.0 | 55.0 |" in text
+    assert "one seed" in text
+
+
+class _Recorder:
+    """Records what the report draws: per figure file, the colour of each labelled line or bar, the
+    y limits and y label of each axis."""
+
+    def __init__(self, monkeypatch):
+        self.figures = {}
+        real = report_module.atomic_savefig
+
+        def savefig(fig, path, **kwargs):
+            axes = []
+            for ax in fig.axes:
+                colors = {}
+                for line in ax.get_lines():
+                    colors[line.get_label()] = matplotlib.colors.to_hex(line.get_color())
+                for container in ax.containers:
+                    if isinstance(container, matplotlib.container.BarContainer) and container.get_label():
+                        colors[container.get_label()] = matplotlib.colors.to_hex(
+                            container.patches[0].get_facecolor()
+                        )
+                axes.append(
+                    {
+                        "title": ax.get_title(),
+                        "colors": colors,
+                        "ylim": ax.get_ylim(),
+                        "ylabel": ax.get_ylabel(),
+                    }
+                )
+            self.figures[path.name] = axes
+            return real(fig, path, **kwargs)
+
+        monkeypatch.setattr(report_module, "atomic_savefig", savefig)
+
+
+def test_method_colours_are_the_same_in_every_figure(results, tmp_path, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    # A third method, drawn in a different order in different figures, keeps its colour too.
+    results["methods"] = {"zeta": copy.deepcopy(results["methods"]["baseline"]), **results["methods"]}
+    write_report(results, tmp_path)
+    seen: dict[str, set] = {}
+    for axes in recorder.figures.values():
+        for ax in axes:
+            for label, color in ax["colors"].items():
+                seen.setdefault(label, set()).add(color)
+    for method in ("baseline", "ltdr", "zeta"):
+        assert seen[method] == {matplotlib.colors.to_hex(method_color(method))}, method
+    assert len({method_color(m) for m in ("dense", "baseline", "stgc", "ltdr", "stgc+ltdr")}) == 5
+
+
+def test_tail_share_panel_is_omitted_without_ltdr(results, tmp_path, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    del results["methods"]["ltdr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found" would fail here
+        write_report(results, tmp_path)
+    titles = [ax["title"] for ax in recorder.figures["tail_share.png"]]
+    assert titles == ["experts per token"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"]["baseline"]["summary"]["tail_share"] is None
+
+
+def test_accuracy_axis_is_in_percent(results, tmp_path, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    write_report(results, tmp_path)
+    (ax,) = recorder.figures["accuracy.png"]
+    assert "%" in ax["ylabel"] and ax["ylim"][1] > 100

@@ -10,12 +10,12 @@ from moevl.detection.model import DetectorConfig, make_anchors
 
 
 def test_pools_are_disjoint_and_cover_every_class():
-    indices = {split: set(digit_pool_indices(split).tolist()) for split in ("train", "val", "test")}
-    assert not indices["train"] & indices["val"]
+    indices = {split: set(digit_pool_indices(split).tolist()) for split in ("train", "validation", "test")}
+    assert not indices["train"] & indices["validation"]
     assert not indices["train"] & indices["test"]
-    assert not indices["val"] & indices["test"]
+    assert not indices["validation"] & indices["test"]
     assert set.union(*indices.values()) == set(range(1797))
-    for split in ("train", "val", "test"):
+    for split in ("train", "validation", "test"):
         _, labels = digit_pool(split)
         assert set(labels.tolist()) == set(range(10))
 
@@ -43,7 +43,7 @@ def test_train_and_test_scenes_differ():
 
 
 def test_assign_targets_marks_positives_with_their_label():
-    scenes = make_digit_scenes("val", 4)
+    scenes = make_digit_scenes("validation", 4)
     anchors = make_anchors(DetectorConfig(), scenes.image_size)
     labels, targets = assign_targets(scenes, anchors)
     assert labels.shape == (4, anchors.points.shape[0])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -67,7 +65,7 @@ def test_decode_one_hot_distributions():
 def test_distillation_terms_vanish_when_student_is_teacher():
     torch.manual_seed(0)
     model = GFLDetector(TINY)
-    scenes = make_digit_scenes("val", 3)
+    scenes = make_digit_scenes("validation", 3)
     anchors = make_anchors(TINY, 48)
     from moevl.detection.data import assign_targets
 
@@ -84,7 +82,7 @@ def test_distillation_terms_vanish_when_student_is_teacher():
 def test_detection_loss_ignores_ignored_anchors():
     torch.manual_seed(0)
     model = GFLDetector(TINY)
-    scenes = make_digit_scenes("val", 2)
+    scenes = make_digit_scenes("validation", 2)
     anchors = make_anchors(TINY, 48)
     from moevl.detection.data import assign_targets
 
@@ -164,28 +162,6 @@ def test_teacher_outputs_equal_direct_forward():
     assert len(predict(model, images)) == 5
 
 
-def test_atomic_write_never_leaves_partial_files(tmp_path):
-    import os
-
-    from moevl.detection.train import atomic_write
-
-    target = tmp_path / "out.txt"
-
-    def failing(tmp):
-        with open(tmp, "w") as handle:
-            handle.write("half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, failing)
-    assert not target.exists() and not list(tmp_path.iterdir())
-    atomic_write(target, lambda tmp: Path(tmp).write_text("done"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.read_text() == "done"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-
-
 def test_bckd_wiring_uses_every_anchor_paper_weights_and_num_pos():
     """distillation_loss('bckd') == 1.0 * L_cls + 4.0 * L_loc over all anchors / num_pos (RESEARCH.md §3)."""
     import torch.nn.functional as F
@@ -195,7 +171,7 @@ def test_bckd_wiring_uses_every_anchor_paper_weights_and_num_pos():
 
     torch.manual_seed(0)
     student, teacher = GFLDetector(TINY), GFLDetector(TINY)
-    scenes = make_digit_scenes("val", 2)
+    scenes = make_digit_scenes("validation", 2)
     anchors = make_anchors(TINY, 48)
     labels, _ = assign_targets(scenes, anchors)
     s_out, t_out = student(scenes.images), teacher(scenes.images)

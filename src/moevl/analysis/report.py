@@ -1,5 +1,10 @@
 """The comparison report: results.json, report.md and PNG plots, from the results of ``run_compare``.
 
+``write_report`` never changes its input; every file goes through ``moevl.atomic``. With one seed the
+tables show values alone (no "± 0.0"); a method has one colour in every figure; accuracy is in % in
+figures and tables alike; a panel with no data (e.g. LTDR's tail share when no LTDR method ran) is left
+out, not drawn empty.
+
 ``results`` layout::
 
     {"config": {...}, "wall_time_s": float,
@@ -9,8 +14,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from moevl.analysis.display import MeanStd, format_mean_std, mean_std, method_color
+from moevl.atomic import atomic_savefig, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "HISTORY_KEYS",
+    "mean_std",
+    "plot_accuracy",
+    "plot_curves",
+    "plot_expert_load",
+    "summarize",
+    "write_report",
+]
 
 HISTORY_KEYS = {
     "conflict_ratio": "stgc/conflict_ratio",
@@ -30,14 +46,6 @@ HISTORY_KEYS = {
 }
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value); NaN mean for none."""
-    if not values:
-        return math.nan, math.nan
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
 def _history(stats: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [(h["step"], h[key]) for h in stats.get("history", []) if key in h and h[key] is not None]
     if not rows:
@@ -47,7 +55,8 @@ def _history(stats: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def summarize(results: dict) -> dict:
-    """Per method: accuracy per family (mean, std over seeds), training time, final routing statistics."""
+    """Per method: accuracy per family (``MeanStd`` over seeds), training time, final routing statistics
+    (``None`` where the method does not produce one). Reads ``results`` only."""
     summary: dict[str, Any] = {}
     for method, entry in results.get("methods", {}).items():
         runs = list(entry["runs"].values())
@@ -69,21 +78,15 @@ def summarize(results: dict) -> dict:
                     finals.append(float(v[-max(1, len(v) // 4) :].mean()))  # mean of the last quarter
             s[name] = mean_std(finals) if finals else None
         summary[method] = s
-        entry["summary"] = s
     return summary
 
 
-def _fmt(ms: tuple[float, float] | None, pct: bool = False, digits: int = 3) -> str:
-    if ms is None or math.isnan(ms[0]):
-        return "n/a"
-    m, s = ms
-    if pct:
-        return f"{100 * m:.1f} ± {100 * s:.1f}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+def _fmt(stat: MeanStd | None, pct: bool = False, digits: int = 3) -> str:
+    return format_mean_std(stat, scale=100.0, digits=1) if pct else format_mean_std(stat, digits=digits)
 
 
-def plot_accuracy(results: dict, path: Path) -> None:
-    summary = {m: e["summary"] for m, e in results["methods"].items()}
+def plot_accuracy(results: dict, summary: dict, path: Path) -> None:
+    """Bars per question family and overall, one colour per method, in % (like the tables)."""
     dense = results["dense"]["eval"]
     families = list(dense["accuracy"])
     names = ["dense", *summary]
@@ -96,49 +99,69 @@ def plot_accuracy(results: dict, path: Path) -> None:
             stds = [0.0] * len(means)
         else:
             acc = summary[name]["accuracy"]
-            means = [acc[f][0] if f in acc else np.nan for f in families] + [summary[name]["overall"][0]]
-            stds = [acc[f][1] if f in acc else 0 for f in families] + [summary[name]["overall"][1]]
-        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=name)
-    chance = [dense["chance"].get(f, np.nan) for f in families]
+            means = [acc[f].mean if f in acc else np.nan for f in families] + [summary[name]["overall"].mean]
+            stds = [acc[f].std if f in acc else 0.0 for f in families] + [summary[name]["overall"].std]
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            100 * np.asarray(means, dtype=float),
+            width,
+            yerr=100 * np.asarray(stds, dtype=float),
+            capsize=2,
+            label=name,
+            color=method_color(name),
+        )
+    chance = [100 * dense["chance"].get(f, np.nan) for f in families]
     ax.scatter(x[:-1], chance, marker="_", s=900, color="black", zorder=5, label="majority answer (chance)")
     ax.set_xticks(x, [*families, "overall"])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("exact-match accuracy (test)")
-    ax.set_title("Accuracy per question family (mean ± std over seeds)")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("exact-match accuracy (test, %)")
+    seeds = max((s["seeds"] for s in summary.values()), default=1)
+    ax.set_title(
+        "Accuracy per question family" + (" (mean ± std over seeds)" if seeds > 1 else " (one seed)")
+    )
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
-def plot_curves(results: dict, keys: list[tuple[str, str]], path: Path, title: str) -> bool:
-    """One panel per key, one line per method (mean over seeds at common steps). False if no data."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
-    any_data = False
-    for ax, (label, key) in zip(axes[0], keys, strict=True):
-        for method, entry in results["methods"].items():
-            curves = [_history(r.get("moe_stats", {}), key) for r in entry["runs"].values()]
-            curves = [c for c in curves if len(c[0])]
-            if not curves:
-                continue
+def _curves(results: dict, key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per method with data for ``key``: steps and values ``(seeds, steps)`` at the common steps."""
+    out = {}
+    for method, entry in results["methods"].items():
+        curves = [_history(r.get("moe_stats", {}), key) for r in entry["runs"].values()]
+        curves = [c for c in curves if len(c[0])]
+        if curves:
             n = min(len(c[0]) for c in curves)
-            steps = curves[0][0][:n]
-            values = np.stack([c[1][:n] for c in curves])
-            ax.plot(steps, values.mean(0), label=method)
-            if len(curves) > 1:
-                ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
-            any_data = True
+            out[method] = (curves[0][0][:n], np.stack([c[1][:n] for c in curves]))
+    return out
+
+
+def plot_curves(results: dict, keys: list[tuple[str, str]], path: Path, title: str) -> bool:
+    """One panel per key with data, one line per method (mean over seeds at common steps, min-max band).
+
+    Keys no method produced get no panel; with none at all nothing is written and this returns False.
+    """
+    panels = [(label, data) for label, key in keys if (data := _curves(results, key))]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (label, data) in zip(axes[0], panels, strict=True):
+        for method, (steps, values) in data.items():
+            color = method_color(method)
+            ax.plot(steps, values.mean(0), label=method, color=color)
+            if len(values) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=color)
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    if any_data:
-        fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    return any_data
+    return True
 
 
 def plot_expert_load(results: dict, path: Path) -> bool:
@@ -183,19 +206,20 @@ def plot_expert_load(results: dict, path: Path) -> bool:
                 ax.legend(fontsize=7)
     fig.suptitle("Expert load during MoE-tuning: vision vs text tokens (first seed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return True
 
 
 def write_report(results: dict, out: str | Path) -> Path:
-    """Writes results.json, the plots and report.md into ``out``; returns the report's path."""
+    """Writes results.json (``results`` with each method's summary and the plots), the plots and
+    report.md into ``out``; returns the report's path. ``results`` itself is not changed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     plots = {}
     if results.get("methods"):
-        plot_accuracy(results, out / "accuracy.png")
+        plot_accuracy(results, summary, out / "accuracy.png")
         plots["accuracy"] = "accuracy.png"
         if plot_curves(
             results,
@@ -219,8 +243,12 @@ def write_report(results: dict, out: str | Path) -> Path:
             "LTDR: tail tokens and experts per token",
         ):
             plots["tail_share"] = "tail_share.png"
-    results["plots"] = plots
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    saved = {
+        **results,
+        "methods": {m: {**e, "summary": summary[m]} for m, e in results.get("methods", {}).items()},
+        "plots": plots,
+    }
+    atomic_write_json(out / "results.json", saved)
 
     dense = results["dense"].get("eval", {})
     families = list(dense.get("accuracy", {}))
@@ -228,8 +256,11 @@ def write_report(results: dict, out: str | Path) -> Path:
     if "wall_time_s" in results:
         lines.append(f"Wall time: {results['wall_time_s']:.0f} s.")
     seeds = results.get("config", {}).get("compare", {}).get("seeds", 1)
+    spread = (
+        "mean ± std over seeds" if max((s["seeds"] for s in summary.values()), default=1) > 1 else "one seed"
+    )
     lines += [
-        f"Seeds: {seeds}. Accuracy: exact match of the generated answer, test split, % (mean ± std).",
+        f"Seeds: {seeds}. Accuracy: exact match of the generated answer, test split, % ({spread}).",
         "",
     ]
     lines += ["## Dense model (stages 1-2)", ""]
@@ -283,6 +314,4 @@ def write_report(results: dict, out: str | Path) -> Path:
             "|---|---|---|",
         ]
         lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in examples[:6]]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -1,24 +1,41 @@
-"""``moevl detect``: train, distill and evaluate the digit detectors; run the BCKD comparison."""
+"""``moevl detect``: train, distill and evaluate the digit detectors; run the BCKD comparison.
+
+Every option and output path is checked before any work starts; a user error ends in one line,
+``error: <option or file>: expected ..., got ...`` (``moevl.cli_errors.fail``), never a traceback.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
+from moevl.atomic import atomic_write_json, check_writable
+from moevl.cli_errors import fail
+from moevl.config import ConfigError
+from moevl.detection.checks import check_number
 from moevl.detection.data import SPLITS, make_digit_scenes
 from moevl.detection.evaluation import evaluate_detector
 from moevl.detection.model import GFLDetector
-from moevl.detection.recipe import STUDENT, TEACHER, CompareConfig, DataConfig, load_scenes, run_comparison
+from moevl.detection.recipe import (
+    STUDENT,
+    TEACHER,
+    DetectionDataConfig,
+    load_detection_config,
+    load_scenes,
+    run_comparison,
+)
 from moevl.detection.train import (
-    METHODS,
+    DISTILL_METHODS,
     DistillConfig,
     TrainConfig,
+    check_teacher,
+    checkpoint_sidecar,
     load_checkpoint,
     save_checkpoint,
     teacher_outputs,
@@ -28,19 +45,56 @@ from moevl.detection.train import (
 app = typer.Typer(
     help="Dense object detection: GFL-style detectors on digit scenes and BCKD distillation.",
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 console = Console()
 ROLES = {"teacher": TEACHER, "student": STUDENT}
+MAX_SEEDS = 1000  # --seeds N runs seeds 0..N-1; a typo must not build a list of a billion
+T = TypeVar("T")
 
 
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # unwrapped: paths stay copyable
-    raise typer.Exit(code=2)
-
-
-def _check_choice(name: str, value: str, choices) -> None:
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        _fail(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+        raise fail(f"{option}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _from_options(make: Callable[..., T], **options: Any) -> T:
+    """``make(**options)``; a config's ``"field: expected ..."`` error becomes ``--field: expected ...``
+    (every option passed here has the name of its field)."""
+    try:
+        return make(**options)
+    except ValueError as error:
+        name, _, rest = str(error).partition(":")
+        raise fail(f"--{name.replace('_', '-')}:{rest}") from None
+
+
+def _check_output(option: str, path: Path, *, directory: bool = False) -> None:
+    try:
+        check_writable(path, directory=directory)
+    except ValueError as error:
+        raise fail(f"{option}: {error}") from None
+
+
+def _check_checkpoint_output(path: Path) -> None:
+    """The checkpoint and its JSON sidecar can both be written (checked before training)."""
+    _check_output("--output", path)
+    _check_output("--output", checkpoint_sidecar(path))
+
+
+def _load_checkpoint(option: str, path: Path) -> tuple[GFLDetector, dict]:
+    if not path.is_file():
+        raise fail(f"{option}: expected an existing checkpoint file, got {str(path)!r}")
+    try:
+        return load_checkpoint(path)
+    except ValueError as error:
+        raise fail(f"{option}: {str(error).removeprefix('checkpoint: ')}") from None
+
+
+def _save_checkpoint(path: Path, model: GFLDetector, extra: dict) -> None:
+    try:
+        save_checkpoint(path, model, extra=extra)
+    except OSError as error:  # the disk filled up or the folder vanished during training
+        raise fail(f"--output: could not write {str(path)!r} ({error})") from None
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -55,55 +109,50 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def train(
     role: str = typer.Option("student", help="Model size: teacher or student."),
     output: Path = typer.Option(Path("runs/detection/model.safetensors"), help="Checkpoint to write."),
-    steps: int = typer.Option(1000, min=1),
-    batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(3e-3),
-    seed: int = typer.Option(0),
-    train_scenes: int = typer.Option(2000, min=1),
-    test_scenes: int = typer.Option(300, min=1),
+    steps: int = typer.Option(1000, help="Optimizer steps (>= 1)."),
+    batch_size: int = typer.Option(32, help="Scenes per step (>= 1)."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (> 0)."),
+    seed: int = typer.Option(0, help="Seed of the initialisation and the batch order (>= 0)."),
+    train_scenes: int = typer.Option(2000, help="Training scenes (>= 1)."),
+    test_scenes: int = typer.Option(300, help="Test scenes (>= 1)."),
 ) -> None:
     """Train a teacher or a student alone (GFL loss), save it and evaluate it on the test scenes."""
-    _check_choice("role", role, tuple(ROLES))
-    data = DataConfig(train_scenes=train_scenes, test_scenes=test_scenes)
+    _check_choice("--role", role, tuple(ROLES))
+    config = _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    data = _from_options(DetectionDataConfig, train_scenes=train_scenes, test_scenes=test_scenes)
+    _check_checkpoint_output(output)
     train_set, test_set = load_scenes(data)
     torch.manual_seed(seed)
     model = GFLDetector(ROLES[role])
-    result = train_detector(
-        model,
-        train_set,
-        config=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
-        description=role,
-    )
+    result = train_detector(model, train_set, config=config, description=role)
     metrics = evaluate_detector(model, test_set)
-    save_checkpoint(
-        output,
-        model,
-        extra={"role": role, "steps": steps, "seed": seed, "train_seconds": result.seconds, **metrics},
-    )
+    extra = {"role": role, "steps": steps, "seed": seed, "train_seconds": result.seconds, **metrics}
+    _save_checkpoint(output, model, extra)
     _print_metrics(f"{role} ({result.seconds:.0f}s) -> {output}", metrics)
 
 
 @app.command()
 def distill(
     teacher: Path = typer.Option(..., help="Teacher checkpoint (.safetensors) written by `train`."),
-    method: str = typer.Option("bckd", help="Distillation method: none, kl, ld or bckd."),
+    method: str = typer.Option("bckd", help=f"Distillation method: {', '.join(DISTILL_METHODS)}."),
     output: Path = typer.Option(Path("runs/detection/student.safetensors"), help="Checkpoint to write."),
-    steps: int = typer.Option(1000, min=1),
-    batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(3e-3),
-    seed: int = typer.Option(0),
-    train_scenes: int = typer.Option(2000, min=1),
-    test_scenes: int = typer.Option(300, min=1),
+    steps: int = typer.Option(1000, help="Optimizer steps (>= 1)."),
+    batch_size: int = typer.Option(32, help="Scenes per step (>= 1)."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (> 0)."),
+    seed: int = typer.Option(0, help="Seed of the initialisation and the batch order (>= 0)."),
+    train_scenes: int = typer.Option(2000, help="Training scenes (>= 1)."),
+    test_scenes: int = typer.Option(300, help="Test scenes (>= 1)."),
 ) -> None:
     """Train the student with a distillation method from a frozen teacher checkpoint."""
-    _check_choice("method", method, METHODS)
-    if not teacher.is_file():
-        _fail(f"teacher: expected an existing checkpoint file, got {str(teacher)!r}")
+    _check_choice("--method", method, DISTILL_METHODS)
+    config = _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    data = _from_options(DetectionDataConfig, train_scenes=train_scenes, test_scenes=test_scenes)
+    teacher_model, _ = _load_checkpoint("--teacher", teacher)
     try:
-        teacher_model, _ = load_checkpoint(teacher)
+        check_teacher(teacher_model.config, STUDENT)
     except ValueError as error:
-        _fail(str(error))
-    data = DataConfig(train_scenes=train_scenes, test_scenes=test_scenes)
+        raise fail(f"--teacher: {error}") from None
+    _check_checkpoint_output(output)
     train_set, test_set = load_scenes(data)
     cached = teacher_outputs(teacher_model, train_set.images)
     torch.manual_seed(seed)
@@ -111,81 +160,110 @@ def distill(
     result = train_detector(
         model,
         train_set,
-        config=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
-        distill=DistillConfig(method=method),
+        config=config,
+        distill=DistillConfig(method=method),  # type: ignore[arg-type]
         teacher=cached,
         description=f"distill {method}",
     )
     metrics = evaluate_detector(model, test_set)
-    save_checkpoint(
-        output, model, extra={"role": "student", "method": method, "teacher": str(teacher), **metrics}
-    )
+    _save_checkpoint(output, model, {"role": "student", "method": method, "teacher": str(teacher), **metrics})
     _print_metrics(f"student + {method} ({result.seconds:.0f}s) -> {output}", metrics)
 
 
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) to evaluate."),
-    split: str = typer.Option("test", help="Scene split: train, val or test."),
-    scenes: int = typer.Option(300, min=1, help="Number of scenes."),
+    split: str = typer.Option("test", help=f"Scene split: {', '.join(SPLITS)}."),
+    scenes: int = typer.Option(300, help="Number of scenes (>= 1)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
 ) -> None:
     """COCO mAP / AP50 / AP75 of a checkpoint on digit scenes."""
-    _check_choice("split", split, SPLITS)
-    if not checkpoint.is_file():
-        _fail(f"checkpoint: expected an existing checkpoint file, got {str(checkpoint)!r}")
-    try:
-        model, _ = load_checkpoint(checkpoint)
-    except ValueError as error:
-        _fail(str(error))
+    _check_choice("--split", split, SPLITS)
+    _from_options(check_number, name="scenes", value=scenes, minimum=1, integer=True)
+    if json_out is not None:
+        _check_output("--json", json_out)
+    model, _ = _load_checkpoint("checkpoint", checkpoint)
     metrics = evaluate_detector(model, make_digit_scenes(split, scenes))
     _print_metrics(f"{checkpoint} on {split} ({scenes} scenes)", metrics)
     if json_out is not None:
-        json_out.write_text(json.dumps(metrics, indent=2))
+        try:
+            atomic_write_json(json_out, metrics)
+        except OSError as error:
+            raise fail(f"--json: could not write {str(json_out)!r} ({error})") from None
 
 
 @app.command()
 def compare(
-    out_dir: Path = typer.Option(Path("bench/results"), help="Where the report files go."),
-    seeds: int = typer.Option(3, min=1, help="Student seeds per method."),
-    teacher_steps: int = typer.Option(CompareConfig.teacher_steps, min=1),
-    student_steps: int = typer.Option(CompareConfig.student_steps, min=1),
-    train_scenes: int = typer.Option(DataConfig.train_scenes, min=1),
-    test_scenes: int = typer.Option(DataConfig.test_scenes, min=1),
+    out_dir: Path = typer.Option(Path("runs/detection/compare"), help="Where the report files go."),
+    seeds: int | None = typer.Option(None, help="Student seeds per method, 0..N-1 (default: the recipe's)."),
+    teacher_steps: int | None = typer.Option(None, help="Teacher steps (default: the recipe's)."),
+    student_steps: int | None = typer.Option(None, help="Student steps (default: the recipe's)."),
+    train_scenes: int | None = typer.Option(None, help="Training scenes (default: the recipe's)."),
+    test_scenes: int | None = typer.Option(None, help="Test scenes (default: the recipe's)."),
     checkpoint_dir: Path | None = typer.Option(Path("runs/detection"), help="Where to keep the checkpoints."),
     teacher: Path | None = typer.Option(None, help="Reuse this teacher checkpoint instead of training one."),
     config_file: Path | None = typer.Option(
-        None,
-        "--config",
-        help="YAML recipe (configs/detection.yaml); the step/scene/seed options then are ignored.",
+        None, "--config", help="YAML recipe (configs/detection.yaml); the built-in defaults when omitted."
     ),
-    threads: int = typer.Option(1, min=1, help="torch CPU threads."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key, e.g. --set lr=1e-3."),
+    threads: int = typer.Option(1, help="torch CPU threads (>= 1)."),
     prefix: str = typer.Option("bckd", help="File name prefix of the report."),
 ) -> None:
-    """Teacher + student with none / kl / ld / bckd over seeds; writes JSON, markdown and plots."""
-    from moevl.detection.report import write_report
+    """Teacher + student with none / kl / ld / bckd over seeds; writes JSON, markdown and plots.
 
-    if teacher is not None and not teacher.is_file():
-        _fail(f"teacher: expected an existing checkpoint file, got {str(teacher)!r}")
-    torch.set_num_threads(threads)
-    if config_file is not None:
-        if not config_file.is_file():
-            _fail(f"config: expected an existing YAML file, got {str(config_file)!r}")
+    The step, scene and seed options override the recipe (``--config`` or the defaults).
+    """
+    from moevl.detection.report import write_detection_report
+
+    options = {
+        "seeds": seeds,
+        "teacher_steps": teacher_steps,
+        "student_steps": student_steps,
+        "train_scenes": train_scenes,
+        "test_scenes": test_scenes,
+        "threads": threads,
+    }
+    for name, value in options.items():
+        if value is not None:
+            _from_options(check_number, name=name, value=value, minimum=1, integer=True)
+    if seeds is not None and seeds > MAX_SEEDS:
+        raise fail(f"--seeds: expected an integer <= {MAX_SEEDS}, got {seeds}")
+    from_options = {
+        "teacher_steps": teacher_steps,
+        "student_steps": student_steps,
+        "data.train_scenes": train_scenes,
+        "data.test_scenes": test_scenes,
+        "seeds": None if seeds is None else list(range(seeds)),
+    }
+    overrides = [*(set_ or []), *(f"{k}={v}" for k, v in from_options.items() if v is not None)]
+    if config_file is not None and not config_file.is_file():
+        raise fail(f"--config: expected an existing YAML file, got {str(config_file)!r}")
+    try:
+        config = load_detection_config(config_file, overrides)
+    except ConfigError as error:
+        raise fail(str(error)) from None
+    if not prefix or Path(prefix).name != prefix:
+        raise fail(f"--prefix: expected a file name prefix without '/', got {prefix!r}")
+    if teacher is not None:
+        teacher_model, _ = _load_checkpoint("--teacher", teacher)
         try:
-            config = CompareConfig.from_dict(yaml.safe_load(config_file.read_text()) or {})
-        except (ValueError, TypeError) as error:
-            _fail(str(error))
-    else:
-        config = CompareConfig(
-            data=DataConfig(train_scenes=train_scenes, test_scenes=test_scenes),
-            teacher_steps=teacher_steps,
-            student_steps=student_steps,
-            seeds=tuple(range(seeds)),
+            check_teacher(teacher_model.config, config.student)
+        except ValueError as error:
+            raise fail(f"--teacher: {error}") from None
+    _check_output("--out-dir", out_dir, directory=True)
+    if checkpoint_dir is not None:
+        _check_output("--checkpoint-dir", checkpoint_dir, directory=True)
+    torch.set_num_threads(threads)
+    try:
+        result = run_comparison(
+            config, checkpoint_dir=checkpoint_dir, teacher_checkpoint=teacher, log=console.print
         )
-    result = run_comparison(
-        config, checkpoint_dir=checkpoint_dir, teacher_checkpoint=teacher, log=console.print
-    )
-    paths = write_report(result, out_dir, prefix=prefix)
+    except OSError as error:  # the disk filled up or a folder vanished during the run
+        raise fail(f"--checkpoint-dir: could not write a checkpoint ({error})") from None
+    try:
+        paths = write_detection_report(result, out_dir, prefix=prefix)
+    except OSError as error:
+        raise fail(f"--out-dir: could not write the report into {str(out_dir)!r} ({error})") from None
     console.print(Path(paths["md"]).read_text())
 
 

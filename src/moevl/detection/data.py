@@ -2,7 +2,7 @@
 
 Each scene is a square grey canvas with a few digits at random scales and positions; the box of a
 digit is the tight box of its ink. The 1797 digit images are split once, deterministically, into
-disjoint train / val / test pools, so no test digit image is ever seen in training.
+disjoint train / validation / test pools, so no test digit image is ever seen in training.
 
 Axis legend: ``M`` scenes, ``S`` canvas side, ``G`` digits of a scene, ``A`` anchors.
 """
@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moevl.data.images import load_digits_source
 from moevl.detection.assigner import atss_assign
 from moevl.detection.box_ops import box_iou
 from moevl.detection.model import Anchors
 
 __all__ = ["SPLITS", "DigitScenes", "assign_targets", "digit_pool", "digit_pool_indices", "make_digit_scenes"]
 
-SPLITS = ("train", "val", "test")
-_SPLIT_FRACTIONS = {"train": (0.0, 0.6), "val": (0.6, 0.7), "test": (0.7, 1.0)}
-_SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
+SPLITS = ("train", "validation", "test")  # the split names of moevl.data too
+_SPLIT_FRACTIONS = {"train": (0.0, 0.6), "validation": (0.6, 0.7), "test": (0.7, 1.0)}
+_SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 NUM_CLASSES = 10
 
 
@@ -50,16 +51,15 @@ class DigitScenes:
 
 @lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+    """The digit images ``(1797, 8, 8)`` in ``[0, 1]`` and labels, from moevl's one digit loader."""
+    source = load_digits_source()
+    return source.images, source.labels
 
 
 def digit_pool_indices(split: str) -> np.ndarray:
     """Indices into ``load_digits()`` of a split's digit images; the three splits are disjoint."""
     if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     count = len(_load_digits()[0])
     order = np.random.default_rng(0).permutation(count)
     lo, hi = _SPLIT_FRACTIONS[split]

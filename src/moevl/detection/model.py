@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moevl.config import build
 from moevl.detection.box_ops import batched_nms, box_iou, distance2bbox
+from moevl.detection.checks import check_fields, check_number
 from moevl.detection.losses import distribution_focal_loss, giou_loss, quality_focal_loss
 
 __all__ = [
@@ -47,6 +49,18 @@ class DetectorConfig:
     reg_max: int = 8
     anchor_scale: float = 3.0  # ATSS anchor side = anchor_scale * stride
 
+    def __post_init__(self) -> None:
+        positive = ("num_classes", "in_channels", "stage_depth", "neck_width", "reg_max")
+        check_fields(
+            self, {**dict.fromkeys(positive, (1, True)), "head_convs": (0, True), "anchor_scale": (0, False)}
+        )
+        if not isinstance(self.stage_widths, tuple) or not self.stage_widths:
+            raise ValueError(
+                f"stage_widths: expected a non-empty tuple of integers >= 1, got {self.stage_widths!r}"
+            )
+        for i, width in enumerate(self.stage_widths):
+            check_number(f"stage_widths[{i}]", width, minimum=1, integer=True)
+
     @property
     def strides(self) -> tuple[int, ...]:
         return tuple(2 ** (i + 2) for i in range(len(self.stage_widths)))
@@ -56,9 +70,8 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
-        data = dict(data)
-        data["stage_widths"] = tuple(data["stage_widths"])
-        return cls(**data)
+        """Inverse of :meth:`to_dict` through ``moevl.config.build`` (``ConfigError`` on bad data)."""
+        return build(cls, data)
 
 
 class DetectorOutput(NamedTuple):

@@ -5,41 +5,64 @@ over several seeds, evaluated with COCO metrics on held-out scenes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from moevl.atomic import check_writable
+from moevl.config import ConfigError, apply_overrides, build, read_yaml, to_plain
+from moevl.detection.checks import check_fields, check_number, check_seed
 from moevl.detection.data import DigitScenes, make_digit_scenes
 from moevl.detection.evaluation import evaluate_detector
 from moevl.detection.model import DetectorConfig, GFLDetector
 from moevl.detection.train import (
-    METHODS,
+    DISTILL_METHODS,
     DistillConfig,
+    DistillMethod,
     TrainConfig,
+    check_teacher,
     load_checkpoint,
     save_checkpoint,
     teacher_outputs,
     train_detector,
 )
 
-__all__ = ["STUDENT", "TEACHER", "CompareConfig", "DataConfig", "load_scenes", "run_comparison"]
+__all__ = [
+    "STUDENT",
+    "TEACHER",
+    "ComparisonResult",
+    "DetectionCompareConfig",
+    "DetectionDataConfig",
+    "load_detection_config",
+    "load_scenes",
+    "run_comparison",
+]
 
 # Same code, different depth and width (about 20x parameters between them).
 TEACHER = DetectorConfig(stage_widths=(32, 64, 128), stage_depth=2, neck_width=64, head_convs=2)
 STUDENT = DetectorConfig(stage_widths=(8, 16, 32), stage_depth=1, neck_width=16, head_convs=1)
+MIN_IMAGE_SIZE = 24  # the largest pasted digit (make_digit_scenes' max_digit_size) must fit
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DetectionDataConfig:
     train_scenes: int = 2000
     test_scenes: int = 300
     image_size: int = 48
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self, {"train_scenes": (1, True), "test_scenes": (1, True), "image_size": (MIN_IMAGE_SIZE, True)}
+        )
+
 
 @dataclass(frozen=True)
-class CompareConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+class DetectionCompareConfig:
+    """The comparison recipe (``configs/detection.yaml``); build it with :func:`load_detection_config`."""
+
+    data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     teacher: DetectorConfig = TEACHER
     student: DetectorConfig = STUDENT
     teacher_steps: int = 1500
@@ -47,47 +70,58 @@ class CompareConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[DistillMethod, ...] = DISTILL_METHODS  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"teacher_steps": (1, True), "student_steps": (1, True), "batch_size": (1, True)})
+        check_number("lr", self.lr, minimum=0, inclusive=False)
+        for role in ("teacher", "student"):
+            detector = getattr(self, role)
+            # The digit scenes are grey images of ten classes.
+            if (detector.num_classes, detector.in_channels) != (10, 1):
+                raise ValueError(
+                    f"{role}: expected num_classes 10 and in_channels 1 (grey digit scenes), "
+                    f"got {detector.num_classes} and {detector.in_channels}"
+                )
+        for name in ("seeds", "methods"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"{name}: expected a non-empty list without repeats, got {list(values)}")
+        for i, seed in enumerate(self.seeds):
+            check_seed(f"seeds[{i}]", seed)
+        for i, method in enumerate(self.methods):
+            if method not in DISTILL_METHODS:
+                raise ValueError(
+                    f"methods[{i}]: expected one of {', '.join(DISTILL_METHODS)}, got {method!r}"
+                )
 
     @classmethod
-    def from_dict(cls, data: dict) -> CompareConfig:
-        """Build from a plain mapping (e.g. ``configs/detection.yaml``); missing keys keep defaults."""
-        known = {
-            "data",
-            "teacher",
-            "student",
-            "teacher_steps",
-            "student_steps",
-            "batch_size",
-            "lr",
-            "seeds",
-            "methods",
-        }
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"config: expected keys among {sorted(known)}, got unknown {sorted(unknown)}")
-        kwargs = dict(data)
-        if "data" in kwargs:
-            kwargs["data"] = DataConfig(**kwargs["data"])
-        for role, default in (("teacher", TEACHER), ("student", STUDENT)):
-            if role in kwargs:
-                kwargs[role] = DetectorConfig.from_dict({**default.to_dict(), **kwargs[role]})
-        for key in ("seeds", "methods"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
-        for method in kwargs.get("methods", ()):
-            if method not in METHODS:
-                raise ValueError(f"config.methods: expected entries among {METHODS}, got {method!r}")
-        return cls(**kwargs)
+    def from_dict(cls, data: Any) -> DetectionCompareConfig:
+        """Build from plain data (a parsed YAML file); missing keys keep the defaults. ``ConfigError``
+        (a ``ValueError``) names the key of any unknown key, wrong type, non-finite or impossible value."""
+        if data is None:  # an empty YAML file
+            data = {}
+        return build(cls, data)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["teacher"], out["student"] = self.teacher.to_dict(), self.student.to_dict()
-        out["seeds"], out["methods"] = list(self.seeds), list(self.methods)
-        return out
+        return to_plain(self)
 
 
-def load_scenes(data: DataConfig) -> tuple[DigitScenes, DigitScenes]:
+def load_detection_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DetectionCompareConfig:
+    """The recipe in ``path`` (YAML; the defaults when ``None``) with ``key.sub=value`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    return DetectionCompareConfig.from_dict(apply_overrides(data, overrides))
+
+
+def load_scenes(data: DetectionDataConfig) -> tuple[DigitScenes, DigitScenes]:
     """Training and test scenes (test scenes use digit images never seen in training)."""
     return (
         make_digit_scenes("train", data.train_scenes, image_size=data.image_size),
@@ -97,7 +131,7 @@ def load_scenes(data: DataConfig) -> tuple[DigitScenes, DigitScenes]:
 
 @dataclass
 class ComparisonResult:
-    config: CompareConfig
+    config: DetectionCompareConfig
     teacher: dict
     runs: list[dict]  # one per (method, seed): metrics, seconds
     total_seconds: float
@@ -106,7 +140,7 @@ class ComparisonResult:
 
 
 def run_comparison(
-    config: CompareConfig,
+    config: DetectionCompareConfig,
     *,
     checkpoint_dir: str | Path | None = None,
     teacher_checkpoint: str | Path | None = None,
@@ -119,10 +153,13 @@ def run_comparison(
     batches, so method differences are paired. With ``teacher_checkpoint`` the teacher is loaded
     instead of trained (its recorded ``train_seconds`` is reported, and not counted in the total).
     """
+    if checkpoint_dir is not None:
+        check_writable(checkpoint_dir, directory=True)  # before any training, not after it
     start = time.perf_counter()
     train, test = load_scenes(config.data)
     if teacher_checkpoint is not None:
         teacher, info = load_checkpoint(teacher_checkpoint)
+        check_teacher(teacher.config, config.student)
         teacher_seconds = float(info.get("train_seconds", float("nan")))
         teacher_source = f"loaded from {teacher_checkpoint} (trained {info.get('steps', '?')} steps)"
     else:

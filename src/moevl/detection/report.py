@@ -4,18 +4,18 @@ predictions drawn on test images.
 
 from __future__ import annotations
 
-import json
 import platform
-import statistics
 from pathlib import Path
 
 import torch
 
+from moevl.analysis.display import format_mean_std, mean_std, method_color
+from moevl.atomic import atomic_savefig, atomic_write_json, atomic_write_text
 from moevl.detection.evaluation import predict
 from moevl.detection.recipe import ComparisonResult
-from moevl.detection.train import DistillConfig, atomic_write
+from moevl.detection.train import DistillConfig
 
-__all__ = ["summarize", "write_report"]
+__all__ = ["summarize", "write_detection_report"]
 
 _METRICS = ("mAP", "AP50", "AP75")
 
@@ -28,11 +28,8 @@ def summarize(result: ComparisonResult) -> dict:
         entry = {"seeds": [r["seed"] for r in rows], "seconds": sum(r["seconds"] for r in rows)}
         for metric in _METRICS:
             values = [r[metric] for r in rows]
-            entry[metric] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "values": values,
-            }
+            stat = mean_std(values)
+            entry[metric] = {"mean": stat.mean, "std": stat.std, "values": values}
         summary[method] = entry
     return summary
 
@@ -48,14 +45,15 @@ def _markdown(result: ComparisonResult, summary: dict, prefix: str, notes: list[
         f"images). Teacher: {t['params']:,} parameters, {t['source']}, one seed. Students: "
         f"{result.runs[0]['params']:,} parameters, {cfg.student_steps} steps, batch {cfg.batch_size}, "
         f"seeds {list(cfg.seeds)}; for a seed every method starts from the same initialisation and sees "
-        "the same batches. COCO metrics (pycocotools) on the test scenes, mean ± std over seeds.",
+        "the same batches. COCO metrics (pycocotools) on the test scenes, "
+        + ("mean ± std over seeds." if len(cfg.seeds) > 1 else "one seed."),
         "",
         "| model | mAP | AP50 | AP75 | train time (s) |",
         "|---|---|---|---|---|",
         f"| teacher | {100 * t['mAP']:.1f} | {100 * t['AP50']:.1f} | {100 * t['AP75']:.1f} | {t['seconds']:.0f} |",
     ]
     for method, entry in summary.items():
-        cells = " | ".join(f"{100 * entry[m]['mean']:.1f} ± {100 * entry[m]['std']:.1f}" for m in _METRICS)
+        cells = " | ".join(format_mean_std(mean_std(entry[m]["values"]), scale=100.0) for m in _METRICS)
         lines.append(f"| student + {method} | {cells} | {entry['seconds']:.0f} (all seeds) |")
     d = DistillConfig()
     lines += [
@@ -123,7 +121,13 @@ def _plot_map(result: ComparisonResult, summary: dict, path: Path) -> None:
     means = [100 * summary[m]["mAP"]["mean"] for m in names]
     stds = [100 * summary[m]["mAP"]["std"] for m in names]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.bar([f"student\n+{m}" for m in names], means, yerr=stds, capsize=4, color="#4c72b0")
+    ax.bar(
+        [f"student\n+{m}" for m in names],
+        means,
+        yerr=stds,
+        capsize=4,
+        color=[method_color(m) for m in names],
+    )
     for i, m in enumerate(names):
         ax.scatter(
             [i] * len(summary[m]["mAP"]["values"]),
@@ -132,12 +136,13 @@ def _plot_map(result: ComparisonResult, summary: dict, path: Path) -> None:
             s=8,
             zorder=3,
         )
-    ax.axhline(100 * result.teacher["mAP"], color="#c44e52", linestyle="--", label="teacher")
-    ax.set_ylabel("COCO mAP (test)")
-    ax.set_title("Student distillation, mean ± std over seeds")
+    ax.axhline(100 * result.teacher["mAP"], color=method_color("teacher"), linestyle="--", label="teacher")
+    ax.set_ylabel("COCO mAP (test, %)")
+    several = len(result.config.seeds) > 1
+    ax.set_title("Student distillation, " + ("mean ± std over seeds" if several else "one seed"))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_savefig(fig, path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -150,6 +155,7 @@ def _plot_predictions(
     import matplotlib.pyplot as plt
 
     scenes = result.test_scenes
+    num_images = min(num_images, len(scenes))  # a recipe may have fewer test scenes than columns
     images = scenes.images[:num_images]
     rows = [("ground truth", None)] + [(name, model) for name, model in result.models.items()]
     fig, axes = plt.subplots(
@@ -180,11 +186,11 @@ def _plot_predictions(
                 text = f"{label}" if dets is None else f"{label}:{score:.2f}"
                 ax.text(x1, y1, text, color=color, fontsize=6, va="bottom")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_savefig(fig, path, dpi=110, format="png")
     plt.close(fig)
 
 
-def write_report(
+def write_detection_report(
     result: ComparisonResult, out_dir: str | Path, *, prefix: str = "bckd", notes: list[str] | None = None
 ) -> dict[str, Path]:
     """Write ``{prefix}.json``, ``{prefix}.md``, ``{prefix}_map.png``, ``{prefix}_predictions.png``.
@@ -210,8 +216,8 @@ def write_report(
         "map": out / f"{prefix}_map.png",
         "predictions": out / f"{prefix}_predictions.png",
     }
-    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
-    atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(_markdown(result, summary, prefix, notes)))
+    atomic_write_json(paths["json"], payload)
+    atomic_write_text(paths["md"], _markdown(result, summary, prefix, notes))
     _plot_map(result, summary, paths["map"])
     _plot_predictions(result, paths["predictions"])
     return paths

@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
-from collections.abc import Callable
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from moevl.atomic import atomic_write_json, atomic_write_to
+from moevl.detection.checks import check_fields, check_seed
 from moevl.detection.data import DigitScenes, assign_targets
 from moevl.detection.losses import (
     bckd_classification_loss,
@@ -42,11 +44,12 @@ from moevl.detection.model import (
 )
 
 __all__ = [
-    "METHODS",
+    "DISTILL_METHODS",
     "DistillConfig",
     "TrainConfig",
     "TrainResult",
-    "atomic_write",
+    "check_teacher",
+    "checkpoint_sidecar",
     "distillation_loss",
     "load_checkpoint",
     "save_checkpoint",
@@ -54,7 +57,8 @@ __all__ = [
     "train_detector",
 ]
 
-METHODS = ("none", "kl", "ld", "bckd")
+DistillMethod = Literal["none", "kl", "ld", "bckd"]
+DISTILL_METHODS: tuple[str, ...] = typing.get_args(DistillMethod)
 
 
 @dataclass(frozen=True)
@@ -66,23 +70,54 @@ class TrainConfig:
     warmup_steps: int = 50
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            {
+                "steps": (1, True),
+                "batch_size": (1, True),
+                "lr": (0, False),
+                "weight_decay": (0, True),
+                "warmup_steps": (0, True),
+            },
+        )
+        check_seed("seed", self.seed)
+
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Which distillation term to add and its weights (defaults from each paper)."""
 
-    method: str = "bckd"
+    method: DistillMethod = "bckd"
     bckd_cls_weight: float = 1.0  # RESEARCH.md §3
     bckd_loc_weight: float = 4.0  # RESEARCH.md §3
-    bckd_iou: str = "giou"
+    bckd_iou: Literal["iou", "giou"] = "giou"
     kl_weight: float = 1.0
     kl_temperature: float = 2.0
-    ld_weight: float = 0.25  # official LD config; also the best on the val split among 0.25 / 1 / 4
+    ld_weight: float = 0.25  # official LD config; also the best on the validation split of 0.25 / 1 / 4
     ld_temperature: float = 10.0  # LD paper
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.method not in DISTILL_METHODS:
+            raise ValueError(f"method: expected one of {', '.join(DISTILL_METHODS)}, got {self.method!r}")
+        if self.bckd_iou not in ("iou", "giou"):
+            raise ValueError(f"bckd_iou: expected 'iou' or 'giou', got {self.bckd_iou!r}")
+        weights = ("bckd_cls_weight", "bckd_loc_weight", "kl_weight", "ld_weight")
+        check_fields(
+            self,
+            {**dict.fromkeys(weights, (0, True)), "kl_temperature": (0, False), "ld_temperature": (0, False)},
+        )
+
+
+def check_teacher(teacher: DetectorConfig, student: DetectorConfig) -> None:
+    """``ValueError`` unless ``teacher``'s outputs line up with ``student``'s anchor for anchor: same
+    levels (strides), classes and distance bins (the distillation losses compare them elementwise)."""
+    got = (teacher.strides, teacher.num_classes, teacher.reg_max)
+    expected = (student.strides, student.num_classes, student.reg_max)
+    if got != expected:
+        raise ValueError(
+            f"teacher: expected a detector with the student's strides, num_classes and reg_max {expected}, got {got}"
+        )
 
 
 @dataclass
@@ -241,27 +276,6 @@ def train_detector(
     return TrainResult(history, time.perf_counter() - start_time)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``,
-    so a reader never sees a half-written file.
-
-    NOTE: ``mkstemp`` creates files readable by the owner only; the file gets ``0o666 & ~umask``
-    (what ``open()`` would give) before the rename.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(path: str | os.PathLike, model: GFLDetector, *, extra: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (safetensors, the config in its metadata) plus ``path.json``.
 
@@ -269,15 +283,18 @@ def save_checkpoint(path: str | os.PathLike, model: GFLDetector, *, extra: dict 
     sees a half-written checkpoint.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {"detector_config": model.config.to_dict(), **(extra or {})}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # The JSON sidecar first: the safetensors file (whose metadata is the source of truth) appears last.
-    atomic_write(
-        path.with_suffix(path.suffix + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2))
-    )
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"moevl": json.dumps(info)}))
+    atomic_write_json(checkpoint_sidecar(path), info)
+    atomic_write_to(path, lambda tmp: save_file(tensors, tmp, metadata={"moevl": json.dumps(info)}))
     return path
+
+
+def checkpoint_sidecar(path: str | os.PathLike) -> Path:
+    """The JSON file written beside a checkpoint (``model.safetensors`` -> ``model.safetensors.json``)."""
+    path = Path(path)
+    return path.with_suffix(path.suffix + ".json")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[GFLDetector, dict]:
@@ -300,8 +317,22 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GFLDetector, dict]:
         raise ValueError(
             f"checkpoint: expected moevl metadata (detector_config) in {str(path)!r}, got keys {list(metadata)}"
         )
-    info = json.loads(metadata["moevl"])
-    model = GFLDetector(DetectorConfig.from_dict(info["detector_config"]))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        info = json.loads(metadata["moevl"])
+        model = GFLDetector(DetectorConfig.from_dict(info["detector_config"]))
+        state = load_file(str(path))
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not match its detector_config: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        model.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:  # corrupt metadata or weights
+        reason = " ".join(str(error).split())  # one line: torch's shape errors span several
+        raise ValueError(
+            f"checkpoint: {str(path)!r} is not a valid moevl detector checkpoint ({reason})"
+        ) from None
     model.eval()
     return model, info
