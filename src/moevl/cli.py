@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 
+from moevl.cli_errors import fail
 from moevl.detection.cli import app as detect_app
 
 app = typer.Typer(
@@ -23,12 +24,6 @@ app.add_typer(detect_app, name="detect")
 CONFIG_HELP = "YAML recipe (configs/*.yaml); the built-in defaults (configs/train.yaml) when omitted."
 SET_HELP = "Override a recipe key, e.g. --set stage3.training.learning_rate=1e-4 (repeatable)."
 METHODS_HELP = "baseline, stgc, ltdr or stgc+ltdr"
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Prints ``error: message`` (never wrapped, so paths stay whole) and returns the exit to raise."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 @contextmanager

@@ -1,32 +1,36 @@
-"""Embedded data: a VQA benchmark of scenes made from real handwritten digits (scikit-learn)."""
+"""Data in: LLaVA conversation files and the messages format, read through a checkpoint's own processor;
+and the embedded digit benchmark, written out in the LLaVA format."""
 
-from moevl.data.dataset import (
-    SPLITS,
-    Benchmark,
-    DataConfig,
-    VQACollator,
-    VQADataset,
-    benchmark_tokenizer,
-    build_benchmark,
+from moevl.data.conversations import (
+    DataError,
+    ImageRef,
+    Record,
+    RecordSet,
+    last_assistant_text,
+    prompt_messages,
+    read_records,
 )
-from moevl.data.images import ImageSource, load_digits_source, load_fashion_mnist_source, split_indices
-from moevl.data.scenes import FAMILIES, Question, Scene
-from moevl.data.tokenizer import build_tokenizer
+from moevl.data.digits import BenchmarkConfig, DigitFiles, write_digit_benchmark
+from moevl.data.processing import (
+    ConversationCollator,
+    ConversationDataset,
+    GenerationCollator,
+    vision_token_ids,
+)
 
 __all__ = [
-    "FAMILIES",
-    "SPLITS",
-    "Benchmark",
-    "DataConfig",
-    "ImageSource",
-    "Question",
-    "Scene",
-    "VQACollator",
-    "VQADataset",
-    "benchmark_tokenizer",
-    "build_benchmark",
-    "build_tokenizer",
-    "load_digits_source",
-    "load_fashion_mnist_source",
-    "split_indices",
+    "BenchmarkConfig",
+    "ConversationCollator",
+    "ConversationDataset",
+    "DataError",
+    "DigitFiles",
+    "GenerationCollator",
+    "ImageRef",
+    "Record",
+    "RecordSet",
+    "last_assistant_text",
+    "prompt_messages",
+    "read_records",
+    "vision_token_ids",
+    "write_digit_benchmark",
 ]

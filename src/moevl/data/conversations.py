@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 IMAGE_MARKER = "<image>"
-_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 class DataError(ValueError):
@@ -181,7 +187,9 @@ def _datasets_rows(path: Path) -> Iterator[tuple[str, Any]]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if len(ds) != 1:
-                    raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; give one split's directory")
+                    raise DataError(
+                        f"{path}: a DatasetDict with splits {list(ds)}; give one split's directory"
+                    )
                 ds = next(iter(ds.values()))
         else:
             ds = datasets.Dataset.from_parquet(str(path))
@@ -310,7 +318,9 @@ def _check_roles(messages: list[dict[str, Any]], bad) -> None:
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles and roles[0] == "system" else roles
     if not body or body[0] != "user":
-        raise bad(f"the conversation must start with a user turn (after an optional system turn), got {roles}")
+        raise bad(
+            f"the conversation must start with a user turn (after an optional system turn), got {roles}"
+        )
     for i, role in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:

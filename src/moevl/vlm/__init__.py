@@ -1,5 +1,1 @@
-"""The small LLaVA-architecture model of the main job, its training stages and evaluation."""
-
-from moevl.vlm.model import PARTS, ModelConfig, build_model, greedy_generate, num_image_tokens, set_trainable
-
-__all__ = ["PARTS", "ModelConfig", "build_model", "greedy_generate", "num_image_tokens", "set_trainable"]
+"""MoE-LLaVA's stages on any Hugging Face vision-language checkpoint: train, evaluate, compare."""

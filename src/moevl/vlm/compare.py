@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moevl.atomic import atomic_write_json
 from moevl.config import ConfigError, read_yaml, to_plain
 from moevl.vlm.config import RunConfig, config_from_dict
 from moevl.vlm.io import META_FILE, MODEL_DIR, ensure_writable
@@ -112,20 +113,25 @@ def run_compare(cfg: RunConfig, out: str | os.PathLike, *, log: Any = print, pro
     from moevl.analysis.report import write_report
     from moevl.data import read_records
     from moevl.data.digits import write_digit_benchmark
-    from moevl.vlm.checkpoint import build_demo_checkpoint
+    from moevl.data.images import CELL
+    from moevl.vlm.checkpoint import build_llava_checkpoint
     from moevl.vlm.train import train_stage
 
     out = ensure_writable(out)
     start = time.perf_counter()
     files = write_digit_benchmark(out / "data", cfg.demo.benchmark)
     init = out / "dense" / "init"
-    if not (init / "config.json").is_file():
-        log(f"building the tiny checkpoint -> {init}")
-        build_demo_checkpoint(init, cfg.demo.model, benchmark=cfg.demo.benchmark, seed=cfg.seed)
+    if not _reusable(init, cfg, ("seed", "demo")):
+        log(f"building the tiny checkpoint -> {init / MODEL_DIR}")
+        size = cfg.demo.benchmark.grid * CELL
+        build_llava_checkpoint(
+            init / MODEL_DIR, cfg.demo.model, words=files.vocabulary, image_size=size, seed=cfg.seed
+        )
+        atomic_write_json(init / MODEL_DIR / META_FILE, {"stage": 0, "config": to_plain(cfg)})
     results: dict[str, Any] = {"config": to_plain(cfg), "dense": {}, "methods": {}}
     stage_data = {1: files.captions, 2: files.instruct}
     shared = ("seed", "threads", "demo", "data", "training")
-    model = init
+    model = init / MODEL_DIR
     for stage in (1, 2):
         d = out / "dense" / f"stage{stage}"
         keys = (*shared, *(f"stage{s}" for s in range(1, stage + 1)))

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moevl.config import ConfigError, apply_overrides, build, read_yaml, require, to_plain
+from moevl.data.digits import BenchmarkConfig
+from moevl.data.scenes import FAMILIES
 from moevl.hf.settings import MoESettings
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
+from moevl.vlm.checkpoint import TinyModelConfig
 
 METHODS = ("baseline", "stgc", "ltdr", "stgc+ltdr")
 DENSE_PARTS = ("vision_tower", "projector", "language_model")
@@ -63,6 +66,14 @@ class EvalSection:
     data: str | None = None  # evaluation file (None: the --data of `moevl eval`)
     batch_size: int = 16
     max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class DemoSection:
+    """The embedded digit benchmark and the tiny checkpoint ``moevl compare`` builds."""
+
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class RunConfig:
     moe: MoESettings = field(default_factory=_default_moe)
     eval: EvalSection = field(default_factory=EvalSection)
     compare: CompareSection = field(default_factory=CompareSection)
+    demo: DemoSection = field(default_factory=DemoSection)
 
     def stage(self, n: int) -> StageSection:
         if n not in (1, 2, 3):
@@ -202,7 +214,35 @@ def validate(cfg: RunConfig) -> RunConfig:
         len(set(c.methods)) == len(c.methods), "compare.methods", "each method at most once", list(c.methods)
     )
     require(c.seeds >= 1, "compare.seeds", "an integer >= 1", c.seeds)
+    _validate_benchmark(cfg.demo.benchmark, "demo.benchmark")
     return cfg
+
+
+def _validate_benchmark(d: BenchmarkConfig, p: str) -> None:
+    require(d.source in ("digits", "fashion-mnist"), f"{p}.source", "'digits' or 'fashion-mnist'", d.source)
+    require(d.grid in (2, 3), f"{p}.grid", "2 or 3", d.grid)
+    require(0.0 <= d.empty_prob < 1.0, f"{p}.empty_prob", "a probability in [0, 1)", d.empty_prob)
+    require(len(d.families) > 0, f"{p}.families", f"a non-empty list of {FAMILIES}", d.families)
+    for i, f in enumerate(d.families):
+        require(f in FAMILIES, f"{p}.families[{i}]", f"one of {FAMILIES}", f)
+    lo, hi = d.palette
+    require(1 <= lo <= hi <= 10, f"{p}.palette", "[lo, hi] with 1 <= lo <= hi <= 10", list(d.palette))
+    if d.family_weights:
+        require(
+            len(d.family_weights) == len(FAMILIES) and all(w >= 1 for w in d.family_weights),
+            f"{p}.family_weights",
+            f"empty, or one integer >= 1 per family of {FAMILIES}",
+            list(d.family_weights),
+        )
+    fr = d.split_fractions
+    require(
+        all(x > 0 for x in fr) and abs(sum(fr) - 1.0) < 1e-6,
+        f"{p}.split_fractions",
+        "three positive fractions summing to 1",
+        list(fr),
+    )
+    for k in ("train_scenes", "validation_scenes", "test_scenes", "questions_per_scene", "caption_scenes"):
+        require(getattr(d, k) >= 1, f"{p}.{k}", "an integer >= 1", getattr(d, k))
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

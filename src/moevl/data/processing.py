@@ -1,0 +1,304 @@
+"""Records -> model inputs through the checkpoint's own processor and chat template, for any family.
+
+* ``ConversationDataset`` renders each record with the chat template, finds the character spans of the
+  assistant turns, and measures each record's length (text tokens + the processor's image tokens) without
+  decoding pixels, dropping (and counting) records longer than ``max_length``: a record is never cut, so
+  image tokens are never truncated.
+* ``ConversationCollator`` calls the processor ONCE per batch (each family's own batching of vision inputs:
+  ``pixel_values``, ``image_sizes``, ``image_grid_thw``, ...) and builds ``labels``: the assistant's tokens
+  (its reply and the end-of-turn the template writes), -100 elsewhere (prompt, image tokens, padding).
+  The mask comes from the tokenizer's character offsets on the *unexpanded* text, aligned with the
+  processor's row, where a run of image (or video) tokens stands for one placeholder; if the other tokens
+  do not match exactly the collator raises, never guesses.
+* ``GenerationCollator`` builds left-padded generation inputs: the conversation up to its last assistant
+  turn with the generation prompt, and the reference answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from moevl.data.conversations import DataError, Record, last_assistant_text, prompt_messages
+
+IGNORE_INDEX = -100
+
+
+def tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def chat_template_of(processor: Any, override: str | None = None) -> str:
+    """The chat template to render with: ``override``, the processor's, or its tokenizer's."""
+    if override is not None:
+        return override
+    for owner in (processor, tokenizer_of(processor)):
+        template = getattr(owner, "chat_template", None)
+        if isinstance(template, str) and template:
+            return template
+    raise DataError(
+        "the checkpoint has no chat template (processor or tokenizer); give one with --chat-template FILE "
+        "(data.chat_template in the recipe)"
+    )
+
+
+def vision_token_ids(processor: Any, config: Any = None) -> tuple[int, ...]:
+    """The image and video placeholder token ids of a checkpoint, from its config and its processor."""
+    from moevl.hf.runtime import vision_token_ids as from_config
+
+    ids = set(from_config(config)) if config is not None else set()
+    tokenizer = tokenizer_of(processor)
+    for owner in (processor, tokenizer):
+        for attr in ("image_token", "video_token"):
+            token = getattr(owner, attr, None)
+            if isinstance(token, str):
+                tid = tokenizer.convert_tokens_to_ids(token)
+                if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                    ids.add(tid)
+        for attr in ("image_token_id", "video_token_id"):
+            tid = getattr(owner, attr, None)
+            if isinstance(tid, int) and tid >= 0:
+                ids.add(tid)
+    return tuple(sorted(ids))
+
+
+def _render(processor: Any, template: str, messages: list[dict], *, generation_prompt: bool) -> str:
+    return tokenizer_of(processor).apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def assistant_spans(processor: Any, template: str, record: Record) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered record and the character spans of its assistant turns (reply + end-of-turn marker).
+
+    Each span runs from the end of the conversation rendered up to the turn with the generation prompt to
+    the end of the conversation rendered through the turn; the template must render prefixes as prefixes
+    (all chat templates we know do), else ``DataError``.
+    """
+    text = _render(processor, template, record.messages, generation_prompt=False)
+    spans = []
+    for i, m in enumerate(record.messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(processor, template, record.messages[:i], generation_prompt=True)
+        through = _render(processor, template, record.messages[: i + 1], generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError(
+                f"record {record.id!r} ({record.source}): the chat template does not render a conversation's "
+                "prefix as a prefix of the whole, so the assistant tokens cannot be located"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered record (what ``ConversationDataset`` yields)."""
+
+    id: str
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    images: tuple[Any, ...]  # ImageRef, opened by the collator
+    category: str | None
+
+
+class ConversationDataset(Dataset):
+    """Rendered records, with over-long ones dropped and counted (``dropped_too_long``)."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        processor: Any,
+        *,
+        max_length: int | None = None,
+        chat_template: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be None or >= 1, got {max_length}")
+        self.processor = processor
+        self.template = chat_template_of(processor, chat_template)
+        self.max_length = max_length
+        self.examples: list[Example] = []
+        self.lengths: list[int] = []
+        self.dropped_too_long = 0
+        counter = _TokenCounter(processor)
+        bar = tqdm(
+            records, desc="reading records", unit="record", disable=not progress or len(records) < 2000
+        )
+        for r in bar:
+            text, spans = assistant_spans(processor, self.template, r)
+            n = counter.count(text, r.images)
+            if max_length is not None and n > max_length:
+                self.dropped_too_long += 1
+                continue
+            self.examples.append(Example(r.id, text, tuple(spans), r.images, r.category))
+            self.lengths.append(n)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class _TokenCounter:
+    """Token length of a rendered record: its text tokens plus, per image, the processor's image tokens
+    minus the placeholder (from ``_get_num_multimodal_tokens`` when the processor has it, else by
+    processing one image of that size once)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self.per_size: dict[tuple[int, int], int] = {}
+
+    def count(self, text: str, images: tuple) -> int:
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for ref in images:
+            w, h = ref.size()
+            n += self._image_tokens(h, w) - 1
+        return n
+
+    def _image_tokens(self, h: int, w: int) -> int:
+        if (h, w) not in self.per_size:
+            counted = None
+            fn = getattr(self.processor, "_get_num_multimodal_tokens", None)
+            if fn is not None:
+                try:
+                    counted = fn(image_sizes=[(h, w)])["num_image_tokens"][0]
+                except (KeyError, TypeError, NotImplementedError, AttributeError):
+                    counted = None
+            if counted is None:
+                from PIL import Image
+
+                token = getattr(self.processor, "image_token", "<image>")
+                out = self.processor(text=[token], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+                counted = (
+                    int(out["input_ids"].shape[1])
+                    - len(self.tokenizer(token, add_special_tokens=False)["input_ids"])
+                    + 1
+                )
+            self.per_size[(h, w)] = int(counted)
+        return self.per_size[(h, w)]
+
+
+def _process(processor: Any, texts: list[str], images: list, padding_side: str) -> dict:
+    tokenizer = tokenizer_of(processor)
+    old = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        kwargs: dict[str, Any] = {
+            "text": texts,
+            "padding": True,
+            "return_tensors": "pt",
+            "add_special_tokens": False,
+        }
+        if any(images):
+            kwargs["images"] = [img for row in images for img in row]
+        return dict(processor(**kwargs))
+    finally:
+        tokenizer.padding_side = old
+
+
+def label_mask(
+    row: list[int],
+    length: int,
+    text: str,
+    spans: tuple[tuple[int, int], ...],
+    tokenizer: Any,
+    vision: set[int],
+) -> list[bool]:
+    """Which of the first ``length`` tokens of a processor row are assistant tokens (module doc)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [False] * len(row)
+    i = j = 0
+    while i < length and j < len(ids):
+        if ids[j] in vision:
+            if row[i] not in vision:
+                break
+            while j < len(ids) and ids[j] in vision:
+                j += 1
+            while i < length and row[i] in vision:
+                i += 1
+            continue
+        if row[i] != ids[j]:
+            break
+        start, end = offsets[j]
+        mask[i] = any(s <= start and end <= e and end > start for s, e in spans)
+        i += 1
+        j += 1
+    if i != length or j != len(ids):
+        raise ValueError(
+            f"the processor's tokens differ from the tokenizer's at token {i} of the batch row (expected "
+            f"{ids[j] if j < len(ids) else 'the end'}, got {row[i] if i < length else 'the end'}): the processor "
+            "changes the text beyond expanding image/video placeholders, so the assistant tokens cannot be "
+            "located exactly"
+        )
+    return mask
+
+
+class ConversationCollator:
+    """A batch of ``Example``s -> the processor's inputs + ``labels`` (assistant tokens only), right padded."""
+
+    def __init__(self, processor: Any, *, ignore_index: int = IGNORE_INDEX) -> None:
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self.ignore_index = ignore_index
+        self.vision = set(vision_token_ids(processor))
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        texts = [e.text for e in examples]
+        images = [[ref.open() for ref in e.images] for e in examples]
+        batch = _process(self.processor, texts, images, "right")
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(ids, self.ignore_index)
+        for b, e in enumerate(examples):
+            length = int(attention[b].sum())
+            row = ids[b].tolist()
+            mask = label_mask(row, length, e.text, e.spans, self.tokenizer, self.vision)
+            keep = torch.tensor(mask, dtype=torch.bool)
+            labels[b, keep] = ids[b, keep]
+        batch["labels"] = labels
+        return batch
+
+
+@dataclass
+class GenerationBatch:
+    inputs: dict[str, torch.Tensor]
+    ids: list[str]
+    categories: list[str | None]
+    prompts: list[str]  # the last user turn's text
+    answers: list[str]  # the last assistant turn's text
+
+
+class GenerationCollator:
+    """Records -> left-padded generation inputs (the conversation up to its last assistant turn, with the
+    generation prompt) and their reference answers."""
+
+    def __init__(self, processor: Any, *, chat_template: str | None = None) -> None:
+        self.processor = processor
+        self.template = chat_template_of(processor, chat_template)
+
+    def __call__(self, records: list[Record]) -> GenerationBatch:
+        texts, images, prompts = [], [], []
+        for r in records:
+            messages = prompt_messages(r)
+            n_images = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+            texts.append(_render(self.processor, self.template, messages, generation_prompt=True))
+            images.append([ref.open() for ref in r.images[:n_images]])
+            last_user = messages[-1]
+            prompts.append("".join(p["text"] for p in last_user["content"] if p["type"] == "text").strip())
+        inputs = _process(self.processor, texts, images, "left")
+        return GenerationBatch(
+            inputs=inputs,
+            ids=[r.id for r in records],
+            categories=[r.category for r in records],
+            prompts=prompts,
+            answers=[last_assistant_text(r) for r in records],
+        )
