@@ -49,6 +49,20 @@ def _config(config: Path | None, overrides: list[str] | None, extra: list[str] |
     return load_config(config, [*(overrides or []), *(extra or [])])
 
 
+def _set_progress(enabled: bool) -> None:
+    """``--no-progress`` silences every bar: ours, the Trainer's, and transformers' / datasets' loading and
+    saving bars."""
+    if enabled:
+        return
+    import datasets
+    import huggingface_hub
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def _progress_option() -> Any:
     return typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-progress silences all).")
 
@@ -84,6 +98,7 @@ def train(
         extra.append(f"data.chat_template={str(chat_template)!r}")
     if skip_bad_records:
         extra.append("data.skip_bad_records=true")
+    _set_progress(progress)
     with user_errors():
         cfg = _config(config, set_, extra)
         result = train_stage(
@@ -128,6 +143,7 @@ def eval_(
         extra.append(f"eval.batch_size={batch_size}")
     if max_new_tokens is not None:
         extra.append(f"eval.max_new_tokens={max_new_tokens}")
+    _set_progress(progress)
     with user_errors():
         cfg = _config(config, set_, extra)
         result = run_eval(cfg, model=model, data=data, image_folder=image_folder, out=out, progress=progress)
@@ -191,6 +207,7 @@ def compare(
         extra.append(f"compare.seeds={seeds}")
     if methods is not None:
         extra.append("compare.methods=[" + ",".join(f'"{m.strip()}"' for m in methods.split(",")) + "]")
+    _set_progress(progress)
     with user_errors():
         cfg = demo_config(config, [*(set_ or []), *extra])
         run_compare(cfg, out, log=_cyan, progress=progress)

@@ -2,12 +2,14 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
-from moevl.data import DataConfig, VQACollator, VQADataset, benchmark_tokenizer, build_benchmark
+from moevl.data import ConversationCollator, ConversationDataset, last_assistant_text, read_records
+from moevl.data.digits import BenchmarkConfig, build_benchmark, write_digit_benchmark
 from moevl.data.images import load_fashion_mnist_source
 from moevl.data.scenes import FAMILIES, ask, caption, vocabulary
 
-SMALL = DataConfig(train_scenes=35, validation_scenes=10, test_scenes=10, caption_scenes=10)
+SMALL = BenchmarkConfig(train_scenes=35, validation_scenes=10, test_scenes=10, caption_scenes=10)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def test_deterministic_given_seed(bench):
         a = [(e.question.text, e.question.answer, e.scene.image_ids.tolist()) for e in bench.questions[split]]
         b = [(e.question.text, e.question.answer, e.scene.image_ids.tolist()) for e in again.questions[split]]
         assert a == b
-    other = build_benchmark(DataConfig(**{**SMALL.__dict__, "seed": 1}))
+    other = build_benchmark(BenchmarkConfig(**{**SMALL.__dict__, "seed": 1}))
     assert [e.question.text for e in other.questions["train"]] != [
         e.question.text for e in bench.questions["train"]
     ]
@@ -70,8 +72,8 @@ def test_families_balanced_and_vocabulary_covers_everything(bench):
 
 
 def test_count_answers_balanced_and_family_weights():
-    cfg = DataConfig(train_scenes=400, validation_scenes=40, test_scenes=40, caption_scenes=1)
-    weighted = build_benchmark(DataConfig(**{**cfg.__dict__, "family_weights": (1, 3, 1, 2, 1)}))
+    cfg = BenchmarkConfig(train_scenes=400, validation_scenes=40, test_scenes=40, caption_scenes=1)
+    weighted = build_benchmark(BenchmarkConfig(**{**cfg.__dict__, "family_weights": (1, 3, 1, 2, 1)}))
     fams = [e.question.family for e in weighted.questions["train"]]
     n = len(fams) // 8
     assert {f: fams.count(f) for f in FAMILIES} == dict(zip(FAMILIES, (n, 3 * n, n, 2 * n, n), strict=True))
@@ -85,36 +87,71 @@ def test_count_answers_balanced_and_family_weights():
     assert abs(exists.count("yes") / len(exists) - 0.5) < 0.05
     # The old generator (every class uniform, count asked of a present class half the time) gave
     # mostly "1"; it stays available.
-    old = build_benchmark(DataConfig(**{**cfg.__dict__, "palette": (10, 10), "balance_answers": False}))
+    old = build_benchmark(BenchmarkConfig(**{**cfg.__dict__, "palette": (10, 10), "balance_answers": False}))
     answers = [e.question.answer for e in old.questions["train"] if e.question.family == "count"]
     assert answers.count("1") / len(answers) > 0.45
 
 
-def test_dataset_layout_and_collator(bench):
-    tok = benchmark_tokenizer(bench)
-    ds = VQADataset(bench, tok, num_image_tokens=9)
-    item = ds[0]
-    image_id = tok.convert_tokens_to_ids("<image>")
-    assert int((item["input_ids"] == image_id).sum()) == 9
-    assert item["pixel_values"].shape == (1, 24, 24)
-    learnt = item["labels"][item["labels"] != -100].tolist()
-    assert tok.decode(learnt[:-1]) == item["answer"] and learnt[-1] == tok.eos_token_id
-    batch = VQACollator(tok.pad_token_id)([ds[i] for i in range(4)])
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
-
-
-def test_tokenizer_roundtrip(bench, tmp_path):
-    from transformers import PreTrainedTokenizerFast
-
-    tok = benchmark_tokenizer(bench)
-    tok.save_pretrained(tmp_path)
-    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
-    text = "what is the sum of the left column"
+def test_written_benchmark_is_deterministic_and_round_trips(tmp_path):
+    a = write_digit_benchmark(tmp_path / "a", SMALL)
+    b = write_digit_benchmark(tmp_path / "b", SMALL)
+    files_a = sorted(p.relative_to(a.root) for p in a.root.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b.root) for p in b.root.rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 40
+    for rel in files_a:
+        assert (a.root / rel).read_bytes() == (b.root / rel).read_bytes(), rel
+    bench = build_benchmark(SMALL)
+    test = read_records(a.test, image_folder=a.image_folder).records
+    assert len(test) == len(bench.questions["test"])
+    for record, example in zip(test, bench.questions["test"], strict=True):
+        assert record.category == example.question.family
+        assert last_assistant_text(record) == example.question.answer
+        assert record.messages[0]["content"] == [
+            {"type": "image"},
+            {"type": "text", "text": example.question.text},
+        ]
+        pixels = np.asarray(record.images[0].open().convert("L"), dtype=np.float64) / 255
+        np.testing.assert_allclose(pixels, bench.render(example.scene), atol=0.5 / 255)
+    instruct = read_records(a.instruct, image_folder=a.image_folder).records
+    assert len(instruct) == len(bench.questions["train"]) + len(bench.captions)
+    # a complete benchmark with the same config is reused as it is; another config rewrites it
+    stamp = a.test.stat().st_mtime_ns
+    write_digit_benchmark(a.root, SMALL)
+    assert a.test.stat().st_mtime_ns == stamp
+    other = write_digit_benchmark(a.root, BenchmarkConfig(**{**SMALL.__dict__, "test_scenes": 3}))
     assert (
-        again(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        len(read_records(other.test, image_folder=other.image_folder).records)
+        == 3 * SMALL.questions_per_scene
     )
-    assert tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def test_demo_checkpoint_renders_the_documented_layout(bench, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from moevl.data.images import CELL
+    from moevl.vlm.checkpoint import TinyModelConfig, build_llava_checkpoint
+
+    files = write_digit_benchmark(tmp_path / "data", SMALL)
+    small = TinyModelConfig(vision_hidden_size=16, vision_heads=2, text_hidden_size=32, text_heads=2)
+    out = build_llava_checkpoint(
+        tmp_path / "ckpt", small, words=files.vocabulary, image_size=SMALL.grid * CELL
+    )
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    records = read_records(files.test, image_folder=files.image_folder).records[:4]
+    dataset = ConversationDataset(records, processor, progress=False)
+    batch = ConversationCollator(processor)([dataset[i] for i in range(4)])
+    tok = processor.tokenizer
+    patches = (SMALL.grid * CELL // small.patch_size) ** 2
+    for i, record in enumerate(records):
+        n = int(batch["attention_mask"][i].sum())
+        tokens = tok.convert_ids_to_tokens(batch["input_ids"][i, :n].tolist())
+        question = record.messages[0]["content"][1]["text"].split()
+        answer = last_assistant_text(record).split()
+        assert tokens == ["<s>", *["<image>"] * patches, *question, *answer, "</s>"]
+        labels = batch["labels"][i, :n]
+        assert tok.convert_ids_to_tokens(labels[labels != -100].tolist()) == [*answer, "</s>"]
+    assert torch.isfinite(model(**batch).loss)
 
 
 def _write_idx(path, array):
@@ -129,7 +166,7 @@ def test_fashion_mnist_from_a_local_path(tmp_path):
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(60) % 10)
     source = load_fashion_mnist_source(tmp_path)
     assert source.images.shape == (60, 8, 8) and not source.numeric
-    bench = build_benchmark(DataConfig(**{**SMALL.__dict__, "source": "fashion-mnist"}), source=source)
+    bench = build_benchmark(BenchmarkConfig(**{**SMALL.__dict__, "source": "fashion-mnist"}), source=source)
     assert set(bench.families) == {"position", "count", "exists"}
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
         load_fashion_mnist_source(tmp_path / "nowhere")

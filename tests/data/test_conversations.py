@@ -1,0 +1,188 @@
+import json
+
+import pytest
+from PIL import Image
+
+from moevl.data import DataError, last_assistant_text, prompt_messages, read_records
+from tests.data.conftest import LLAVA_RECORDS, write_images
+
+TEXT = lambda t: {"type": "text", "text": t}  # noqa: E731
+IMAGE = {"type": "image"}
+
+
+def test_llava_json_multi_turn_several_images_and_text_only(llava_file):
+    rs = read_records(llava_file)
+    multi, two, text = rs.records
+    assert multi.messages == [
+        {"role": "user", "content": [IMAGE, TEXT("what is in the image")]},
+        {"role": "assistant", "content": [TEXT("a cat")]},
+        {"role": "user", "content": [TEXT("how many")]},
+        {"role": "assistant", "content": [TEXT("two")]},
+    ]
+    assert multi.category == "what" and multi.images[0].path == llava_file.parent / "im0.png"
+    assert two.messages[0]["content"] == [IMAGE, IMAGE, TEXT("describe it")]
+    assert [r.path.name for r in two.images] == ["im1.png", "im2.png"]
+    assert text.images == () and text.category is None
+    assert last_assistant_text(multi) == "two" and prompt_messages(multi) == multi.messages[:3]
+    assert multi.source == f"{llava_file}[0]"
+
+
+def test_jsonl_and_image_folder(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_images(images)
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in LLAVA_RECORDS) + "\n")
+    rs = read_records(path, image_folder=images)
+    assert [r.id for r in rs.records] == ["multi", "two-images", "text"]
+    assert rs.records[0].source == f"{path}:1"
+
+
+def test_images_without_marker_go_before_the_first_user_text(tmp_path):
+    write_images(tmp_path)
+    rec = {
+        "id": "x",
+        "image": "im0.png",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+    }
+    (tmp_path / "d.json").write_text(json.dumps([rec]))
+    (r,) = read_records(tmp_path / "d.json").records
+    assert r.messages[0]["content"] == [IMAGE, TEXT("hi")]
+
+
+def _messages_rows(folder):
+    return [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": "what is in the image"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "a dog"}]},
+            ],
+            "images": [str(folder / "im0.png")],
+        },
+        {
+            "messages": [{"role": "user", "content": "yes or no"}, {"role": "assistant", "content": "yes"}],
+            "images": [],
+        },
+    ]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "parquet", "save_to_disk"])
+def test_messages_format(tmp_path, kind):
+    import datasets
+
+    write_images(tmp_path)
+    rows = _messages_rows(tmp_path)
+    if kind == "json":
+        path = tmp_path / "m.json"
+        path.write_text(json.dumps(rows))
+    elif kind == "jsonl":
+        path = tmp_path / "m.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        # an Image column, as TRL's datasets have it (stored as bytes)
+        feats = datasets.Features(
+            {
+                "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+                "images": datasets.Sequence(datasets.Image()),
+            }
+        )
+        flat = [
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>what is in the image"},
+                    {"role": "assistant", "content": "a dog"},
+                ],
+                "images": [str(tmp_path / "im0.png")],
+            },
+            {
+                "messages": [
+                    {"role": "user", "content": "yes or no"},
+                    {"role": "assistant", "content": "yes"},
+                ],
+                "images": [],
+            },
+        ]
+        ds = datasets.Dataset.from_list(flat, features=feats)
+        if kind == "parquet":
+            path = tmp_path / "m.parquet"
+            ds.to_parquet(str(path))
+        else:
+            path = tmp_path / "m_ds"
+            ds.save_to_disk(str(path))
+    first, second = read_records(path).records
+    assert first.messages[0]["content"] == [IMAGE, TEXT("what is in the image")]
+    assert last_assistant_text(first) == "a dog" and len(first.images) == 1
+    assert first.images[0].open().size == Image.open(tmp_path / "im0.png").size
+    assert second.images == () and last_assistant_text(second) == "yes"
+
+
+BAD = [
+    (
+        {
+            "id": "r1",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
+        "image file not found",
+    ),
+    (
+        {
+            "id": "r2",
+            "image": "broken.png",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
+        "cannot read image",
+    ),
+    ({"id": "r3", "conversations": []}, "non-empty list"),
+    ({"id": "r4", "conversations": [{"from": "gpt", "value": "a"}]}, "must start with a user turn"),
+    (
+        {"id": "r5", "conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]},
+        "alternate",
+    ),
+    ({"id": "r6", "conversations": [{"from": "human", "value": "q"}]}, "no assistant turn"),
+    (
+        {
+            "id": "r7",
+            "image": "im0.png",
+            "conversations": [{"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}],
+        },
+        "2 image marker(s) in the conversation but 1 image(s)",
+    ),
+    ({"id": "r8", "conversations": [{"from": "bot", "value": "q"}]}, "must be human, gpt or system"),
+    ({"id": "r9", "text": "no conversation"}, "no 'conversations'"),
+]
+
+
+@pytest.mark.parametrize(("record", "message"), BAD, ids=[r["id"] for r, _ in BAD])
+def test_bad_record_fails_fast_naming_id_and_file(tmp_path, record, message):
+    write_images(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([LLAVA_RECORDS[2], record]))
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert (
+        message in str(err.value) and f"'{record['id']}'" in str(err.value) and f"{path}[1]" in str(err.value)
+    )
+    rs = read_records(path, on_bad="skip")
+    assert [r.id for r in rs.records] == ["text"]
+    assert len(rs.skipped) == 1 and rs.skipped[0][0] == record["id"] and message in rs.skipped[0][2]
+
+
+def test_malformed_files(tmp_path):
+    (tmp_path / "a.json").write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_records(tmp_path / "a.json")
+    (tmp_path / "b.jsonl").write_text(json.dumps(LLAVA_RECORDS[2]) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"b.jsonl:2: not valid JSON"):
+        read_records(tmp_path / "b.jsonl")
+    (tmp_path / "c.json").write_text('"text"')
+    with pytest.raises(DataError, match="expected a JSON list"):
+        read_records(tmp_path / "c.json")
+    with pytest.raises(DataError, match="data file not found"):
+        read_records(tmp_path / "none.json")
+    with pytest.raises(DataError, match="image folder not found"):
+        read_records(tmp_path / "c.json", image_folder=tmp_path / "nope")

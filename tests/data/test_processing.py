@@ -1,0 +1,97 @@
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from moevl.data import (
+    ConversationCollator,
+    ConversationDataset,
+    DataError,
+    GenerationCollator,
+    read_records,
+    vision_token_ids,
+)
+from moevl.data.processing import assistant_spans
+from tests.hf.checkpoints import FAMILIES
+
+
+def _reference_labels(processor, record) -> list[str]:
+    """The assistant replies, each followed by the end-of-sequence token, as the template writes them."""
+    eos = processor.tokenizer.eos_token
+    words = []
+    for m in record.messages:
+        if m["role"] == "assistant":
+            words += [*" ".join(p["text"] for p in m["content"]).split(), eos]
+    return words
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family):
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    records = read_records(llava_file).records
+    dataset = ConversationDataset(records, processor, progress=False)
+    batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
+    vision = set(vision_token_ids(processor))
+    for i, record in enumerate(records):
+        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        kept = labels[labels != -100]
+        assert processor.tokenizer.convert_ids_to_tokens(kept.tolist()) == _reference_labels(
+            processor, record
+        )
+        assert torch.equal(kept, ids[labels != -100])  # labels are the tokens themselves
+        assert not any(t in vision for t in kept.tolist())
+        assert (labels[mask == 0] == -100).all()  # never on padding
+        # the measured length equals the processor's row length (no pixels decoded to measure it)
+        assert dataset.lengths[i] == int(mask.sum())
+    # image tokens were expanded by the processor: more than the markers
+    n_image = sum(int((batch["input_ids"][i] == t).sum()) for i in range(len(records)) for t in vision)
+    assert n_image > 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_feeds_the_model_and_generation(checkpoints, llava_file, family):
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
+    records = read_records(llava_file).records
+    dataset = ConversationDataset(records, processor, progress=False)
+    batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    gen = GenerationCollator(processor)(records)
+    assert gen.answers == ["two", "red and blue", "no"] and gen.prompts == [
+        "how many",
+        "describe it",
+        "yes or no",
+    ]
+    ids, attention = gen.inputs["input_ids"], gen.inputs["attention_mask"]
+    assert (attention[:, -1] == 1).all() and (attention[:, 0] == 0).any()  # left padded
+    # the first record is asked up to its last assistant turn, which is not in the prompt
+    first = processor.tokenizer.decode(ids[0][attention[0] == 1], skip_special_tokens=False)
+    assert first.rstrip().endswith("how many ASSISTANT:") and "two" not in first
+    suppress = list(vision_token_ids(processor, model.config))
+    new = model.generate(**gen.inputs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
+    assert not any(t in suppress for t in new[:, ids.shape[1] :].flatten().tolist())
+
+
+def test_over_long_records_are_dropped_and_counted(checkpoints, llava_file):
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
+    records = read_records(llava_file).records
+    full = ConversationDataset(records, processor, progress=False)
+    limit = sorted(full.lengths)[1]
+    kept = ConversationDataset(records, processor, max_length=limit, progress=False)
+    assert kept.dropped_too_long == sum(n > limit for n in full.lengths) == 1
+    assert all(n <= limit for n in kept.lengths) and len(kept) == 2
+
+
+def test_missing_chat_template_is_a_clear_error(checkpoints, llava_file):
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
+    processor.chat_template = None
+    processor.tokenizer.chat_template = None
+    records = read_records(llava_file).records
+    with pytest.raises(DataError, match="--chat-template"):
+        ConversationDataset(records, processor, progress=False)
+    # an override works
+    template = "{% for m in messages %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %} {% endfor %}{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    ds = ConversationDataset(records, processor, chat_template=template, progress=False)
+    text, spans = assistant_spans(processor, template, records[2])
+    assert [text[a:b] for a, b in spans] == ["no </s> "]
+    assert len(ds) == 3
