@@ -56,7 +56,7 @@ def test_answers_are_correct(bench):
         line = labels[i] if axis == "row" else labels[:, i]
         assert q.answer == str(int(np.where(line >= 0, line, 0).sum()))
     # The caption lists the cells in reading order.
-    assert caption(scene, bench.source).split() == [str(v) if v >= 0 else "none" for v in labels.ravel()]
+    assert caption(scene, bench.source).split() == [str(v) if v >= 0 else "empty" for v in labels.ravel()]
 
 
 def test_families_balanced_and_vocabulary_covers_everything(bench):

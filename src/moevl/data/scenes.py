@@ -3,7 +3,7 @@
 A scene is a ``grid x grid`` canvas of 8x8 cells; each cell holds one image of the split's
 pool or is empty. Question families (answers are one word):
 
-- ``position``  "what digit is at the top left"              -> "7" | "none"
+- ``position``  "what digit is at the top left"              -> "7" | "empty"
 - ``count``     "how many digits are 7"                      -> "0" .. str(grid**2)
 - ``sum``       "what is the sum of the left column"         -> "0" .. str(9*grid)   (digits only)
 - ``exists``    "is there a 3"                               -> "yes" | "no"
@@ -30,7 +30,8 @@ NUMERIC_FAMILIES = ("sum", "compare")
 
 ROW_WORDS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 COL_WORDS = {2: ("left", "right"), 3: ("left", "middle", "right")}
-EMPTY = "none"
+# NOTE: not "none": the VQAv2 answer normalisation maps "none" to "0", which is a digit here.
+EMPTY = "empty"
 
 
 def cell_words(grid: int) -> list[str]:
