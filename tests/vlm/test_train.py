@@ -159,7 +159,7 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
     with pytest.raises(ConfigError, match="only stage 3"):
         run_stage(demo, 1, tmp_path / "c", demo.init, method="stgc")
     (tmp_path / "file").write_text("not a directory")
-    with pytest.raises(OutputDirError, match="not a directory|cannot be created"):
+    with pytest.raises(OutputDirError, match=r"not a directory|cannot be created"):
         run_stage(demo, 1, tmp_path / "file" / "out", demo.init)
     (tmp_path / "bad.json").write_text(
         json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "a"}]}])
