@@ -185,5 +185,101 @@ def test_missing_image_token_id_and_fixed_overrides_are_refused(tmp_path):
     directory = _write(tmp_path)
     with pytest.raises(ValueError, match="image_token_id is needed"):
         load_moe_llava(directory)
+    with pytest.raises(ValueError, match=r"image_token_id must be an int in \[0, 64\) .*got 64"):
+        load_moe_llava(directory, image_token_id=64)
     with pytest.raises(ValueError, match=r"\['num_experts'\] come from the checkpoint"):
         load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, num_experts=2)
+
+
+def _save_tokenizer(directory, num_words: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(num_words - 1)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(directory)
+
+
+def test_image_token_comes_from_the_tokenizer(tmp_path):
+    config, state = write_checkpoint(tmp_path, "phi")
+    _save_tokenizer(tmp_path, 60)  # 60 words: <image> gets id 60 < vocab_size 64, no resize
+    model, tokenizer = load_moe_llava(tmp_path)
+    assert tokenizer.convert_tokens_to_ids("<image>") == 60 == model.config.image_token_id
+    assert model.get_input_embeddings().weight.shape[0] == config["vocab_size"]
+    ids, mask = expand_image_tokens(
+        [[5, IMAGE_TOKEN_INDEX, 6]], image_token_id=60, num_image_tokens=NUM_PATCHES
+    )
+    pixel = torch.randn(1, 3, VISION["image"], VISION["image"], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits[0]
+    ref = reference_logits(config, state, [5, IMAGE_TOKEN_INDEX, 6], [pixel[0]])
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=1e-4)
+
+
+def test_tokenizer_longer_than_the_vocabulary_resizes_the_embeddings(tmp_path):
+    config, state = write_checkpoint(tmp_path, "stablelm")
+    _save_tokenizer(tmp_path, config["vocab_size"])  # <image> gets id 64 = vocab_size
+    model, tokenizer = load_moe_llava(tmp_path)
+    assert model.config.image_token_id == 64 and len(tokenizer) == 65
+    assert model.get_input_embeddings().weight.shape[0] == 65 == model.lm_head.weight.shape[0]
+    ids = _text_ids(5)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    ref = torch.stack([reference_logits(config, state, row.tolist()) for row in ids])
+    torch.testing.assert_close(logits[..., :64], ref, atol=ATOL, rtol=1e-4)  # old tokens unchanged
+
+
+def test_tower_from_a_separate_folder_equals_the_tower_in_the_checkpoint(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config, state = config_dict("phi"), state_dict("phi", seed=2)
+    prefix = "model.image_tower.image_tower.vision_model."
+    tower_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    vision = CLIPVisionConfig(
+        hidden_size=VISION["hidden"],
+        intermediate_size=VISION["inter"],
+        num_hidden_layers=VISION["layers"],
+        num_attention_heads=VISION["heads"],
+        image_size=VISION["image"],
+        patch_size=VISION["patch"],
+        hidden_act="quick_gelu",
+    )
+    tower = CLIPVisionModel(vision)
+    tower.load_state_dict(tower_state)
+    tower.save_pretrained(tmp_path / "tower")
+    write_checkpoint(tmp_path / "with", "phi", config=config, state=state)
+    write_checkpoint(
+        tmp_path / "without",
+        "phi",
+        config=config,
+        state={k: v for k, v in state.items() if k not in {prefix + t for t in tower_state}},
+    )
+    ids, mask = expand_image_tokens(
+        [[7, IMAGE_TOKEN_INDEX, 8, 9]], image_token_id=IMAGE_TOKEN_ID, num_image_tokens=NUM_PATCHES
+    )
+    pixel = torch.randn(1, 3, VISION["image"], VISION["image"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = load_moe_llava(tmp_path / "with", image_token_id=IMAGE_TOKEN_ID)
+        b = load_moe_llava(
+            tmp_path / "without", image_token_id=IMAGE_TOKEN_ID, vision_tower=tmp_path / "tower"
+        )
+        la = a.model(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits
+        lb = b.model(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits
+    torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="no image tower weights"):
+        load_moe_llava(tmp_path / "without", image_token_id=IMAGE_TOKEN_ID)
+
+
+def test_bf16_load_is_a_rounding_of_fp32(checkpoint):
+    directory, _, _ = checkpoint
+    ids = _text_ids(6)
+    with torch.no_grad():
+        full = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID).model(input_ids=ids).logits
+        model = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, dtype=torch.bfloat16).model
+        half = model(input_ids=ids).logits
+    # Routers stay fp32, as DeepSpeed's gate (``wg`` is built with ``.float()``).
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if not n.endswith("router.weight")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if n.endswith("router.weight")} == {torch.float32}
+    assert (half.float() - full).abs().max() < 0.1 * full.abs().max()

@@ -112,7 +112,7 @@ def load_moe_llava(
             ``save_pretrained`` output), used when the checkpoint holds no tower weights.
         image_token_id: the id of the image placeholder in the LLaVA model's input ids. None: the
             id of ``<image>`` in the checkpoint's tokenizer (added if absent; the embeddings are
-            resized only when the id does not fit). Required when there is no tokenizer.
+            resized only when the tokenizer outgrows them). Required when there is no tokenizer.
         load_tokenizer: load the checkpoint's tokenizer (``AutoTokenizer``) when it has one.
         dtype: parameter dtype of the built model.
         settings: a ``MoESettings`` for the MoE layers, or None and its fields as keyword
@@ -128,6 +128,7 @@ def load_moe_llava(
         FileNotFoundError: no ``config.json`` or no weights in ``path``.
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     root = Path(path)
     config = _read_config(root)
@@ -137,8 +138,7 @@ def load_moe_llava(
     vision_state, tower_source = _vision_state(state, vision_tower)
     vision = _vision_config(config, vision_config, vision_state, vision_tower)
     _check_projector(config)
-    tokenizer = _tokenizer(root) if load_tokenizer and image_token_id is None else None
-    vocab_size = int(config["vocab_size"])
+    tokenizer = _tokenizer(root) if load_tokenizer else None
     if image_token_id is None:
         if tokenizer is None:
             raise ValueError(
@@ -148,11 +148,16 @@ def load_moe_llava(
         if DEFAULT_IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([DEFAULT_IMAGE_TOKEN], special_tokens=True)
         image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
-    if not isinstance(image_token_id, int) or isinstance(image_token_id, bool) or image_token_id < 0:
-        raise ValueError(f"load_moe_llava: image_token_id must be an int >= 0, got {image_token_id!r}")
-    if image_token_id >= vocab_size and tokenizer is None:
+    vocab_size = int(config["vocab_size"])
+    num_tokens = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
+    if (
+        not isinstance(image_token_id, int)
+        or isinstance(image_token_id, bool)
+        or not 0 <= image_token_id < num_tokens
+    ):
         raise ValueError(
-            f"load_moe_llava: image_token_id must be < vocab_size={vocab_size}, got {image_token_id}"
+            f"load_moe_llava: image_token_id must be an int in [0, {num_tokens}) (the embedding rows), "
+            f"got {image_token_id!r}"
         )
 
     resolved = _settings(settings, overrides, moe)
@@ -172,12 +177,9 @@ def load_moe_llava(
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = LlavaForConditionalGeneration(llava_config)
-    finally:
-        torch.set_default_dtype(previous)
+    # No random initialisation: every parameter is overwritten by the strict load below.
+    with no_init_weights():
+        model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
     upcycle(model, resolved)
     mapped = map_state_dict(state, backbone=backbone, moe_layers=moe.layers, vision_state=vision_state)
     _load_strict(model, mapped, root, tower_source)
