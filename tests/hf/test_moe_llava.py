@@ -283,3 +283,29 @@ def test_bf16_load_is_a_rounding_of_fp32(checkpoint):
     assert {d for n, d in dtypes.items() if not n.endswith("router.weight")} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if n.endswith("router.weight")} == {torch.float32}
     assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+def test_saved_in_the_moevl_format_reloads_exactly(checkpoint, tmp_path):
+    from moevl.hf.io import load_moe_model, save_moe_model
+
+    directory, _, _ = checkpoint
+    model, _ = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID)
+    save_moe_model(model, tmp_path / "moevl")
+    again = load_moe_model(tmp_path / "moevl")
+    ids, mask = expand_image_tokens(
+        [[4, IMAGE_TOKEN_INDEX, 5, 6]], image_token_id=IMAGE_TOKEN_ID, num_image_tokens=NUM_PATCHES
+    )
+    pixel = torch.randn(1, 3, VISION["image"], VISION["image"], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits
+        b = again(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits
+    assert again.moe_settings == model.moe_settings
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_freeze_dense_trains_only_experts_and_routers(checkpoint):
+    directory, _, _ = checkpoint
+    model, _ = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, freeze_dense=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp.router." in n or ".mlp.experts." in n for n in trainable)
+    assert any(".mlp.router." in n for n in trainable) and any(".mlp.experts." in n for n in trainable)

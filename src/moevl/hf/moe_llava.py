@@ -14,8 +14,8 @@ The layout of a MoE-LLaVA checkpoint (read from github.com/PKU-YuanGroup/MoE-LLa
   Phi as transformers 4.36's ``PhiConfig`` (``moellava/model/language_model/phi/configuration_phi.py``:
   ``partial_rotary_factor``, ``rope_theta``, ``layer_norm_eps``, ``qk_layernorm``, ``hidden_act``);
   StableLM as ``StableLMEpochConfig`` (``stablelm/configuration_stablelm_epoch.py``: ``rope_pct``,
-  ``norm_eps``, ``use_qkv_bias``; its MLP hard-codes SiLU, ``modeling_stablelm_epoch.py:156``).
-  The ``moe`` dict (``llava_phi_moe.py:48``, ``initialize_moe_modules``): ``moe_enable``,
+  ``norm_eps``, ``use_qkv_bias``; its MLP hard-codes SiLU, ``modeling_stablelm_epoch.py:165``).
+  The ``moe`` dict (``llava_phi_moe.py:48``, ``initialize_moe_modules`` at line 428): ``moe_enable``,
   ``moe_mode``, ``moe_layers_idx`` (resolved layer indices), ``num_experts`` (a list, one per MoE
   layer), ``top_k_experts``, ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``,
   ``use_residual``, ``router_aux_loss_coef``, ``ep_size``, ``train_modules``. Vision fields
@@ -26,7 +26,7 @@ The layout of a MoE-LLaVA checkpoint (read from github.com/PKU-YuanGroup/MoE-LLa
 * weights (the Trainer saves the whole ``state_dict``, ``train/train.py:251``): language model
   ``model.embed_tokens``, ``model.layers.{i}.*``, ``model.final_layernorm`` (Phi) / ``model.norm``
   (StableLM), ``lm_head.weight`` (no bias: ``MoELLaVAPhiForCausalLM`` rebuilds ``lm_head`` with
-  ``bias=False``, ``llava_phi_moe.py:311``). A MoE layer's MLP is a DeepSpeed ``MoE``:
+  ``bias=False``, ``llava_phi_moe.py:303``). A MoE layer's MLP is a DeepSpeed ``MoE``:
   ``model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight`` (E, D) and
   ``model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{fc1,fc2}.{weight,bias}``
   (Phi) or ``...{e}.{gate_proj,up_proj,down_proj}.weight`` (StableLM); with ``use_residual`` also
@@ -43,7 +43,8 @@ The layout of a MoE-LLaVA checkpoint (read from github.com/PKU-YuanGroup/MoE-LLa
 
 Routing difference. DeepSpeed's ``top2gating`` (``deepspeed/moe/sharded_moe.py``) takes the first
 expert by argmax of ``softmax(x·wg)``, the second by argmax of the logits *plus Gumbel noise* (in
-the DeepSpeed versions MoE-LLaVA pins, also at evaluation), renormalises the two gate values, and
+deepspeed 0.9.5, which MoE-LLaVA's ``pyproject.toml`` pins, also at evaluation: the noise has no
+training switch there), renormalises the two gate values, and
 drops tokens over the capacity ``max(min_capacity, ceil(2·cf·N/E))`` (``eval_capacity_factor`` at
 evaluation). moevl routes deterministically to the two best experts (the noise-free top-2),
 renormalised, dropless by default: what DeepSpeed would compute without noise and without drops.
@@ -96,6 +97,8 @@ def load_moe_llava(
     image_token_id: int | None = None,
     load_tokenizer: bool = True,
     dtype: torch.dtype = torch.float32,
+    implementation: str = "auto",
+    freeze_dense: bool = False,
     settings: MoESettings | None = None,
     **overrides: Any,
 ) -> LoadedMoELLaVA:
@@ -114,7 +117,9 @@ def load_moe_llava(
             id of ``<image>`` in the checkpoint's tokenizer (added if absent; the embeddings are
             resized only when the tokenizer outgrows them). Required when there is no tokenizer.
         load_tokenizer: load the checkpoint's tokenizer (``AutoTokenizer``) when it has one.
-        dtype: parameter dtype of the built model.
+        dtype: parameter dtype of the built model (the routers stay fp32, as DeepSpeed's gate).
+        implementation: experts implementation (``auto``, ``grouped``, ``loop``; see ``upcycle``).
+        freeze_dense: train only the experts and routers (MoE-LLaVA stage 3).
         settings: a ``MoESettings`` for the MoE layers, or None and its fields as keyword
             ``overrides`` (``stgc``, ``ltdr``/``router``, ``capacity_factor``, ``balance_coef``,
             ``z_loss_coef``, ``jitter``, ``balance_from``). ``num_experts``, ``top_k`` and
@@ -180,7 +185,8 @@ def load_moe_llava(
     # No random initialisation: every parameter is overwritten by the strict load below.
     with no_init_weights():
         model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
-    upcycle(model, resolved)
+    model.tie_weights()
+    upcycle(model, resolved, implementation=implementation, freeze_dense=freeze_dense)
     mapped = map_state_dict(state, backbone=backbone, moe_layers=moe.layers, vision_state=vision_state)
     _load_strict(model, mapped, root, tower_source)
     if tokenizer is not None and len(tokenizer) > vocab_size:
