@@ -309,3 +309,30 @@ def test_freeze_dense_trains_only_experts_and_routers(checkpoint):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mlp.router." in n or ".mlp.experts." in n for n in trainable)
     assert any(".mlp.router." in n for n in trainable) and any(".mlp.experts." in n for n in trainable)
+
+
+def test_capacity_factor_reaches_the_routers(checkpoint):
+    directory, _, _ = checkpoint
+    ids = _text_ids(8)
+    with torch.no_grad():
+        dropless = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID).model(input_ids=ids).logits
+        # cf = E / k: every expert may take every token, nothing is dropped.
+        roomy = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, capacity_factor=2.0)
+        tight = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, capacity_factor=0.25)
+        assert {b.router.capacity_factor for b in moe_blocks(tight.model)} == {0.25}
+        # (equal up to float rounding: the capacity path renormalises the kept weights again)
+        torch.testing.assert_close(roomy.model(input_ids=ids).logits, dropless, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(tight.model(input_ids=ids).logits, dropless, atol=1e-3)
+
+
+def test_settings_object_must_agree_with_the_checkpoint(tmp_path):
+    from moevl.hf import MoESettings
+
+    directory = _write(tmp_path)
+    with pytest.raises(ValueError, match=r"settings.num_experts=8 disagrees with the checkpoint's 4"):
+        load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, settings=MoESettings(num_experts=8, top_k=2))
+    model, _ = load_moe_llava(
+        directory, image_token_id=IMAGE_TOKEN_ID, settings=MoESettings(stgc=STGCConfig())
+    )
+    assert model.moe_settings.stgc == STGCConfig() and model.moe_settings.layers == (0, 2)
+    assert model.moe_settings.balance_coef == 0.01  # the checkpoint's router_aux_loss_coef
