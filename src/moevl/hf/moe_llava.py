@@ -182,11 +182,12 @@ def load_moe_llava(
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
-    # No random initialisation: every parameter is overwritten by the strict load below.
+    # No random initialisation (of the dense model, then of the experts and routers): every
+    # parameter is overwritten by the strict load below.
     with no_init_weights():
         model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
-    model.tie_weights()
-    upcycle(model, resolved, implementation=implementation, freeze_dense=freeze_dense)
+        model.tie_weights()
+        upcycle(model, resolved, implementation=implementation, freeze_dense=freeze_dense)
     mapped = map_state_dict(state, backbone=backbone, moe_layers=moe.layers, vision_state=vision_state)
     _load_strict(model, mapped, root, tower_source)
     if tokenizer is not None and len(tokenizer) > vocab_size:
