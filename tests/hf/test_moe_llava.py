@@ -141,6 +141,15 @@ def test_unknown_backbone_is_refused(tmp_path):
         load_moe_llava(_write(tmp_path, config=config), image_token_id=IMAGE_TOKEN_ID)
 
 
+def test_other_image_towers_and_projectors_are_refused(tmp_path):
+    config = dict(config_dict("phi"), mm_image_tower="google/siglip-so400m-patch14-384")
+    with pytest.raises(ValueError, match=r"only CLIP image towers .* got 'google/siglip-so400m-patch14-384'"):
+        load_moe_llava(_write(tmp_path / "a", config=config), image_token_id=IMAGE_TOKEN_ID)
+    config = dict(config_dict("phi"), image_projector_type="qformer4_36")
+    with pytest.raises(ValueError, match=r"image_projector_type must be 'mlp2x_gelu' .* got 'qformer4_36'"):
+        load_moe_llava(_write(tmp_path / "b", config=config), image_token_id=IMAGE_TOKEN_ID)
+
+
 def test_residual_moe_is_refused(tmp_path):
     config = config_dict("phi")
     config["moe"]["use_residual"] = True

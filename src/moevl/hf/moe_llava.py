@@ -139,10 +139,10 @@ def load_moe_llava(
     config = _read_config(root)
     backbone = _backbone(config)
     moe = _moe_fields(config, root)
+    _check_vision_fields(config)
     state = read_state_dict(root)
     vision_state, tower_source = _vision_state(state, vision_tower)
     vision = _vision_config(config, vision_config, vision_state, vision_tower)
-    _check_projector(config)
     tokenizer = _tokenizer(root) if load_tokenizer else None
     if image_token_id is None:
         if tokenizer is None:
@@ -346,7 +346,7 @@ def _text_config(backbone: str, config: Mapping[str, Any]) -> Any:
     )
 
 
-def _check_projector(config: Mapping[str, Any]) -> None:
+def _check_vision_fields(config: Mapping[str, Any]) -> None:
     kind = config.get("image_projector_type", config.get("mm_projector_type", "linear"))
     if kind != "mlp2x_gelu":
         raise ValueError(
@@ -358,8 +358,12 @@ def _check_projector(config: Mapping[str, Any]) -> None:
             f"load_moe_llava: video towers are not supported (mm_video_tower={config['mm_video_tower']!r})"
         )
     tower = config.get("mm_image_tower")
-    if not isinstance(tower, str):
-        raise ValueError(f"load_moe_llava: config.mm_image_tower must name the image tower, got {tower!r}")
+    # MoE-LLaVA builds a CLIP tower for exactly these names (multimodal_encoder/builder.py).
+    if not isinstance(tower, str) or not tower.startswith(("openai/", "laion/")):
+        raise ValueError(
+            f"load_moe_llava: only CLIP image towers (mm_image_tower 'openai/...' or 'laion/...') are "
+            f"supported, got {tower!r}"
+        )
 
 
 # --- weights --------------------------------------------------------------------------------------
