@@ -3,6 +3,7 @@
 from moevl.hf.adopt import adopt, is_native_moe
 from moevl.hf.export import ExportResult, export
 from moevl.hf.io import is_moevl_checkpoint, load_moe_model, load_upcycled, save_moe_model, save_upcycled
+from moevl.hf.moe_llava import load_moe_llava
 from moevl.hf.runtime import RoutingContext, aux_loss, moe_blocks
 from moevl.hf.settings import MoESettings
 from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # older name, not in __all__
@@ -20,6 +21,7 @@ __all__ = [
     "export",
     "is_moevl_checkpoint",
     "is_native_moe",
+    "load_moe_llava",
     "load_moe_model",
     "load_upcycled",
     "moe_blocks",

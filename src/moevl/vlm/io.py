@@ -77,8 +77,9 @@ def load_model(
     """``(model, processor)`` from a local checkpoint directory; nothing downloads.
 
     Dense and natively sparse checkpoints load with ``AutoModelForImageTextToText``; checkpoints moevl saved
-    with MoE layers load exactly through ``moevl.hf.load_moe_model``, with ``moe_overrides`` (``MoESettings``
-    fields that leave the weights' layout alone: STGC, LTDR, balancing) replacing the stored ones.
+    with MoE layers load exactly through ``moevl.hf.load_moe_model``, released MoE-LLaVA checkpoints through
+    ``moevl.hf.load_moe_llava``, both with ``moe_overrides`` (``MoESettings`` fields that leave the weights'
+    layout alone: STGC, LTDR, balancing) replacing the stored ones.
     ``chat_template`` (Jinja text) replaces the processor's template.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -86,22 +87,78 @@ def load_model(
     from moevl.hf import is_moevl_checkpoint, load_moe_model
 
     model_dir = check_model_dir(path)
+    processor = None
+    if not is_moe_llava_checkpoint(model_dir):  # MoE-LLaVA checkpoints carry a tokenizer only
+        try:
+            processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{model_dir}: cannot load the processor ({e})") from None
+        _set_chat_template(processor, chat_template)
     try:
-        processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{model_dir}: cannot load the processor ({e})") from None
+        if is_moevl_checkpoint(model_dir):
+            model = load_moe_model(model_dir, **(moe_overrides or {}))
+        elif is_moe_llava_checkpoint(model_dir):
+            model, processor = _load_moe_llava(model_dir, moe_overrides or {}, chat_template)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from None
+    return model, processor
+
+
+def _set_chat_template(processor: Any, chat_template: str | None) -> None:
     if chat_template is not None:
         processor.chat_template = chat_template
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.chat_template = chat_template
-    try:
-        if is_moevl_checkpoint(model_dir):
-            model = load_moe_model(model_dir, **(moe_overrides or {}))
-        else:
-            model = AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from None
+
+
+def is_sparse_checkpoint(model_dir: str | os.PathLike) -> bool:
+    """A checkpoint whose MoE layers moevl loads itself (the moevl format, or a released MoE-LLaVA one)."""
+    from moevl.hf import is_moevl_checkpoint
+
+    return is_moevl_checkpoint(model_dir) or is_moe_llava_checkpoint(model_dir)
+
+
+def is_moe_llava_checkpoint(model_dir: str | os.PathLike) -> bool:
+    from moevl.hf.moe_llava import SUPPORTED_MODEL_TYPES
+
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    model_type = json.loads(config.read_text()).get("model_type", "")
+    return model_type in SUPPORTED_MODEL_TYPES or model_type.startswith("moe_llava")
+
+
+def _load_moe_llava(
+    model_dir: Path, overrides: dict[str, Any], chat_template: str | None
+) -> tuple[nn.Module, Any]:
+    """A released MoE-LLaVA checkpoint (``moevl.hf.moe_llava``) with a ``LlavaProcessor`` around its tokenizer:
+    CLIP's image processing at the tower's resolution (OpenAI CLIP's mean and std, as MoE-LLaVA's towers)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from moevl.hf.moe_llava import load_moe_llava
+
+    model, tokenizer = load_moe_llava(model_dir, **overrides)
+    if tokenizer is None:
+        raise CheckpointError(f"{model_dir}: a MoE-LLaVA checkpoint without a tokenizer")
+    vision = model.config.vision_config
+    size = vision.image_size
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=list(OPENAI_CLIP_MEAN),
+            image_std=list(OPENAI_CLIP_STD),
+        ),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    _set_chat_template(processor, chat_template if chat_template is not None else tokenizer.chat_template)
     return model, processor
 
 

@@ -34,6 +34,7 @@ from moevl.vlm.io import (
     check_model_dir,
     check_writable_target,
     ensure_writable,
+    is_sparse_checkpoint,
     load_model,
     read_meta,
     resolve_model_dir,
@@ -213,7 +214,6 @@ def train_stage(
     from moevl.data import DataError, read_records
     from moevl.data.processing import ConversationCollator, ConversationDataset
     from moevl.hf import MoETrainer
-    from moevl.hf.io import is_moevl_checkpoint
 
     if stage not in (1, 2, 3):
         raise ConfigError(f"stage: expected 1, 2 or 3, got {stage!r}")
@@ -254,7 +254,7 @@ def train_stage(
     _apply_threads(cfg)
     set_seed(seed)
     settings = cfg.moe_settings(method) if stage == 3 else None
-    sparse_already = is_moevl_checkpoint(model_dir)
+    sparse_already = is_sparse_checkpoint(model_dir)
     overrides = None
     if settings is not None and sparse_already:
         overrides = {name: getattr(settings, name) for name in _RECONFIGURABLE}
