@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from moevl.data import (
     ConversationCollator,
@@ -11,7 +11,7 @@ from moevl.data import (
     vision_token_ids,
 )
 from moevl.data.processing import assistant_spans
-from tests.hf.checkpoints import FAMILIES
+from tests.hf.checkpoints import FAMILIES, load_processor
 
 
 def _reference_labels(processor, record) -> list[str]:
@@ -26,7 +26,7 @@ def _reference_labels(processor, record) -> list[str]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family):
-    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    processor = load_processor(checkpoints[family])
     records = read_records(llava_file).records
     dataset = ConversationDataset(records, processor, progress=False)
     batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
@@ -49,7 +49,7 @@ def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_feeds_the_model_and_generation(checkpoints, llava_file, family):
-    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    processor = load_processor(checkpoints[family])
     model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
     records = read_records(llava_file).records
     dataset = ConversationDataset(records, processor, progress=False)
@@ -65,15 +65,20 @@ def test_batch_feeds_the_model_and_generation(checkpoints, llava_file, family):
     ids, attention = gen.inputs["input_ids"], gen.inputs["attention_mask"]
     assert (attention[:, -1] == 1).all() and (attention[:, 0] == 0).any()  # left padded
     # the first record is asked up to its last assistant turn, which is not in the prompt
-    first = processor.tokenizer.decode(ids[0][attention[0] == 1], skip_special_tokens=False)
-    assert first.rstrip().endswith("how many ASSISTANT:") and "two" not in first
+    first = ids[0][attention[0] == 1].tolist()
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids("two") not in first
+    asked = tok.apply_chat_template(records[0].messages[:3], tokenize=False, add_generation_prompt=True)
+    assert (
+        first[-3:] == tok(asked, add_special_tokens=False)["input_ids"][-3:]
+    )  # ends with the generation prompt
     suppress = list(vision_token_ids(processor, model.config))
     new = model.generate(**gen.inputs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
     assert not any(t in suppress for t in new[:, ids.shape[1] :].flatten().tolist())
 
 
 def test_over_long_records_are_dropped_and_counted(checkpoints, llava_file):
-    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
+    processor = load_processor(checkpoints["llava"])
     records = read_records(llava_file).records
     full = ConversationDataset(records, processor, progress=False)
     limit = sorted(full.lengths)[1]
@@ -83,7 +88,7 @@ def test_over_long_records_are_dropped_and_counted(checkpoints, llava_file):
 
 
 def test_missing_chat_template_is_a_clear_error(checkpoints, llava_file):
-    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
+    processor = load_processor(checkpoints["llava"])
     processor.chat_template = None
     processor.tokenizer.chat_template = None
     records = read_records(llava_file).records

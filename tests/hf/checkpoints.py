@@ -1,6 +1,7 @@
 """Tiny vision-language checkpoint directories built offline with the real model and processor classes,
-saved with ``save_pretrained`` and loaded back with the Auto classes: LLaVA-1.5 and LLaVA-NeXT. The
-tokenizers are word-level (``tokenizers``) with LLaVA-1.5's chat-template layout."""
+saved with ``save_pretrained`` and loaded back with the Auto classes (``load_processor``): LLaVA-1.5,
+LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL. The tokenizers are word-level (``tokenizers``) with each family's
+chat-template layout (roles, image placeholders, end-of-turn marker)."""
 
 from __future__ import annotations
 
@@ -48,11 +49,22 @@ LLAVA_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-# NOTE: Qwen2-VL and Qwen2.5-VL are not here: with transformers 5.23 their processors cannot be built
-# without torchvision (ProcessorMixin checks the video processor's class through a mapping that is a
-# placeholder without torchvision, even for video_processor=None), and torchvision's only build here is a
-# CUDA one that does not import with CPU torch. moevl has no per-family code for them either way.
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+# Qwen2-VL's template (images only), with its default system turn.
+QWEN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m.role }}\n"
+    "{% for p in m.content %}{% if p.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ p.text }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
 
 
 def _llama_text(vocab_size: int, **ids) -> tf.LlamaConfig:
@@ -130,6 +142,101 @@ def _llava(out: Path, *, next_: bool) -> None:
     processor.save_pretrained(out)
 
 
+def _qwen_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab: dict[str, int] = {}
+    for token in (*QWEN_SPECIALS, *WORDS, "system", "user", "assistant", "You", "are", "helpful", "."):
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=[
+            t for t in QWEN_SPECIALS if t not in ("<|endoftext|>", "<unk>", "<|im_end|>")
+        ],
+    )
+    tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def _qwen(out: Path, *, v2_5: bool) -> None:
+    """Qwen2-VL / Qwen2.5-VL. The processor is not saved: without torchvision it cannot be built the
+    normal way (``load_processor``); its parts are."""
+    tok = _qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    if v2_5:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                      window_size=8, fullatt_block_indexes=[1])  # fmt: skip
+        config_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=4)
+        config_cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+    config = config_cls(
+        text_config=text,
+        vision_config=dict(
+            in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, **vision
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = model_cls(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    tf.Qwen2VLImageProcessorPil(
+        patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=16 * 16,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ).save_pretrained(out)  # fmt: skip
+
+
+def load_processor(path: str | Path):
+    """``AutoProcessor.from_pretrained(path)``; for Qwen2-VL / Qwen2.5-VL without torchvision, the same
+    processor class built from the saved tokenizer and image processor, with no video processor.
+
+    NOTE: ``ProcessorMixin.__init__`` checks the class of every declared part, ``video_processor``
+    included even when it is None, against a mapping that is a placeholder raising when torchvision is
+    missing (``Qwen2VLVideoProcessor`` is torchvision-only; torchvision's only build here is a CUDA one
+    that does not import with CPU torch). Only that check of a None video processor is skipped here;
+    everything the processor does with images is its own code. With torchvision installed,
+    ``moevl train`` loads these checkpoints with ``AutoProcessor`` like any other.
+    """
+    from unittest import mock
+
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import is_torchvision_available
+
+    model_type = tf.AutoConfig.from_pretrained(path).model_type
+    if is_torchvision_available() or model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        return tf.AutoProcessor.from_pretrained(path)
+    cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor}[model_type]
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def check_unless_no_video(self, name, arg):
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_unless_no_video):
+        return cls(
+            image_processor=tf.AutoImageProcessor.from_pretrained(path),
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=tokenizer.chat_template,
+        )
+
+
 def build_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
     """Writes a tiny checkpoint of ``family`` (one of ``FAMILIES``) to ``out``."""
     out = Path(out)
@@ -138,6 +245,8 @@ def build_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
         _llava(out, next_=False)
     elif family == "llava_next":
         _llava(out, next_=True)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        _qwen(out, v2_5=family == "qwen2_5_vl")
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return out
