@@ -2,6 +2,7 @@
 
 from moevl.hf.adopt import adopt, is_native_moe
 from moevl.hf.io import load_upcycled, save_upcycled
+from moevl.hf.routing_health import UniformRoutingMonitor
 from moevl.hf.runtime import RoutingContext, aux_loss, moe_blocks
 from moevl.hf.settings import MoESettings
 from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # older name, not in __all__
@@ -13,6 +14,7 @@ __all__ = [
     "MoESettings",
     "MoETrainer",
     "RoutingContext",
+    "UniformRoutingMonitor",
     "adopt",
     "aux_loss",
     "is_native_moe",
