@@ -23,7 +23,7 @@ with ``ℓ`` one of (``CELForm``):
     softmax_B(z_t)`` (each zero outside its set): experts outside ``S`` get no gradient.
 
 Every form is 0 for a token whose conflicting expert has nowhere to send its mass (``E = 1``, or
-no other expert in ``B``) [our choice]; the gradient of every form is bounded by 1 in each entry.
+no other expert in ``B``) [our choice]; each pair's gradient is bounded by 1 in each entry.
 """
 
 from __future__ import annotations
