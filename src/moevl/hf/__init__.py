@@ -4,6 +4,7 @@ from moevl.hf.adopt import adopt, is_native_moe
 from moevl.hf.export import ExportResult, export
 from moevl.hf.io import is_moevl_checkpoint, load_moe_model, load_upcycled, save_moe_model, save_upcycled
 from moevl.hf.moe_llava import load_moe_llava
+from moevl.hf.routing_health import UniformRoutingMonitor
 from moevl.hf.runtime import RoutingContext, aux_loss, moe_blocks
 from moevl.hf.settings import MoESettings
 from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # older name, not in __all__
@@ -16,6 +17,7 @@ __all__ = [
     "MoESettings",
     "MoETrainer",
     "RoutingContext",
+    "UniformRoutingMonitor",
     "adopt",
     "aux_loss",
     "export",

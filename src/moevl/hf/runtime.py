@@ -52,6 +52,10 @@ class RoutingContext:
             moevl does instead).
         token_mask: (B, T) bool, real tokens of the current forward, or None (all real).
         vision_mask: (B, T) bool, vision-feature positions, or None (all text).
+        category_ids: (B, T) long, a category of each position for the router statistics (e.g.
+            the question family of its sample), ``-1`` for none; None: no category statistics.
+            Set per forward from the model call's ``category_ids`` keyword (taken out before the
+            model sees it), so it never describes another batch.
         records: the ``RoutingRecord`` of each MoE layer in the last forward, by layer index.
     """
 
@@ -60,13 +64,35 @@ class RoutingContext:
     disable_native_aux_loss: bool = False
     token_mask: Tensor | None = None
     vision_mask: Tensor | None = None
+    category_ids: Tensor | None = None
     records: dict[int, RoutingRecord] = field(default_factory=dict)
 
-    def begin(self, input_ids: Tensor | None, attention_mask: Tensor | None, seq_len: int | None) -> None:
-        """Set the masks for a new forward (input_ids (B, T); attention_mask (B, T_past + T))."""
+    def begin(
+        self,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        seq_len: int | None,
+        category_ids: Tensor | None = None,
+    ) -> None:
+        """Set the masks for a new forward (input_ids (B, T); attention_mask (B, T_past + T);
+        category_ids (B, T) integer or None)."""
         self.records = {}
         if input_ids is not None:
             seq_len = input_ids.shape[-1]
+        if category_ids is not None:
+            if (
+                not isinstance(category_ids, Tensor)
+                or category_ids.is_floating_point()
+                or category_ids.dtype == torch.bool
+                or category_ids.dim() != 2
+            ):
+                raise ValueError(f"category_ids must be an integer (B, T) tensor, got {category_ids!r}")
+            expected = tuple(input_ids.shape) if input_ids is not None else (category_ids.shape[0], seq_len)
+            if tuple(category_ids.shape) != expected:
+                raise ValueError(
+                    f"category_ids must have the input's shape {expected}, got {tuple(category_ids.shape)}"
+                )
+        self.category_ids = category_ids
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and seq_len is not None:
             token_mask = attention_mask[:, -seq_len:].bool()
@@ -174,10 +200,12 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     if not isinstance(input_ids, Tensor):
         input_ids = None
     context: RoutingContext = module.moe_context
-    context.begin(input_ids, kwargs.get("attention_mask"), seq_len)
+    changed = "category_ids" in kwargs
+    category_ids = kwargs.pop("category_ids", None)  # for the statistics only, not the model
+    context.begin(input_ids, kwargs.get("attention_mask"), seq_len, category_ids)
     if context.disable_native_aux_loss:
         return args, {**kwargs, "output_router_logits": False}
-    return None
+    return (args, kwargs) if changed else None
 
 
 def aux_loss(model: nn.Module) -> Tensor | None:

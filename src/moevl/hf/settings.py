@@ -175,6 +175,9 @@ def check_stgc_config(stgc: Any) -> None:
     check_float("stgc.weight", stgc.weight, minimum=0.0)
     check_int("stgc.min_tokens", stgc.min_tokens, minimum=1)
     check_choice("stgc.scope", stgc.scope, ("all", "last", "delta"))
+    check_choice("stgc.threshold_mode", stgc.threshold_mode, ("absolute", "relative"))
+    check_float("stgc.relative_c", stgc.relative_c, minimum=0.0)
+    check_choice("stgc.cel", stgc.cel, ("neg_softmax", "one_minus_p", "next_best"))
 
 
 def select_layers(spec: LayerSpec, num_layers: int) -> list[int]:

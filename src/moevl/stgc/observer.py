@@ -17,11 +17,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from moevl.moe.checks import check_choice, check_float, check_int
 from moevl.moe.expert_function import ExpertGrads
 from moevl.stgc.cosine import grouped_token_gradient_cosine
-from moevl.stgc.loss import conflict_elimination_grad
+from moevl.stgc.loss import CEL_FORMS, CELForm, conflict_elimination_grad
 
 Scope = Literal["all", "last", "delta"]
+ThresholdMode = Literal["absolute", "relative"]
+SCOPES: tuple[str, ...] = ("all", "last", "delta")
+THRESHOLD_MODES: tuple[str, ...] = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
@@ -29,28 +33,70 @@ class STGCConfig:
     """Solving Token Gradient Conflict (Yang et al., ICLR 2025), RESEARCH.md §1.
 
     Attributes:
-        threshold: τ; a (token, expert) pair conflicts when its gradient cosine is below it.
+        threshold: τ of ``threshold_mode="absolute"``; a (token, expert) pair conflicts when its
+            gradient cosine is below it. Must stay 0.0 (unused) with ``"relative"``.
         weight: β, the CEL coefficient (``L = L_task + α L_balance + β L_cel``). Default 0.5
             [our choice; public re-implementations found 0.25–1.2 useful].
         scope: ``all`` (every linear layer of the expert, exact), ``last`` (the output projection,
             exact for it), ``delta`` (cosine of the output gradient against its expert mean: cheap).
         min_tokens: experts with fewer tokens than this in the micro-batch have no conflicts.
+        threshold_mode: ``"absolute"`` (``cos < threshold``, the paper's rule) or ``"relative"``
+            [our choice; the paper is silent]: per expert, ``cos < mean_e − c · std_e`` with the
+            mean and population standard deviation of that expert's cosines in the micro-batch
+            (this rank's tokens). It flags the expert's outliers whatever the cosines' level: under
+            a normal spread about ``Φ(−c)`` of them (16% for ``c = 1``), so its conflict ratio is
+            nearly constant by construction; an expert whose cosines are all equal has none.
+        relative_c: ``c`` of the relative rule (finite, >= 0). Must stay 1.0 with ``"absolute"``.
+        cel: the CEL form (``moevl.stgc.loss``): ``"neg_softmax"`` (``−log softmax(−z)_e``, the
+            default), ``"one_minus_p"`` (``−log(1 − p_e)``) or ``"next_best"`` (mass moves only to
+            the token's next-best experts) [the latter two our choice].
     """
 
     threshold: float = 0.0
     weight: float = 0.5
     scope: Scope = "all"
     min_tokens: int = 2
+    threshold_mode: ThresholdMode = "absolute"
+    relative_c: float = 1.0
+    cel: CELForm = "neg_softmax"
 
     def __post_init__(self) -> None:
-        if self.scope not in ("all", "last", "delta"):
-            raise ValueError(f"scope must be 'all', 'last' or 'delta', got {self.scope!r}")
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be a cosine in [-1, 1], got {self.threshold}")
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
-        if self.min_tokens < 1:
-            raise ValueError(f"min_tokens must be >= 1, got {self.min_tokens}")
+        # NOTE: the field names carry the "stgc." prefix of MoESettings, where users meet them.
+        check_float("stgc.threshold", self.threshold, minimum=-1.0, maximum=1.0)
+        check_float("stgc.weight", self.weight, minimum=0.0)
+        check_choice("stgc.scope", self.scope, SCOPES)
+        check_int("stgc.min_tokens", self.min_tokens, minimum=1)
+        check_choice("stgc.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        check_float("stgc.relative_c", self.relative_c, minimum=0.0)
+        check_choice("stgc.cel", self.cel, CEL_FORMS)
+        # a field the chosen rule does not read is refused rather than silently ignored
+        if self.threshold_mode == "relative" and self.threshold != 0.0:
+            raise ValueError(
+                "stgc.threshold is not used by threshold_mode='relative' (set relative_c instead); "
+                f"expected 0.0, got {self.threshold!r}"
+            )
+        if self.threshold_mode == "absolute" and self.relative_c != 1.0:
+            raise ValueError(
+                "stgc.relative_c is only used by threshold_mode='relative'; with 'absolute' expected "
+                f"1.0, got {self.relative_c!r}"
+            )
+
+    def conflicts(self, cosine: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:
+        """(P,) bool, the conflicting pairs among the dispatched pairs.
+
+        Args:
+            cosine: (P,) gradient cosine of each dispatched (token, expert) pair.
+            expert_ids: (P,) long, the pair's expert.
+            counts: (E,) long, pairs per expert.
+        """
+        eligible = counts[expert_ids] >= self.min_tokens
+        if self.threshold_mode == "absolute":
+            return eligible & (cosine < self.threshold)
+        n = counts.clamp_min(1).to(cosine.dtype)  # (E,)
+        mean = cosine.new_zeros(n.shape).index_add_(0, expert_ids, cosine) / n
+        dev2 = (cosine - mean[expert_ids]).square()
+        std = (cosine.new_zeros(n.shape).index_add_(0, expert_ids, dev2) / n).sqrt()  # population
+        return eligible & (cosine < (mean - self.relative_c * std)[expert_ids])
 
     def new_observer(self, *, scale: float = 1.0) -> STGCObserver:
         return STGCObserver(self, scale)
@@ -69,6 +115,8 @@ class STGCStats:
         conflicts: (P,) bool, the flagged pairs.
         tokens_per_expert: (E,) long.
         cel: scalar, the CEL value (before ``weight``).
+        cel_logit_grad: (E,) ``Σ_t ∂L_cel/∂z_{t,e}`` (before ``weight``): > 0 where the CEL pushes
+            the expert's logits down on balance, < 0 where it pulls them up.
     """
 
     num_experts: int
@@ -79,6 +127,7 @@ class STGCStats:
     conflicts: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     tokens_per_expert: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     cel: Tensor = field(default_factory=lambda: torch.zeros(()))
+    cel_logit_grad: Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def _require_ready(self) -> None:
         if not self.ready:
@@ -138,15 +187,19 @@ class STGCObserver:
         cfg = self.config
         logits = grads.observed  # (N, E)
         cos = grouped_token_gradient_cosine(grads, cfg.scope)  # (P,)
-        eligible = grads.counts[grads.expert_ids] >= cfg.min_tokens
-        conflict = eligible & (cos < cfg.threshold)
+        conflict = cfg.conflicts(cos, grads.expert_ids, grads.counts)  # (P,)
         mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
         mask[grads.token_ids[conflict], grads.expert_ids[conflict]] = True
-        cel, grad = conflict_elimination_grad(logits, mask)
+        dispatched = None
+        if cfg.cel == "next_best":
+            dispatched = torch.zeros_like(mask)
+            dispatched[grads.token_ids, grads.expert_ids] = True
+        cel, grad = conflict_elimination_grad(logits, mask, form=cfg.cel, dispatched=dispatched)
         s = self.stats
         s.num_experts = logits.shape[1]
         s.cosine, s.expert_ids, s.token_ids = cos.detach(), grads.expert_ids, grads.token_ids
         s.conflicts, s.tokens_per_expert, s.cel = conflict, grads.counts, cel.detach()
+        s.cel_logit_grad = grad.float().sum(0)
         s.ready = True
         return grad * (cfg.weight * self.scale * grads.anchor_grad.to(grad.dtype))
 
