@@ -109,3 +109,27 @@ def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, trained[k]), k
+
+
+def test_a_router_that_stays_uniform_is_reported_once(tmp_path):
+    import pytest
+
+    from moevl.hf import UniformRoutingMonitor
+
+    model = upcycle(tiny_llava(), num_experts=4, top_k=2, freeze_dense=True)
+    for name, p in model.named_parameters():
+        if ".router." in name:
+            torch.nn.init.zeros_(p)  # uniform routing that cannot move
+            p.requires_grad_(False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = MoETrainer(model=model, args=args, train_dataset=_Data())
+    trainer.routing_monitor = UniformRoutingMonitor(patience=2)
+    with pytest.warns(RuntimeWarning, match="uniform") as record:
+        trainer.train()
+    assert len([w for w in record if "uniform" in str(w.message)]) == 2  # one per MoE layer, once
+    stats = json.loads((tmp_path / "moe_stats.json").read_text())
+    assert len(stats["routing_warnings"]) == 2
+    assert stats["history"][-1]["router/entropy_normalized"] == pytest.approx(1.0)

@@ -244,13 +244,21 @@ def label_mask(
 
 
 class ConversationCollator:
-    """A batch of ``Example``s -> the processor's inputs + ``labels`` (assistant tokens only), right padded."""
+    """A batch of ``Example``s -> the processor's inputs + ``labels`` (assistant tokens only), right padded.
 
-    def __init__(self, processor: Any, *, ignore_index: int = IGNORE_INDEX) -> None:
+    With ``categories`` (category name -> id) the batch also carries ``category_ids`` (B, T): each token gets
+    its record's category id (-1 for padding and records without one), which a moevl MoE model reads for
+    the mutual information between expert choice and category (``moevl.hf.routing_statistics``).
+    """
+
+    def __init__(
+        self, processor: Any, *, ignore_index: int = IGNORE_INDEX, categories: dict[str, int] | None = None
+    ) -> None:
         self.processor = processor
         self.tokenizer = tokenizer_of(processor)
         self.ignore_index = ignore_index
         self.vision = set(vision_token_ids(processor))
+        self.categories = categories
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         texts = [e.text for e in examples]
@@ -265,6 +273,9 @@ class ConversationCollator:
             keep = torch.tensor(mask, dtype=torch.bool)
             labels[b, keep] = ids[b, keep]
         batch["labels"] = labels
+        if self.categories is not None:
+            ids_of = torch.tensor([self.categories.get(e.category, -1) for e in examples])  # (B,)
+            batch["category_ids"] = torch.where(attention.bool(), ids_of[:, None], -1)
         return batch
 
 

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from moevl.atomic import atomic_write_json
 from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
+from moevl.hf.routing_health import UniformRoutingMonitor
 from moevl.hf.stats import routing_statistics
 
 STATS_FILE = "moe_stats.json"
@@ -97,6 +99,9 @@ class MoETrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.moe_history: list[dict[str, float]] = []
+        # a router within 2% of uniform for 100 micro-steps in a row: warned once per layer
+        self.routing_monitor = UniformRoutingMonitor()
+        self.routing_warnings: list[str] = []
         self.expert_load: dict[int, dict[str, list[float]]] = {}
         self._pending: dict[str, list[float]] = {}
         for old, new in ((ProgressCallback, _ConsoleProgress), (PrinterCallback, _ConsolePrinter)):
@@ -118,6 +123,10 @@ class MoETrainer(Trainer):
                 "rate or the auxiliary-loss weights, or use bf16 instead of fp16."
             )
         scalars, loads = routing_statistics(self.model)
+        for message in self.routing_monitor.update(scalars):
+            self.routing_warnings.append(message)
+            if self.is_world_process_zero():
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
         for k, v in scalars.items():
             self._pending.setdefault(k, []).append(v)
         for layer, by_mod in loads.items():
@@ -172,6 +181,7 @@ class MoETrainer(Trainer):
         with open(path) as f:
             payload = json.load(f)
         self.moe_history = list(payload.get("history", []))
+        self.routing_warnings = list(payload.get("routing_warnings", []))
         self.expert_load = {int(k): v for k, v in payload.get("expert_load", {}).items()}
 
     def _save_checkpoint(self, model, trial) -> None:  # type: ignore[override]
@@ -187,6 +197,7 @@ class MoETrainer(Trainer):
         payload = {
             "history": self.moe_history,
             "expert_load": {str(k): v for k, v in sorted(self.expert_load.items())},
+            "routing_warnings": self.routing_warnings,
         }
         atomic_write_json(path, payload, indent=1)
 

@@ -186,6 +186,12 @@ def prepare_moe(model: torch.nn.Module, settings) -> str:
     return "upcycled"
 
 
+def _categories(records: list) -> dict[str, int] | None:
+    """Category name -> id when records carry categories (routing statistics per category), else None."""
+    names = sorted({r.category for r in records if r.category is not None})
+    return {name: i for i, name in enumerate(names)} if names else None
+
+
 def train_stage(
     cfg: RunConfig,
     *,
@@ -285,7 +291,9 @@ def train_stage(
         model=net,
         args=args,
         train_dataset=dataset,
-        data_collator=ConversationCollator(processor),
+        data_collator=ConversationCollator(
+            processor, categories=_categories(records.records) if stage == 3 else None
+        ),
         processing_class=processor,
         callbacks=[interrupt, *(callbacks or [])],
     )
