@@ -4,6 +4,8 @@ Needs ``pip install moevl[lmms]`` (skipped without lmms-eval, like any optional 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -37,9 +39,9 @@ def _offline(monkeypatch, tmp_path):
 
 
 def _model(kind: str):
-    """The in-memory model and the directory a moevl stage would write for it."""
+    """The tiny LLaVA (``dense``) or its upcycled MoE version (``moevl``: no transformers class exists)."""
     model = tiny_vqa_model()
-    if kind == "moevl":  # an upcycled MoE LLaVA: no transformers class, saved in the moevl format
+    if kind == "moevl":
         model = make_routing_matter(upcycle(model, num_experts=4, top_k=2)).eval()
     return model
 
@@ -61,7 +63,9 @@ def test_lmms_eval_accuracy_equals_direct_generation(tmp_path, kind):
 
     processor = tiny_vqa_processor()
     model = _model(kind)
-    _save(model, processor, kind, tmp_path / "stage" / "model")
+    model_dir = _save(model, processor, kind, tmp_path / "stage" / "model")
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    assert model_type == {"dense": "llava", "moevl": "moevl"}[kind]
     images = write_images(tmp_path / "images")
     # The hand-made reference: greedy answers of the in-memory model, one record at a time.
     expected = []
