@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench test-lmms
 
 setup: $(VENV)/.installed
 
@@ -24,11 +24,17 @@ demo: setup
 	$(VENV)/bin/moevl compare --out $(OUT)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests tests_lmms bench
+	$(VENV)/bin/ruff format --check src tests tests_lmms bench
 
 test: lint
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(PY) bench/bench_moe_layer.py
+
+# lmms-eval integration (not in `make test`: +2.4 GB of dependencies; see pyproject's `lmms` extra).
+test-lmms: setup
+	$(PY) -m pip install -q -e ".[lmms]" torch==2.13.0
+	$(PY) -m pip uninstall -q -y torchvision
+	$(VENV)/bin/pytest -q tests_lmms
