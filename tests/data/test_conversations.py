@@ -153,6 +153,14 @@ BAD = [
     ),
     ({"id": "r8", "conversations": [{"from": "bot", "value": "q"}]}, "must be human, gpt or system"),
     ({"id": "r9", "text": "no conversation"}, "no 'conversations'"),
+    (
+        {
+            "id": "r10",
+            "image": "im0.png",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>a"}],
+        },
+        "an image in a assistant turn",
+    ),
 ]
 
 

@@ -10,18 +10,18 @@ from moevl.data import (
     read_records,
     vision_token_ids,
 )
-from moevl.data.processing import assistant_spans
+from moevl.data.processing import ChatRenderer, assistant_spans
 from tests.hf.checkpoints import FAMILIES, load_processor
 
 
-def _reference_labels(processor, record) -> list[str]:
-    """The assistant replies, each followed by the end-of-sequence token, as the template writes them."""
+def _reference_labels(processor, record) -> str:
+    """The assistant replies, each followed by the end-of-turn token, without whitespace (word-level and
+    BPE tokenizers decode spaces differently; the characters must be exactly these)."""
     eos = processor.tokenizer.eos_token
-    words = []
-    for m in record.messages:
-        if m["role"] == "assistant":
-            words += [*" ".join(p["text"] for p in m["content"]).split(), eos]
-    return words
+    replies = [
+        "".join(p["text"] for p in m["content"]) + eos for m in record.messages if m["role"] == "assistant"
+    ]
+    return "".join("".join(replies).split())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -34,9 +34,8 @@ def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family
     for i, record in enumerate(records):
         ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         kept = labels[labels != -100]
-        assert processor.tokenizer.convert_ids_to_tokens(kept.tolist()) == _reference_labels(
-            processor, record
-        )
+        decoded = processor.tokenizer.decode(kept.tolist(), skip_special_tokens=False)
+        assert "".join(decoded.split()) == _reference_labels(processor, record)
         assert torch.equal(kept, ids[labels != -100])  # labels are the tokens themselves
         assert not any(t in vision for t in kept.tolist())
         assert (labels[mask == 0] == -100).all()  # never on padding
@@ -97,6 +96,21 @@ def test_missing_chat_template_is_a_clear_error(checkpoints, llava_file):
     # an override works
     template = "{% for m in messages %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %} {% endfor %}{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
     ds = ConversationDataset(records, processor, chat_template=template, progress=False)
-    text, spans = assistant_spans(processor, template, records[2])
-    assert [text[a:b] for a, b in spans] == ["no </s> "]
+    text, spans = assistant_spans(ChatRenderer(processor, template), records[2])
+    assert [text[a:b] for a, b in spans] == ["no </s>"]  # trailing whitespace is not learnt
     assert len(ds) == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_renderer_equals_apply_chat_template(checkpoints, llava_file, family):
+    processor = load_processor(checkpoints[family])
+    tok = processor.tokenizer
+    render = ChatRenderer(processor, tok.chat_template)
+    assert render.compiled is not None
+    for record in read_records(llava_file).records:
+        for n in range(1, len(record.messages) + 1):
+            for gen in (False, True):
+                expected = tok.apply_chat_template(
+                    record.messages[:n], tokenize=False, add_generation_prompt=gen
+                )
+                assert render(record.messages[:n], generation_prompt=gen) == expected

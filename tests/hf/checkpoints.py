@@ -93,7 +93,16 @@ def _clip(image_size: int) -> tf.CLIPVisionConfig:
 
 
 def _llava(out: Path, *, next_: bool) -> None:
-    tok = word_tokenizer(WORDS, LLAVA_TEMPLATE)
+    if next_:  # a SentencePiece-like BPE, as Vicuna's (LLaVA-NeXT's decoder)
+        specials = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+        core = bpe_tokenizer(specials, "metaspace", (*WORDS, "USER:", "ASSISTANT:"))
+        tok = tf.PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+            extra_special_tokens={"image_token": "<image>"},
+        )  # fmt: skip
+        tok.chat_template = LLAVA_TEMPLATE
+    else:
+        tok = word_tokenizer(WORDS, LLAVA_TEMPLATE)
     ids = {
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,
@@ -142,14 +151,33 @@ def _llava(out: Path, *, next_: bool) -> None:
     processor.save_pretrained(out)
 
 
-def _qwen_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def bpe_tokenizer(specials: tuple[str, ...], scheme: str, words: tuple[str, ...] = WORDS):
+    """A small BPE trained on ``words``: ``scheme="byte"`` is byte-level like Qwen's ("Ġthree"), ``"metaspace"``
+    SentencePiece-like as Llama/Vicuna's ("▁three"). Merges make tokens that carry the space before a word:
+    the case the character-span labelling must get right."""
+    from itertools import pairwise
 
-    vocab: dict[str, int] = {}
-    for token in (*QWEN_SPECIALS, *WORDS, "system", "user", "assistant", "You", "are", "helpful", "."):
-        vocab.setdefault(token, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if scheme == "byte":
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        core = Tokenizer(models.BPE(unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        core.decoder = decoders.Metaspace(prepend_scheme="first")
+        alphabet = [*(chr(c) for c in range(32, 127)), "\n", "▁"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials), initial_alphabet=alphabet)
+    corpus = [" ".join(words)] * 4 + [f"{a} {b}" for a, b in pairwise(words)]
+    core.train_from_iterator(corpus, trainer=trainer)
+    return core
+
+
+def _qwen_tokenizer():
+    words = (*WORDS, "system", "user", "assistant", "You", "are", "a", "helpful", ".")
+    core = bpe_tokenizer(QWEN_SPECIALS, "byte", words)
     tok = tf.PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<|endoftext|>",

@@ -22,6 +22,7 @@ Image files are checked by reading their header only (``PIL.Image.open`` + ``.si
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -50,6 +51,9 @@ class ImageRef:
 
     path: Path | None = None
     data: Any = None  # bytes or a PIL.Image.Image
+    known_size: tuple[int, int] | None = field(
+        default=None, compare=False
+    )  # (w, h), read once by read_records
 
     def open(self):
         """The image as an RGB ``PIL.Image`` (decoded now)."""
@@ -67,6 +71,8 @@ class ImageRef:
         """(width, height) from the header only."""
         from PIL import Image
 
+        if self.known_size is not None:
+            return self.known_size
         if self.path is not None:
             with Image.open(self.path) as im:
                 return im.size
@@ -137,10 +143,11 @@ def read_records(
     if image_folder is not None and not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     out = RecordSet()
+    sizes: dict[Path, tuple[int, int]] = {}  # image files shared by several records are read once
     for where, raw in _raw_records(path):
         rid = str(raw.get("id", "?")) if isinstance(raw, dict) else "?"
         try:
-            out.records.append(_record(raw, where, root, check_images))
+            out.records.append(_record(raw, where, root, check_images, sizes))
         except DataError as e:
             if on_bad == "error":
                 raise
@@ -204,7 +211,7 @@ def _datasets_rows(path: Path) -> Iterator[tuple[str, Any]]:
 # --- one record ---------------------------------------------------------------------------------------
 
 
-def _record(raw: Any, where: str, root: Path, check_images: bool) -> Record:
+def _record(raw: Any, where: str, root: Path, check_images: bool, sizes: dict) -> Record:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a record (a JSON object), got {type(raw).__name__}")
     rid = str(raw.get("id", where))
@@ -224,13 +231,21 @@ def _record(raw: Any, where: str, root: Path, check_images: bool) -> Record:
         raise bad(f"{markers} image marker(s) in the conversation but {len(images)} image(s)")
     refs = tuple(_image_ref(x, root, bad) for x in images)
     if check_images:
+        checked = []
         for ref in refs:
-            try:
-                w, h = ref.size()
-            except Exception as e:  # PIL raises several types for unreadable files
-                raise bad(f"cannot read image {ref}: {e}") from None
+            size = sizes.get(ref.path) if ref.path is not None else None
+            if size is None:
+                try:
+                    size = ref.size()
+                except Exception as e:  # PIL raises several types for unreadable files
+                    raise bad(f"cannot read image {ref}: {e}") from None
+                if ref.path is not None:
+                    sizes[ref.path] = size
+            w, h = size
             if w < 1 or h < 1:
                 raise bad(f"image {ref} is empty ({w}x{h})")
+            checked.append(dataclasses.replace(ref, known_size=size))
+        refs = tuple(checked)
     category = raw.get("category")
     return Record(
         id=rid,
@@ -327,6 +342,9 @@ def _check_roles(messages: list[dict[str, Any]], bad) -> None:
             raise bad(f"turns must alternate user/assistant, got {roles}")
     if "assistant" not in body:
         raise bad("no assistant turn")
+    for m in messages:
+        if m["role"] != "user" and any(p["type"] == "image" for p in m["content"]):
+            raise bad(f"an image in a {m['role']} turn; images belong to user turns")
 
 
 def _image_ref(x: Any, root: Path, bad) -> ImageRef:
