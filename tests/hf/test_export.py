@@ -178,7 +178,10 @@ REFUSED = {
         lambda: _upcycled(lambda: causal_lm("llama")),
         "Mixtral has no dense layers, but layers [1, 3] of this llama model are dense",
     ),
-    "mistral_first_half": (lambda: _upcycled(lambda: causal_lm("mistral"), layers="first_half"), "no dense layers"),
+    "mistral_first_half": (
+        lambda: _upcycled(lambda: causal_lm("mistral"), layers="first_half"),
+        "no dense layers",
+    ),
     "llava_ltdr_tail": (
         lambda: _upcycled(tiny_llava, layers="all", router="ltdr", ltdr=LTDRConfig(tail_top_k=3)),
         "LTDR's tail rule routes vision tail tokens to tail_top_k=3 experts instead of top_k=2 at inference",
@@ -192,7 +195,10 @@ REFUSED = {
         "capacity_factor=1.0 drops tokens over capacity at inference",
     ),
     "adopted_capacity": (lambda: adopt(native_moe("mixtral"), capacity_factor=1.5), "capacity_factor=1.5"),
-    "qwen2": (lambda: _upcycled(lambda: causal_lm("qwen2"), layers="all"), "upcycled qwen2 models have no native"),
+    "qwen2": (
+        lambda: _upcycled(lambda: causal_lm("qwen2"), layers="all"),
+        "upcycled qwen2 models have no native",
+    ),
     "phi_non_gated": (lambda: _upcycled(lambda: causal_lm("phi"), layers="all"), "upcycled phi models"),
     "llama_attention_bias": (
         lambda: _upcycled(lambda: _llama(attention_bias=True), layers="all"),
@@ -245,7 +251,9 @@ def test_bf16_export_notes_the_router_cast(tmp_path):
     model = _upcycled(lambda: qwen3().to(torch.bfloat16))
     assert moe_blocks(model)[0].router.weight.dtype == torch.float32
     result = export(model, tmp_path)
-    assert result.format == "native" and "router weights cast from float32 to torch.bfloat16" in result.notes[0]
+    assert (
+        result.format == "native" and "router weights cast from float32 to torch.bfloat16" in result.notes[0]
+    )
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 
@@ -287,7 +295,12 @@ def test_plain_transformers_without_moevl_loads_the_native_exports(tmp_path):
     """
     env = {**os.environ, "PYTHONPATH": str(Path(moevl.__file__).parents[1])}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
