@@ -1,7 +1,8 @@
 """Hugging Face integration: upcycling, adopting native MoE models, the runtime, the Trainer."""
 
 from moevl.hf.adopt import adopt, is_native_moe
-from moevl.hf.io import load_upcycled, save_upcycled
+from moevl.hf.export import ExportResult, export
+from moevl.hf.io import is_moevl_checkpoint, load_moe_model, load_upcycled, save_moe_model, save_upcycled
 from moevl.hf.runtime import RoutingContext, aux_loss, moe_blocks
 from moevl.hf.settings import MoESettings
 from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # older name, not in __all__
@@ -10,15 +11,20 @@ from moevl.hf.trainer import MoETrainer
 from moevl.hf.upcycle import upcycle
 
 __all__ = [
+    "ExportResult",
     "MoESettings",
     "MoETrainer",
     "RoutingContext",
     "adopt",
     "aux_loss",
+    "export",
+    "is_moevl_checkpoint",
     "is_native_moe",
+    "load_moe_model",
     "load_upcycled",
     "moe_blocks",
     "routing_statistics",
+    "save_moe_model",
     "save_upcycled",
     "upcycle",
 ]
