@@ -2,9 +2,10 @@
 
 ``upcycle`` replaces the decoder MLPs of a Hugging Face model (Llama, Qwen2, Mistral, Phi-3,
 StableLM, Gemma, Phi, GPT-2, GPT-NeoX, GPT-J, and LLaVA-family wrappers around them) by
-``HFMoEBlock`` layers whose experts are exact copies of the dense MLP and whose router is fresh. MLPs are found by the shapes
-of their linear layers and verified against their own forward (``moevl.hf.mlp.find_mlp``), not by
-class or layer names. The runtime (routing context, hooks, aux losses) is ``moevl.hf.runtime``.
+``HFMoEBlock`` layers whose experts are exact copies of the dense MLP and whose router is fresh.
+MLPs are found by the shapes of their linear layers and verified against their own forward
+(``moevl.hf.mlp.find_mlp``), not by class or layer names. The runtime (routing context, hooks,
+aux losses) is ``moevl.hf.runtime``.
 """
 
 from __future__ import annotations
