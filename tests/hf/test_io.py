@@ -134,6 +134,32 @@ def test_old_names_and_overrides(tmp_path):
         load_moe_model(tmp_path, experts=8)
 
 
+def test_layers_given_as_a_list_round_trip(tmp_path):
+    model = _upcycled_llama(layers=[3, 1])
+    assert model.moe_settings.layers == (1, 3)
+    save_moe_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["moevl"]["settings"]["layers"] == [1, 3]
+    reloaded = load_moe_model(tmp_path, layers=[1, 3], num_experts=4)  # a settings file passed whole
+    assert [b.layer_index for b in moe_blocks(reloaded)] == [1, 3]
+    _assert_same_model(model, reloaded, text_batch())
+    with pytest.raises(ValueError, match=r"layers='alternate' \(the checkpoint has \(1, 3\)\): fixed by"):
+        load_moe_model(tmp_path, layers="alternate")
+    with pytest.raises(ValueError, match=r"layers=\[1, 2\]"):
+        load_moe_model(tmp_path, layers=[1, 2])
+
+
+@pytest.mark.parametrize("writer", ["save_upcycled", "save_pretrained"])
+def test_load_upcycled_reads_adopted_checkpoints(tmp_path, writer):
+    model = adopt(native_moe("qwen3_moe"), balance_coef=0.02)
+    if writer == "save_upcycled":
+        save_upcycled(model, tmp_path)
+    else:
+        model.save_pretrained(tmp_path)
+    for reloaded in (load_upcycled(tmp_path, type(model)), load_upcycled(tmp_path)):
+        assert type(moe_blocks(reloaded)[0]) is type(moe_blocks(model)[0])
+        _assert_same_model(model, reloaded, text_batch())
+
+
 def test_load_state_into_a_built_model(tmp_path):
     model = _upcycled_llama()
     save_moe_model(model, tmp_path)

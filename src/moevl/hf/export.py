@@ -286,9 +286,9 @@ def build_native(model: nn.Module, plan: ExportPlan) -> nn.Module:
             f"export: {plan.native_class.__name__} does not hold the model's tensors: missing {missing[:6]}, "
             f"unexpected {unexpected[:6]}, shape-mismatched {shapes[:6]}"
         )
-    for key, value in state.items():  # the native routers compute in the model dtype
-        if value.is_floating_point() and value.dtype != target[key].dtype and key in plan.renamed.values():
-            state[key] = value.to(target[key].dtype)
+    for key in plan.renamed.values():  # the native routers hold (and compute in) the experts' dtype
+        experts_dtype = state[key.removesuffix("gate.weight") + "experts.down_proj"].dtype
+        state[key] = state[key].to(experts_dtype)
     native.load_state_dict(state, strict=True, assign=True)
     native.tie_weights()
     generation_config = getattr(model, "generation_config", None)

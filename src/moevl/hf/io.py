@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moevl.hf.settings import MoESettings
+from moevl.hf.settings import MoESettings, select_layers
 
 #: Key of the format description in ``config.json`` (and ``config.moevl`` of a moevl checkpoint).
 MOEVL_MODEL_TYPE = "moevl"
@@ -242,9 +242,9 @@ def load_moe_model(
 
     directory = Path(directory)
     stored = read_checkpoint_config(directory)
-    settings = _override(stored.settings, settings_overrides)
     model_class = stored.model_class if model_class is None else model_class
     config = stored.base_config(model_class)
+    settings = _override(stored.settings, settings_overrides, num_layers=_num_layers(config))
     if dtype == "auto":
         dtype = config.dtype
     from transformers.initialization import no_init_weights
@@ -526,10 +526,25 @@ def _settings(data: Any, path: Path) -> MoESettings:
 _FIXED_BY_WEIGHTS = ("num_experts", "layers")
 
 
-def _override(settings: MoESettings, overrides: dict[str, Any]) -> MoESettings:
-    fixed = sorted(set(overrides) & set(_FIXED_BY_WEIGHTS))
-    if fixed:
-        raise ValueError(f"{fixed} are fixed by the checkpoint's weights and cannot be overridden on load")
+def _num_layers(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+def _override(settings: MoESettings, overrides: dict[str, Any], *, num_layers: int | None) -> MoESettings:
+    """``settings`` with ``overrides``; ``num_experts`` / ``layers`` may be given (a settings file
+    passed whole) but must equal the stored ones (``layers`` as a rule or a list of indices)."""
+    changed = {}
+    for name in sorted(set(overrides) & set(_FIXED_BY_WEIGHTS)):
+        value, stored = overrides[name], getattr(settings, name)
+        if name == "layers" and value is not None and num_layers is not None:
+            value = tuple(select_layers(value, num_layers))
+        if value != stored:
+            changed[name] = (overrides[name], stored)
+    if changed:
+        detail = ", ".join(f"{k}={v!r} (the checkpoint has {s!r})" for k, (v, s) in changed.items())
+        raise ValueError(f"{detail}: fixed by the checkpoint's weights and cannot be changed on load")
+    overrides = {k: v for k, v in overrides.items() if k not in _FIXED_BY_WEIGHTS}
     if not overrides:
         return settings
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -139,16 +141,20 @@ def _bias(lin: LinearRef) -> Tensor:
 def find_mlp(layer: nn.Module) -> MLPSpec:
     """The feed-forward block of a decoder layer (or the MLP module itself), found by shape.
 
-    Each direct child of ``layer`` is tried (whatever its name: ``mlp``, ``feed_forward``,
-    ``ffn``, ...); when none is an MLP, ``layer`` itself is tried. A candidate is an MLP when one
-    of its shape-consistent formulas reproduces its forward on a random probe (module doc).
+    ``layer`` itself is tried first (an MLP module given directly: ``attribute`` None); else each
+    direct child (whatever its name: ``mlp``, ``feed_forward``, ``ffn``, ...). A candidate is an
+    MLP when one of its shape-consistent formulas reproduces its forward on a random probe
+    (module doc). A decoder layer is never taken for an MLP: it holds more linear layers.
 
     Raises:
-        ValueError: naming the layer and what each candidate lacked, when no child (and not the
-            layer itself) is an MLP, or when several children are.
+        ValueError: naming the layer and what each candidate lacked, when neither the layer nor
+            a child is an MLP, or when several children are.
     """
+    spec, why = _match(layer)
+    if spec is not None:
+        return spec
     found: list[MLPSpec] = []
-    tried: list[str] = []
+    tried: list[str] = [f"itself: {why}"]
     for name, child in layer.named_children():
         spec, why = _match(child)
         if spec is None:
@@ -160,10 +166,6 @@ def find_mlp(layer: nn.Module) -> MLPSpec:
         raise ValueError(f"find_mlp: {type(layer).__name__} has several MLPs {names}; upcycling needs one")
     if found:
         return found[0]
-    spec, why = _match(layer)
-    if spec is not None:
-        return spec
-    tried.append(f"itself: {why}")
     raise ValueError(
         f"find_mlp: no feed-forward MLP (linear layers D -> H (-> gate) -> D whose formula reproduces the "
         f"module's forward) in {type(layer).__name__}; tried " + "; ".join(tried)
@@ -174,8 +176,17 @@ def experts_from_mlp(
     mlp: nn.Module | MLPSpec, num_experts: int, implementation: str = "auto"
 ) -> GroupedExperts:
     """``num_experts`` exact copies of a dense MLP (module or ``find_mlp`` result) as ``GroupedExperts``
-    in transformers' native layout (``gate_up_proj`` gate rows first, or ``up_proj``; ``down_proj``)."""
+    in transformers' native layout (``gate_up_proj`` gate rows first, or ``up_proj``; ``down_proj``).
+
+    A module given must itself be the MLP (its own forward verified, not one of its children's:
+    the experts replace the whole module); else ``ValueError``.
+    """
     spec = mlp if isinstance(mlp, MLPSpec) else find_mlp(mlp)
+    if not isinstance(mlp, MLPSpec) and spec.attribute is not None:
+        raise ValueError(
+            f"experts_from_mlp: {type(mlp).__name__} is not itself a feed-forward MLP (its child "
+            f"`{spec.attribute}` is); pass that module, or find_mlp's result"
+        )
     ref = spec.down.weight
     experts = GroupedExperts(
         num_experts=num_experts,
@@ -260,23 +271,31 @@ def _named_equivalent(act: Callable[[Tensor], Tensor] | str) -> Callable[[Tensor
 
 
 def _match(module: nn.Module) -> tuple[MLPSpec | None, str]:
-    """(spec, "") when a formula reproduces ``module``'s forward, else (None, why not)."""
+    """(spec, "") when a formula reproduces ``module``'s forward, else (None, why not).
+
+    The formula is identified on a copy of ``module`` with seeded random weights: the structure
+    is a property of the code, not of the values (a freshly built model's uninitialised or zero
+    weights would make gate and up indistinguishable). The spec returned names ``module``'s layers.
+    """
     linears = _linears(module)
-    structures = _structures(linears)
-    if not structures:
+    if not _structures(linears):
         shapes = ", ".join(f"{lin.name} {lin.in_features}->{lin.out_features}" for lin in linears) or "none"
         return None, f"its linear layers ({shapes}) are not D -> H (-> gate) -> D"
-    why, best = "", float("inf")
+    probe_module = _randomized_copy(module)
+    structures = _structures(_linears(probe_module))
+    own_names = {id(m): name for name, m in probe_module.named_modules()}
+    reasons, best = [], float("inf")
     for d in sorted({s["down"].out_features for s in structures}):
-        expected, probe, why = _run(module, d, structures[0]["down"].weight)
+        expected, probe, why = _run(probe_module, d, structures[0]["down"].weight)
         if expected is None:
+            reasons.append(f"D={d}: {why}")
             continue
         tolerance = _MATCH_TOLERANCE.get(probe.dtype, 1e-5)
         scale = expected.float().norm().clamp_min(torch.finfo(torch.float32).tiny)
         for structure in (s for s in structures if s["down"].out_features == d):
-            for act in _activations(module):
+            for act in _activations(probe_module):
                 spec = MLPSpec(
-                    module=module,
+                    module=probe_module,
                     attribute=None,
                     hidden_size=d,
                     intermediate_size=structure["down"].in_features,
@@ -287,9 +306,37 @@ def _match(module: nn.Module) -> tuple[MLPSpec | None, str]:
                     err = float((spec(probe).float() - expected.float()).norm() / scale)
                 best = min(best, err)
                 if err <= tolerance:
-                    return dataclasses.replace(spec, activation=_named_equivalent(act)), ""
-        why = f"no formula of its shapes reproduces its forward (best relative error {best:.2g})"
-    return None, why
+                    return _on_module(spec, module, own_names), ""
+        reasons.append(
+            f"D={d}: no formula of its shapes reproduces its forward (best relative error {best:.2g})"
+        )
+    return None, "; ".join(reasons)
+
+
+def _randomized_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose floating parameters are seeded random values of O(1) effect."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    copy = deepcopy(module)
+    with torch.no_grad():
+        for p in copy.parameters():
+            if p.is_floating_point():
+                std = 1.0 / math.sqrt(max(p.shape)) if p.dim() > 1 else 0.1
+                p.copy_((std * torch.randn(p.shape, generator=g)).to(p.dtype))
+    return copy
+
+
+def _on_module(spec: MLPSpec, module: nn.Module, names: dict[int, str]) -> MLPSpec:
+    """``spec`` found on the random copy, pointing at ``module``'s own layers and activation."""
+
+    def own(lin: LinearRef | None) -> LinearRef | None:
+        return None if lin is None else dataclasses.replace(lin, module=module.get_submodule(lin.name))
+
+    activation = _named_equivalent(spec.activation)
+    if isinstance(activation, nn.Module):
+        activation = module.get_submodule(names[id(activation)])
+    return dataclasses.replace(
+        spec, module=module, up=own(spec.up), gate=own(spec.gate), down=own(spec.down), activation=activation
+    )
 
 
 def _run(module: nn.Module, d: int, ref: Tensor) -> tuple[Tensor | None, Tensor, str]:
