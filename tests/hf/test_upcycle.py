@@ -163,3 +163,13 @@ def test_unsupported_models_and_bad_arguments():
     with pytest.raises(ValueError, match="already upcycled"):
         upcycle(model, num_experts=2, top_k=1)
     assert isinstance(model.model.layers[0].mlp, HFMoEBlock)
+
+
+def test_upcycled_blocks_take_the_models_mode():
+    from tests.hf.tiny import causal_lm
+
+    model = upcycle(causal_lm("llama"), num_experts=4, top_k=2, jitter=0.5)  # causal_lm is in eval mode
+    blocks = [m for m in model.modules() if type(m).__name__ == "HFMoEBlock"]
+    assert blocks and not any(b.training for b in blocks)  # no jitter at inference
+    x = torch.randint(0, 90, (1, 7))
+    torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)

@@ -379,7 +379,7 @@ def adopt(
             input_jitter=float(getattr(native, family.input_jitter) or 0.0) if family.input_jitter else 0.0,
             stgc=settings.stgc,
             stgc_scale=1.0 / len(chosen),
-        )
+        ).train(native.training)  # the mode of the block it replaces
     if freeze_dense:
         freeze_all_but_moe(model)
     attach(model, settings=settings, context=context)

@@ -79,6 +79,7 @@ def upcycle(
         experts = experts_from_mlp(layer_list[i].mlp, settings.num_experts, implementation)
         router = make_router(settings, hidden_size=experts.hidden_size)
         router.to(next(experts.parameters()).device)
+        # the new block takes the mode of the MLP it replaces (router jitter only in training)
         layer_list[i].mlp = HFMoEBlock(
             router=router,
             experts=experts,
@@ -86,7 +87,7 @@ def upcycle(
             context=context,
             stgc=settings.stgc,
             stgc_scale=1.0 / len(chosen),
-        )
+        ).train(layer_list[i].mlp.training)
     if freeze_dense:
         freeze_all_but_moe(model)
     attach(model, settings=settings, context=context)
