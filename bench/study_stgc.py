@@ -1,0 +1,233 @@
+"""The STGC / LTDR study on the embedded digit benchmark, through the same path as ``moevl compare``.
+
+The dense stages 1-2 are trained once (or reused from ``--dense``); every arm is a stage-3 run (``train_stage``)
+from that model with the arm's recipe overrides, for each seed; each run is scored on the validation and the
+test split (``evaluate``). Reported per arm: accuracy, router health (normalised router entropy, top-1
+probability, logit spread: mean over MoE layers and over the last quarter of training) and the conflict
+ratio, as mean and 95% interval over seeds, and the per-seed paired difference to ``baseline``.
+
+    python -m bench.study_stgc --seeds 5 --out runs/study            # results under bench/results/stgc_study/
+
+Not a test: it trains for minutes per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from moevl.atomic import atomic_write_json, atomic_write_text
+from moevl.vlm.compare import demo_config
+
+RESULTS = Path(__file__).resolve().parent / "results" / "stgc_study"
+
+#: arm -> (method, recipe overrides). The STGC options are the ones issue 11 asks to compare.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("baseline", []),
+    "stgc": ("stgc", []),  # the default STGC setting
+    "stgc_beta0.1": ("stgc", ["moe.stgc.weight=0.1"]),
+    "stgc_one_minus_p": ("stgc", ["moe.stgc.cel=one_minus_p"]),
+    "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
+    "stgc_tau-0.1": ("stgc", ["moe.stgc.threshold=-0.1"]),
+    "ltdr": ("ltdr", []),
+}
+HEALTH = {
+    "router_entropy_normalized": "router/entropy_normalized",
+    "router_top1_prob": "router/top1_prob",
+    "router_logit_std": "router/logit_std",
+    "conflict_ratio": "stgc/conflict_ratio",
+    "experts_per_token": "moe/experts_per_token",
+}
+# two-sided 95% Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval(values: list[float]) -> dict[str, float | None]:
+    """Mean and the half-width of its 95% t interval (None with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n": len(values)}
+    t = _T95.get(len(values) - 1, 1.96)
+    return {"mean": mean, "ci95": t * statistics.stdev(values) / math.sqrt(len(values)), "n": len(values)}
+
+
+def last_quarter(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    if not values:
+        return None
+    return statistics.fmean(values[-max(1, len(values) // 4) :])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from moevl.data import read_records
+    from moevl.vlm.compare import _evaluation, run_compare
+    from moevl.vlm.io import MODEL_DIR
+    from moevl.vlm.train import train_stage
+
+    out = Path(args.out)
+    # dense stages 1-2 (reused when done): run_compare with no method trains them and evaluates them
+    dense_cfg = demo_config(None, [*args.set, "compare.methods=[baseline]", "compare.seeds=1"])
+    if not (out / "dense" / "stage2" / MODEL_DIR / "moevl.json").is_file():
+        run_compare(dense_cfg, out, progress=False)
+    dense = out / "dense" / "stage2" / MODEL_DIR
+    data = out / "data"
+    records = {
+        split: read_records(data / f"{split}.json", image_folder=data).records
+        for split in ("validation", "test")
+    }
+    train_records = read_records(data / "instruct.json", image_folder=data).records
+    results: dict[str, Any] = {
+        "config": {"seeds": args.seeds, "arms": {a: ARMS[a] for a in args.arms}},
+        "arms": {},
+    }
+    start = time.perf_counter()
+    for arm in args.arms:
+        method, overrides = ARMS[arm]
+        cfg = demo_config(None, [*args.set, *overrides])
+        runs = []
+        for seed in range(args.seeds):
+            d = out / "study" / arm / f"seed{seed}"
+            print(f"{arm} seed {seed} -> {d}", flush=True)
+            r = train_stage(
+                cfg, stage=3, model=dense, output_dir=d, data=data / "instruct.json", image_folder=data,
+                method=method, seed=seed, progress=False, log=lambda *_: None,
+            )  # fmt: skip
+            history = json.loads((d / "moe_stats.json").read_text())["history"]
+            row: dict[str, Any] = {"seed": seed, "train_time_s": r.train_time_s}
+            for name, key in HEALTH.items():
+                row[name] = last_quarter(history, key)
+            for split, recs in records.items():
+                ev = _evaluation(r.model_dir, recs, train_records, cfg, progress=False)
+                row[f"{split}_accuracy"] = ev["overall"]
+                row[f"{split}_per_category"] = ev["accuracy"]
+            runs.append(row)
+        results["arms"][arm] = {"runs": runs}
+    results["wall_time_s"] = time.perf_counter() - start
+    summarize(results)
+    return results
+
+
+def summarize(results: dict[str, Any]) -> None:
+    base_runs = {r["seed"]: r for r in results["arms"].get("baseline", {}).get("runs", [])}
+    for arm, entry in results["arms"].items():
+        runs = entry["runs"]
+        summary = {}
+        for key in ("validation_accuracy", "test_accuracy", *HEALTH):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            summary[key] = interval(values) if values else None
+        paired = {}
+        if arm != "baseline" and base_runs:
+            for key in (
+                "validation_accuracy",
+                "test_accuracy",
+                "router_entropy_normalized",
+                "conflict_ratio",
+            ):
+                diffs = [
+                    r[key] - base_runs[r["seed"]][key]
+                    for r in runs
+                    if r["seed"] in base_runs
+                    and r.get(key) is not None
+                    and base_runs[r["seed"]].get(key) is not None
+                ]
+                if diffs:
+                    paired[key] = interval(diffs)
+        entry["summary"] = summary
+        entry["paired_vs_baseline"] = paired
+        # the two numbers issue 11 asks for, at the top level of each arm
+        entry["router_entropy_normalized"] = (
+            summary["router_entropy_normalized"]["mean"] if summary["router_entropy_normalized"] else None
+        )
+        entry["conflict_ratio"] = summary["conflict_ratio"]["mean"] if summary["conflict_ratio"] else None
+
+
+def verdict(paired: dict[str, Any] | None, key: str, better: str) -> str:
+    """ "lower"/"higher" when the 95% interval of the paired difference excludes 0 in that direction."""
+    if not paired or key not in paired or paired[key]["ci95"] is None:
+        return "n/a"
+    m, h = paired[key]["mean"], paired[key]["ci95"]
+    if m + h < 0:
+        return "lower" + (" (as claimed)" if better == "lower" else "")
+    if m - h > 0:
+        return "higher" + (" (as claimed)" if better == "higher" else "")
+    return "no difference at this scale"
+
+
+def _fmt(x: dict | None, pct: bool = False) -> str:
+    if not x:
+        return "n/a"
+    scale = 100 if pct else 1
+    digits = 1 if pct else 3
+    if x["ci95"] is None:
+        return f"{scale * x['mean']:.{digits}f}"
+    return f"{scale * x['mean']:.{digits}f} ± {scale * x['ci95']:.{digits}f}"
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "# STGC / LTDR study (embedded digit benchmark)",
+        "",
+        f"Seeds per arm: {results['config']['seeds']}; mean ± 95% interval (t). Router statistics: mean over "
+        "MoE layers and the last quarter of stage 3. Accuracy: exact match after VQAv2 normalisation, %.",
+        "",
+        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | experts/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, e in results["arms"].items():
+        s = e["summary"]
+        lines.append(
+            f"| {arm} | {_fmt(s['validation_accuracy'], True)} | {_fmt(s['test_accuracy'], True)} | "
+            f"{_fmt(s['router_entropy_normalized'])} | {_fmt(s['router_top1_prob'])} | {_fmt(s['router_logit_std'])} | "
+            f"{_fmt(s['conflict_ratio'])} | {_fmt(s['experts_per_token'])} |"
+        )
+    lines += [
+        "",
+        "## Paired with baseline (same seed), difference and verdict",
+        "",
+        "| arm | Δ test acc (pp) | Δ conflict ratio | verdict: conflicts | Δ router entropy | verdict: routing | uniform? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, e in results["arms"].items():
+        if arm == "baseline":
+            continue
+        p = e["paired_vs_baseline"]
+        flat = e["router_entropy_normalized"] is not None and e["router_entropy_normalized"] > 0.95
+        lines.append(
+            f"| {arm} | {_fmt(p.get('test_accuracy'), True)} | {_fmt(p.get('conflict_ratio'))} | "
+            f"{verdict(p, 'conflict_ratio', 'lower')} | {_fmt(p.get('router_entropy_normalized'))} | "
+            f"{verdict(p, 'router_entropy_normalized', 'lower')} | {'yes (> 0.95)' if flat else 'no'} |"
+        )
+    lines += ["", f"Wall time: {results.get('wall_time_s', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    parser.add_argument("--out", default="runs/study", help="run directory (models, logs)")
+    parser.add_argument("--results", default=str(RESULTS), help="where results.json and report.md go")
+    parser.add_argument("--set", action="append", default=[], help="recipe override for every arm")
+    args = parser.parse_args()
+    args.arms = [a.strip() for a in args.arms.split(",")]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown {unknown}; expected some of {list(ARMS)}")
+    if args.seeds < 1:
+        parser.error(f"--seeds: expected an integer >= 1, got {args.seeds}")
+    results = run(args)
+    dest = Path(args.results)
+    atomic_write_json(dest / "results.json", results)
+    atomic_write_text(dest / "report.md", report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
