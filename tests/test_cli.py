@@ -1,3 +1,6 @@
+"""The command line as a user meets it: help, one-line errors, and the main job end to end (tiny)."""
+
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -12,33 +15,39 @@ runner = CliRunner()
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("train", "eval", "compare", "detect"):
+    for command in ("train", "eval", "export", "compare", "detect"):
         assert command in result.output
 
 
-def test_bad_config_is_a_clear_error(tmp_path):
+def test_bad_recipe_and_bad_paths_are_one_line_errors(tmp_path):
     result = runner.invoke(
-        app, ["train", "--stage", "1", "--config", TINY, "--out", str(tmp_path), "--set", "moe.top_k=9"]
+        app, ["train", "--stage", "1", "--config", TINY, "--out", str(tmp_path / "o"), "--set", "moe.top_k=9"]
     )
-    assert result.exit_code == 2
-    assert "moe.top_k" in result.output and "got 9" in result.output
+    assert result.exit_code == 2 and "top_k" in result.output and "got 9" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+    result = runner.invoke(
+        app, ["train", "--stage", "1", "--out", str(tmp_path / "o"), "--set", "moe.stgc.weight=.inf"]
+    )
+    assert result.exit_code == 2 and "'moe.stgc.weight': expected a finite number" in result.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage1:\n  batchsize: 3\n")
     result = runner.invoke(app, ["compare", "--config", str(bad), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "unknown config key 'stage1.batchsize'" in result.output
-
-
-def test_missing_checkpoint_and_unwritable_output(tmp_path):
-    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "nothing")])
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "nothing"), "--data", str(bad)])
     assert result.exit_code == 2 and "model directory not found" in result.output
-    (tmp_path / "f").write_text("")
     result = runner.invoke(
-        app, ["train", "--stage", "1", "--config", TINY, "--out", str(tmp_path / "f" / "o")]
+        app, ["train", "--stage", "2", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]
     )
-    assert result.exit_code == 2 and "not writable" in result.output
+    assert (
+        result.exit_code == 2
+        and "model directory not found" in result.output
+        and not (tmp_path / "x").exists()
+    )
+    result = runner.invoke(app, ["train", "--stage", "1", "--method", "stgc", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "only stage 3" in result.output
 
 
-def test_compare_end_to_end_on_tiny(tmp_path):
+def test_compare_then_eval_and_export_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = [
         "compare",
@@ -54,8 +63,34 @@ def test_compare_end_to_end_on_tiny(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("report.md", "results.json", "accuracy.png", "expert_load.png", "conflicts.png"):
         assert (out / name).is_file(), name
+    for name in ("captions.json", "instruct.json", "validation.json", "test.json"):
+        assert (out / "data" / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"baseline", "stgc+ltdr"}
+    stgc_ltdr = out / "moe" / "stgc_ltdr" / "seed0"
+    evaluation = tmp_path / "eval.json"
     result = runner.invoke(
-        app, ["eval", "--model", str(out / "moe" / "stgc_ltdr" / "seed0"), "--split", "validation"]
-    )
+        app,
+        ["eval", "--model", str(stgc_ltdr), "--data", str(out / "data" / "validation.json"),
+         "--image-folder", str(out / "data"), "--out", str(evaluation), "--no-progress"],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "overall" in result.output
+    payload = json.loads(evaluation.read_text())
+    predictions = (tmp_path / "eval.predictions.jsonl").read_text().splitlines()
+    assert payload["count"] == len(predictions) > 0
+    hits = sum(json.loads(line)["correct"] for line in predictions)
+    assert abs(payload["overall"] - hits / len(predictions)) < 1e-9
+    # an LTDR model has no exact native class: the moevl format, with the reason
+    result = runner.invoke(app, ["export", "--model", str(stgc_ltdr), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("moevl:")
+    result = runner.invoke(
+        app, ["export", "--model", str(stgc_ltdr), "--out", str(tmp_path / "e2"), "--require-native"]
+    )
+    assert result.exit_code == 2 and "no exact native class" in result.output
+    # a second compare reuses the written data and the dense stages
+    result = runner.invoke(app, [*args[:-3], "--methods", "baseline", "--no-progress"])
+    assert (
+        result.exit_code == 0 and "stage 1: reusing" in result.output and "stage 2: reusing" in result.output
+    )
