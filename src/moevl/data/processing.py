@@ -320,7 +320,13 @@ class ConversationCollator:
         for b, e in enumerate(examples):
             row = ids[b].tolist()
             mask = label_mask(
-                row, lengths[b], e.text, plain["input_ids"][b], plain["offset_mapping"][b], e.spans, self.vision
+                row,
+                lengths[b],
+                e.text,
+                plain["input_ids"][b],
+                plain["offset_mapping"][b],
+                e.spans,
+                self.vision,
             )
             keep = torch.tensor(mask, dtype=torch.bool)
             labels[b, keep] = ids[b, keep]

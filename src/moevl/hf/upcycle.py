@@ -11,6 +11,7 @@ aux losses) is ``moevl.hf.runtime``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from torch import nn
@@ -78,6 +79,10 @@ def upcycle(
     for i in chosen:
         experts = experts_from_mlp(layer_list[i].mlp, settings.num_experts, implementation)
         router = make_router(settings, hidden_size=experts.hidden_size)
+        # MoE-LLaVA's gate is DeepSpeed's torch.nn.Linear(d, E): U(-1/sqrt(d), 1/sqrt(d)), whose logits on unit-RMS
+        # inputs spread ~0.58 whatever d. (HF's std 0.02 gives 0.02 sqrt(d): near-uniform routing at small
+        # widths, which the balancing loss then keeps uniform.)
+        nn.init.kaiming_uniform_(router.weight, a=math.sqrt(5))
         router.to(next(experts.parameters()).device)
         # the new block takes the mode of the MLP it replaces (router jitter only in training)
         layer_list[i].mlp = HFMoEBlock(
