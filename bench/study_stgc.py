@@ -31,9 +31,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("baseline", []),
     "stgc": ("stgc", []),  # the default STGC setting
     "stgc_beta0.1": ("stgc", ["moe.stgc.weight=0.1"]),
-    "stgc_one_minus_p": ("stgc", ["moe.stgc.cel=one_minus_p"]),
-    "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
     "stgc_tau-0.1": ("stgc", ["moe.stgc.threshold=-0.1"]),
+    "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
+    "stgc_one_minus_p": ("stgc", ["moe.stgc.cel=one_minus_p"]),
     "ltdr": ("ltdr", []),
 }
 HEALTH = {
