@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moevl.atomic import atomic_write_text
 from moevl.hf.settings import MoESettings, select_layers
 
 #: Key of the format description in ``config.json`` (and ``config.moevl`` of a moevl checkpoint).
@@ -144,11 +145,8 @@ def staged_directory(directory: str | os.PathLike, *, commit: bool = True) -> It
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file and rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """JSON with sorted keys, written to a temporary file and renamed into place."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _commit(tmp: Path, directory: Path) -> None:
