@@ -37,6 +37,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "logging_steps": 10,
         "save_steps": 100000,  # the final model is saved by the stage; no intermediate checkpoints
         "save_total_limit": 1,
+        # one worker process prepares the next batch (images, processor) while the main thread trains
+        "dataloader_num_workers": 1,
+        "dataloader_persistent_workers": True,
     },
     "stage1": {
         "trainable": ["vision_tower", "projector", "language_model"],
