@@ -83,3 +83,31 @@ def test_method_presets_switch_stgc_and_ltdr(method):
     for f in ("num_experts", "top_k", "layers", "balance_coef"):
         assert getattr(s, f) == getattr(moe, f)
     assert dataclasses.replace(s, stgc=moe.stgc, ltdr=moe.ltdr) == moe
+
+
+def test_demo_file_equals_the_builtin_demo_recipe():
+    from moevl.vlm.compare import demo_config
+
+    demo = demo_config(None)
+    assert demo_config(ROOT / "configs" / "demo.yaml") == demo
+    # the demo is the train defaults with the demo's schedule: stage 3 is still experts and routers
+    assert demo.stage3.trainable == ("experts", "routers") and demo.moe == RunConfig().moe
+    tiny = demo_config(ROOT / "configs" / "tiny.yaml", ["stage2.training.max_steps=7"])
+    assert tiny.training_arguments(2)["max_steps"] == 7 and tiny.demo.benchmark.grid == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["demo.benchmark.grid=5"], "'demo.benchmark.grid': expected 2 or 3, got 5"),
+        (["demo.benchmark.split_fractions=[0.5,0.5,0.5]"], "three positive fractions summing to 1"),
+        (["demo.benchmark.palette=[5,2]"], "'demo.benchmark.palette'"),
+        (["demo.model.text_hidden_size=30"], "text_hidden_size must be a positive multiple of text_heads (4)"),
+    ],
+)
+def test_bad_demo_values(overrides, message):
+    from moevl.vlm.compare import demo_config
+
+    with pytest.raises(ConfigError) as err:
+        demo_config(None, overrides)
+    assert message in str(err.value)
