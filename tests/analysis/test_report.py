@@ -186,3 +186,21 @@ def test_accuracy_axis_is_in_percent(results, tmp_path, monkeypatch):
     write_report(results, tmp_path)
     (ax,) = recorder.figures["accuracy.png"]
     assert "%" in ax["ylabel"] and ax["ylim"][1] > 100
+
+
+def test_router_health_is_reported_and_flat_routers_are_named(results, tmp_path):
+    import copy
+
+    data = copy.deepcopy(results)
+    for method, entropy in (("baseline", 0.90), ("ltdr", 0.99)):
+        for run in data["methods"][method]["runs"].values():
+            for h in run["moe_stats"]["history"]:
+                h["router/entropy_normalized"] = entropy
+                h["router/top1_prob"] = 0.4
+    report = write_report(data, tmp_path).read_text()
+    assert "## Router health" in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert "0.900" in rows["baseline"] and "0.990" in rows["ltdr"]
+    warning = next(line for line in report.splitlines() if line.startswith("**Warning:**"))
+    assert "ltdr" in warning and "baseline" not in warning
+    assert (tmp_path / "router_health.png").is_file()

@@ -43,7 +43,13 @@ HISTORY_KEYS = {
     "tail_share": "ltdr/tail_share",
     "experts_per_token": "moe/experts_per_token",
     "balance_loss": "moe/balance_loss",
+    "router_entropy": "router/entropy_normalized",
+    "router_top1": "router/top1_prob",
+    "router_logit_std": "router/logit_std",
+    "router_mi_modality": "router/mi_modality_normalized",
 }
+#: normalised router entropy above this reads as "the router no longer routes" (issue 11's bar)
+FLAT_ROUTING = 0.95
 
 
 def _history(stats: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -243,6 +249,16 @@ def write_report(results: dict, out: str | Path) -> Path:
             "LTDR: tail tokens and experts per token",
         ):
             plots["tail_share"] = "tail_share.png"
+        if plot_curves(
+            results,
+            [
+                ("normalised router entropy", HISTORY_KEYS["router_entropy"]),
+                ("router top-1 probability", HISTORY_KEYS["router_top1"]),
+            ],
+            out / "router_health.png",
+            "Router health during MoE-tuning (1 = uniform routing)",
+        ):
+            plots["router_health"] = "router_health.png"
     saved = {
         **results,
         "methods": {m: {**e, "summary": summary[m]} for m, e in results.get("methods", {}).items()},
@@ -302,6 +318,27 @@ def write_report(results: dict, out: str | Path) -> Path:
                 f"{_fmt(s['tail_share'])} | {_fmt(s['experts_per_token'])} | {_fmt(s['balance_loss'], digits=4)} |"
             )
         lines += ["", "n/a: the method does not produce this statistic."]
+        lines += [
+            "",
+            "## Router health (mean of the last quarter of training, averaged over MoE layers)",
+            "",
+            "| method | normalised entropy (1 = uniform) | top-1 probability | logit std | MI(expert; modality) / H(modality) |",
+            "|---|---|---|---|---|",
+        ]
+        flat = []
+        for m, s in summary.items():
+            lines.append(
+                f"| {m} | {_fmt(s['router_entropy'])} | {_fmt(s['router_top1'])} | {_fmt(s['router_logit_std'])} | "
+                f"{_fmt(s['router_mi_modality'])} |"
+            )
+            if s["router_entropy"] is not None and s["router_entropy"][0] > FLAT_ROUTING:
+                flat.append(m)
+        if flat:
+            lines += [
+                "",
+                f"**Warning:** the routers of {', '.join(flat)} are close to uniform (normalised entropy > "
+                f"{FLAT_ROUTING}): top-k choice there is nearly noise.",
+            ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
     examples = dense.get("examples", [])
