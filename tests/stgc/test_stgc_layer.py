@@ -76,6 +76,9 @@ def test_layer_conflicts_equal_brute_force(scope, gated, bias, d, h):
     }
     assert flagged == ref_conflicts
     assert 0 < len(flagged) < len(ours)  # the case is not trivial
+    # the share of negative cosines (the conflict ratio at tau = 0, whatever the threshold)
+    negative = sum(c < 0 for c in ref_cos.values()) / len(ref_cos)
+    assert stats.summary()["negative_share"] == pytest.approx(negative)
 
 
 def _one_pass_grads(layer, x, target, loss_scale=1.0, token_mask=None):

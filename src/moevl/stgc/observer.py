@@ -164,6 +164,9 @@ class STGCStats:
             "cosine_std": self.cosine_std,
             "cel": float(self.cel),
             "num_conflicts": float(self.conflicts.sum()),
+            # share of pairs with a negative cosine: the conflict ratio at tau = 0 whatever the run's threshold,
+            # so that runs with different thresholds compare
+            "negative_share": float((self.cosine < 0).float().mean()) if self.cosine.numel() else 0.0,
         }
 
 
