@@ -34,6 +34,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "stgc_tau-0.1": ("stgc", ["moe.stgc.threshold=-0.1"]),
     "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
     "stgc_one_minus_p": ("stgc", ["moe.stgc.cel=one_minus_p"]),
+    "stgc_tau-0.1_beta0.05": ("stgc", ["moe.stgc.threshold=-0.1", "moe.stgc.weight=0.05"]),
+    "stgc_next_best_tau-0.1": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.threshold=-0.1"]),
     "ltdr": ("ltdr", []),
 }
 HEALTH = {
@@ -41,6 +43,7 @@ HEALTH = {
     "router_top1_prob": "router/top1_prob",
     "router_logit_std": "router/logit_std",
     "conflict_ratio": "stgc/conflict_ratio",
+    "negative_cosine_share": "stgc/negative_share",  # the conflict ratio at tau = 0, whatever the arm's tau
     "experts_per_token": "moe/experts_per_token",
 }
 # two-sided 95% Student t quantiles by degrees of freedom
@@ -175,15 +178,15 @@ def report(results: dict[str, Any]) -> str:
         f"Seeds per arm: {results['config']['seeds']}; mean ± 95% interval (t). Router statistics: mean over "
         "MoE layers and the last quarter of stage 3. Accuracy: exact match after VQAv2 normalisation, %.",
         "",
-        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | experts/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | cos < 0 share | experts/token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in results["arms"].items():
         s = e["summary"]
         lines.append(
             f"| {arm} | {_fmt(s['validation_accuracy'], True)} | {_fmt(s['test_accuracy'], True)} | "
             f"{_fmt(s['router_entropy_normalized'])} | {_fmt(s['router_top1_prob'])} | {_fmt(s['router_logit_std'])} | "
-            f"{_fmt(s['conflict_ratio'])} | {_fmt(s['experts_per_token'])} |"
+            f"{_fmt(s['conflict_ratio'])} | {_fmt(s['negative_cosine_share'])} | {_fmt(s['experts_per_token'])} |"
         )
     lines += [
         "",
@@ -215,6 +218,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/study", help="run directory (models, logs)")
     parser.add_argument("--results", default=str(RESULTS), help="where results.json and report.md go")
     parser.add_argument("--set", action="append", default=[], help="recipe override for every arm")
+    parser.add_argument(
+        "--merge", action="store_true", help="add these arms to the results already in --results"
+    )
     args = parser.parse_args()
     args.arms = [a.strip() for a in args.arms.split(",")]
     unknown = [a for a in args.arms if a not in ARMS]
@@ -224,6 +230,12 @@ def main() -> None:
         parser.error(f"--seeds: expected an integer >= 1, got {args.seeds}")
     results = run(args)
     dest = Path(args.results)
+    if args.merge and (dest / "results.json").is_file():
+        old = json.loads((dest / "results.json").read_text())
+        results["arms"] = {**old["arms"], **results["arms"]}
+        results["config"]["arms"] = {**old["config"]["arms"], **results["config"]["arms"]}
+        results["wall_time_s"] += old.get("wall_time_s", 0.0)
+        summarize(results)
     atomic_write_json(dest / "results.json", results)
     atomic_write_text(dest / "report.md", report(results))
     print(report(results))
