@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
+from moevl.moe.activations import ACTIVATION_NAMES, Activation
 from moevl.moe.grouped_mm import can_use_grouped_mm
 from tests.reference import per_token_moe
 
@@ -181,3 +182,25 @@ def test_bad_inputs_have_clear_errors():
         GroupedExperts(num_experts=2, hidden_size=4, intermediate_size=4, activation="nope")
     with pytest.raises(ValueError, match="num_experts"):
         MoEFeedForward(router=TopKRouter(hidden_size=16, num_experts=3, top_k=1), experts=experts)
+
+
+@pytest.mark.parametrize("name", ACTIVATION_NAMES)
+def test_activation_closed_form_backward_equals_autograd(name):
+    """The closed-form ``grad · f'(x)`` (ATen backward kernels) against autograd through the
+    forward, also written in place over ``grad``; the forward against transformers' ``ACT2FN``."""
+    from transformers.activations import ACT2FN
+
+    hf_name = {"gelu_tanh": "gelu_pytorch_tanh"}.get(name, name)  # our internal name of HF's
+    act = Activation.resolve(name)
+    x = torch.cat([torch.randn(101, dtype=torch.float64) * 3, torch.tensor([0.0, -1e-3, 1e-3, 20.0, -20.0])])
+    g = torch.randn_like(x)
+    xx = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(act(xx), xx, g)
+    torch.testing.assert_close(act.backward(g, x), ref)
+    g_inplace = g.clone()
+    assert act.backward(g_inplace, x, out=g_inplace) is g_inplace
+    torch.testing.assert_close(g_inplace, ref)
+    torch.testing.assert_close(act(x), ACT2FN[hf_name](x))
+    # a callable activation goes through autograd and gives the same result
+    via_callable = Activation.resolve(ACT2FN[hf_name])
+    torch.testing.assert_close(via_callable.backward(g, x), ref)
