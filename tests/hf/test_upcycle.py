@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from moevl.hf import HFMoEBlock, load_upcycled, moe_blocks, save_upcycled, upcycle
+from moevl.hf import load_upcycled, moe_blocks, save_upcycled, upcycle
+from moevl.hf.runtime import HFMoEBlock
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import ARCHS, IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava

@@ -83,3 +83,55 @@ def test_switches_and_errors():
         LTDRRouter(hidden_size=8, num_experts=4, top_k=2, tail_top_k=5)
     with pytest.raises(ValueError, match="vision"):
         ltdr_tail_mask(torch.rand(3, 4), torch.ones(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scoring="sigmoid", score_bias=True, num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+        dict(
+            normalize_weights=False, num_groups=4, topk_groups=3, group_score="max", routed_scaling_factor=1.5
+        ),
+    ],
+)
+def test_tail_tokens_take_top_a_under_the_routers_own_rule(options):
+    from tests.moe.test_routing import _loop_decision
+
+    torch.manual_seed(0)
+    router = LTDRRouter(hidden_size=8, num_experts=8, top_k=2, tail_top_k=4, **options)
+    with torch.no_grad():
+        router.weight.normal_()
+        if options.get("score_bias"):
+            router.e_score_correction_bias.normal_(0.0, 0.3)
+    x = torch.randn(30, 8)
+    vision = torch.arange(30) < 18
+    rec = router(x, vision_mask=vision)
+    assert rec.tail_mask.any() and not rec.tail_mask[~vision].any()
+    logits = rec.logits.detach()
+    scores = logits.sigmoid() if options.get("scoring") == "sigmoid" else logits.softmax(-1)
+    if options.get("scoring") == "sigmoid":  # RPV on the normalised sigmoid scores
+        torch.testing.assert_close(rec.probs, scores / scores.sum(-1, keepdim=True))
+    bias = router.e_score_correction_bias if options.get("score_bias") else None
+    common = dict(
+        num_groups=4,
+        topk_groups=options["topk_groups"],
+        group_score=options.get("group_score", "top2_sum"),
+        normalize=options.get("normalize_weights", True),
+        scale=options["routed_scaling_factor"],
+    )
+    head = _loop_decision(scores, bias, 2, **common)
+    tail = _loop_decision(scores, bias, 4, **common)
+    for t in range(30):
+        ref = tail[t] if rec.tail_mask[t] else head[t]
+        got = {j: w for j, w in zip(rec.indices[t].tolist(), rec.weights[t].tolist(), strict=True) if j >= 0}
+        assert got.keys() == ref.keys()
+        for j in ref:
+            assert got[j] == pytest.approx(ref[j], rel=1e-6)
+
+
+def test_tail_top_k_defaults_to_every_choosable_expert():
+    grouped = LTDRRouter(hidden_size=8, num_experts=8, top_k=2, num_groups=4, topk_groups=2)
+    assert grouped.tail_top_k == 4
+    assert LTDRRouter(hidden_size=8, num_experts=8, top_k=2).tail_top_k == 8
+    with pytest.raises(ValueError, match="tail_top_k"):
+        LTDRRouter(hidden_size=8, num_experts=8, top_k=2, tail_top_k=5, num_groups=4, topk_groups=2)

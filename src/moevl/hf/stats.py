@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moevl.hf.upcycle import RoutingContext
+from moevl.hf.runtime import RoutingContext
 
 
 def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:

@@ -7,7 +7,7 @@ slots per token, ``D`` model dim, ``H`` expert hidden dim.
 from moevl.moe.experts import GroupedExperts
 from moevl.moe.layer import MoEFeedForward, MoEOutput
 from moevl.moe.ltdr import LTDRConfig, LTDRRouter, ltdr_tail_mask
-from moevl.moe.routing import RoutingRecord, TopKRouter, apply_capacity, balance_loss, router_z_loss
+from moevl.moe.routing import RoutingRecord, TopKRouter, balance_loss, router_z_loss
 
 __all__ = [
     "GroupedExperts",
@@ -17,7 +17,6 @@ __all__ = [
     "MoEOutput",
     "RoutingRecord",
     "TopKRouter",
-    "apply_capacity",
     "balance_loss",
     "ltdr_tail_mask",
     "router_z_loss",

@@ -30,11 +30,17 @@ class GradientObserverFactory(Protocol):
 
 
 class MoEFeedForward(nn.Module):
-    """Sparse MoE feed-forward block: ``y_t = Σ_{e ∈ topk(t)} w_{t,e} · expert_e(x_t)``.
+    """Sparse MoE feed-forward block: ``y_t = Σ_{e ∈ topk(t)} w_{t,e} · expert_e(x_t) (+ s_t)``.
+
+    ``s_t`` is the optional shared-expert output every token gets: ``shared_experts(x_t)``
+    (DeepSeek-V2/V3, DeepSeekMoE's shared expert isolation) or, with a shared gate,
+    ``sigmoid(shared_gate(x_t)) · shared_experts(x_t)`` (Qwen2-MoE).
 
     Args:
         router: a ``TopKRouter`` (or ``LTDRRouter``).
         experts: the ``GroupedExperts``.
+        shared_experts: a module (..., D) -> (..., D) every token goes through, or None.
+        shared_gate: an ``nn.Linear(D, 1)`` whose sigmoid scales the shared output, or None.
         stgc: an STGC configuration (``moevl.stgc.STGCConfig``) or None. When set and the module is
             training with grad enabled, the experts' backward computes token-gradient conflicts
             and adds the conflict elimination loss gradient to the router logits.
@@ -47,6 +53,8 @@ class MoEFeedForward(nn.Module):
         *,
         router: TopKRouter,
         experts: GroupedExperts,
+        shared_experts: nn.Module | None = None,
+        shared_gate: nn.Linear | None = None,
         stgc: GradientObserverFactory | None = None,
         stgc_scale: float = 1.0,
     ) -> None:
@@ -59,8 +67,19 @@ class MoEFeedForward(nn.Module):
             raise ValueError(
                 f"router.hidden_size ({router.hidden_size}) != experts.hidden_size ({experts.hidden_size})"
             )
+        if shared_gate is not None and shared_experts is None:
+            raise ValueError("shared_gate was given without shared_experts")
+        if shared_gate is not None and (
+            not isinstance(shared_gate, nn.Linear)
+            or (shared_gate.in_features, shared_gate.out_features) != (experts.hidden_size, 1)
+        ):
+            raise ValueError(
+                f"shared_gate must be an nn.Linear({experts.hidden_size}, 1), got {shared_gate!r}"
+            )
         self.router = router
         self.experts = experts
+        self.shared_experts = shared_experts
+        self.shared_gate = shared_gate
         self.stgc = stgc
         self.stgc_scale = stgc_scale
 
@@ -85,7 +104,7 @@ class MoEFeedForward(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
         flat_tok = None if token_mask is None else _flat_mask(token_mask, lead, "token_mask")
         flat_vis = None if vision_mask is None else _flat_mask(vision_mask, lead, "vision_mask")
-        logits = self.router.compute_logits(x)  # (N, E)
+        logits, score_bias = self.routing_inputs(x)  # (N, E), (E,) or None
         if self.stgc is not None and self.training and torch.is_grad_enabled():
             observer = self.stgc.new_observer(scale=self.stgc_scale)
             # Every use of the logits goes through the guard, so its backward (just before the
@@ -93,14 +112,37 @@ class MoEFeedForward(nn.Module):
             # experts also take the logits as an input and return their STGC gradient: a real data
             # dependency, so autograd always runs the experts' backward first.
             logits = self.stgc.guard_logits(logits, observer)
-            record = self.router.route(logits, token_mask=flat_tok, vision_mask=flat_vis)
+            record = self.router.route(
+                logits, token_mask=flat_tok, vision_mask=flat_vis, score_bias=score_bias
+            )
             y, anchor = self.experts(x, record.indices, record.weights, observer=observer, observed=logits)
             record.stgc = observer.stats
             record.cel_anchor = anchor
         else:
-            record = self.router.route(logits, token_mask=flat_tok, vision_mask=flat_vis)
+            record = self.router.route(
+                logits, token_mask=flat_tok, vision_mask=flat_vis, score_bias=score_bias
+            )
             y, _ = self.experts(x, record.indices, record.weights)
+        shared = self.shared_output(x)
+        if shared is not None:
+            if flat_tok is not None:  # padding gets no output from any expert, shared ones included
+                shared = shared * flat_tok[:, None].to(shared.dtype)
+            y = y + shared
         return MoEOutput(y.reshape(*lead, -1), record)
+
+    def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Router logits (N, E) of the tokens x (N, D) and the score bias the choice uses (None:
+        the router's own). Subclasses that keep another module's router override it."""
+        return self.router.compute_logits(x), None
+
+    def shared_output(self, x: Tensor) -> Tensor | None:
+        """(N, D) shared-expert output of x (N, D), or None without shared experts."""
+        if self.shared_experts is None:
+            return None
+        out = self.shared_experts(x)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x)) * out
+        return out
 
 
 def _flat_mask(mask: Tensor, lead: torch.Size, name: str) -> Tensor:

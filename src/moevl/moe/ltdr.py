@@ -11,11 +11,21 @@ Two parts, each switchable so the paper's ablations can be run:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from moevl.moe.routing import BalanceFrom, RoutingRecord, TopKRouter, _check_masks, select_experts
+from moevl.moe.checks import check_bool, check_int
+from moevl.moe.routing import (
+    RoutingRecord,
+    TopKRouter,
+    _check_masks,
+    combine_weights,
+    routing_probs,
+    routing_scores,
+    select_experts,
+)
 
 
 @dataclass(frozen=True)
@@ -23,7 +33,8 @@ class LTDRConfig:
     """LTDR options.
 
     Attributes:
-        tail_top_k: ``a``, experts for vision tail tokens (``k < a <= E``; None means ``E``).
+        tail_top_k: ``a``, experts for vision tail tokens (``k <= a <= E``; None means every
+            expert a token may choose: ``E`` without group limits).
             ``a == k`` is allowed and turns VsDEA off in effect.
         language_only_balance: MsDaR, the balancing loss over language tokens only.
         vision_tail: VsDEA, tail vision tokens get ``tail_top_k`` experts.
@@ -32,6 +43,12 @@ class LTDRConfig:
     tail_top_k: int | None = None
     language_only_balance: bool = True
     vision_tail: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tail_top_k is not None:
+            check_int("tail_top_k", self.tail_top_k, minimum=1)
+        check_bool("language_only_balance", self.language_only_balance)
+        check_bool("vision_tail", self.vision_tail)
 
 
 def ltdr_tail_mask(probs: Tensor, vision: Tensor) -> Tensor:
@@ -63,42 +80,32 @@ class LTDRRouter(TopKRouter):
     """Top-k router with LTDR's modality-aware balancing and tail-token expert allocation.
 
     With ``tail_top_k == top_k`` and ``language_only_balance=False`` it equals ``TopKRouter``.
-    The allocation rule is the same at training and at inference.
+    The allocation rule is the same at training and at inference. A tail token takes its top-``a``
+    experts under the router's own rule (scoring, score bias, group limit, renormalisation,
+    scaling: ``TopKRouter``), so LTDR combines with every native router's semantics.
+
+    Args:
+        tail_top_k: ``a``, experts of a vision tail token, in ``[top_k, max_choosable]``; None:
+            every expert a token may choose (E without group limits).
+        language_only_balance: MsDaR, the balancing loss over language tokens only.
+        vision_tail: VsDEA, tail vision tokens get ``tail_top_k`` experts.
+        router_options: ``TopKRouter``'s keyword arguments (sizes, scoring, groups, ...).
     """
 
     def __init__(
         self,
         *,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
         tail_top_k: int | None = None,
         language_only_balance: bool = True,
         vision_tail: bool = True,
-        normalize_weights: bool = True,
-        balance_from: BalanceFrom = "top1",
-        capacity_factor: float | None = None,
-        jitter: float = 0.0,
-        dtype: torch.dtype = torch.float32,
+        **router_options: Any,
     ) -> None:
-        super().__init__(
-            hidden_size=hidden_size,
-            num_experts=num_experts,
-            top_k=top_k,
-            normalize_weights=normalize_weights,
-            balance_from=balance_from,
-            capacity_factor=capacity_factor,
-            jitter=jitter,
-            dtype=dtype,
-        )
-        tail_top_k = num_experts if tail_top_k is None else tail_top_k
-        if not top_k <= tail_top_k <= num_experts:
-            raise ValueError(
-                f"tail_top_k must be in [top_k={top_k}, num_experts={num_experts}], got {tail_top_k}"
-            )
+        super().__init__(**router_options)
+        tail_top_k = self.max_choosable if tail_top_k is None else tail_top_k
+        check_int("tail_top_k", tail_top_k, minimum=self.top_k, maximum=self.max_choosable)
         self.tail_top_k = tail_top_k
-        self.language_only_balance = language_only_balance
-        self.vision_tail = vision_tail
+        self.language_only_balance = check_bool("language_only_balance", language_only_balance)
+        self.vision_tail = check_bool("vision_tail", vision_tail)
 
     @property
     def max_experts_per_token(self) -> int:
@@ -111,21 +118,27 @@ class LTDRRouter(TopKRouter):
         )
 
     def route(
-        self, logits: Tensor, *, token_mask: Tensor | None = None, vision_mask: Tensor | None = None
+        self,
+        logits: Tensor,
+        *,
+        token_mask: Tensor | None = None,
+        vision_mask: Tensor | None = None,
+        score_bias: Tensor | None = None,
     ) -> RoutingRecord:
         """LTDR decision from router logits (N, E); ``vision_mask`` (N,) bool marks vision tokens
-        (None: every token is text)."""
+        (None: every token is text). ``score_bias`` as ``TopKRouter.route``."""
         token_mask = _check_masks(logits, token_mask, vision_mask)
         vision = torch.zeros_like(token_mask) if vision_mask is None else vision_mask & token_mask
-        probs = logits.softmax(-1)
+        scores = routing_scores(logits, self.scoring)  # (N, E) fp32
+        probs = routing_probs(scores, self.scoring)
         if self.vision_tail:
             tail = ltdr_tail_mask(probs, vision)
         else:
             tail = torch.zeros_like(token_mask)
         num_selected = torch.where(tail, self.tail_top_k, self.top_k) * token_mask
-        indices, weights = select_experts(
-            probs, num_selected, self.max_experts_per_token, normalize=self.normalize_weights
-        )
+        choice = self.choice_scores(scores, score_bias)
+        indices = select_experts(choice, num_selected, self.max_experts_per_token)
+        weights = combine_weights(scores, indices, normalize=self.normalize_weights)
         balance_mask = token_mask & ~vision if self.language_only_balance else token_mask
         return self._finish(
             logits,

@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moevl.moe.checks import check_bool, check_choice, check_float, check_int
+
 BalanceFrom = Literal["top1", "topk"]
+Scoring = Literal["softmax", "sigmoid"]
+GroupScore = Literal["max", "top2_sum"]
 
 
 @dataclass
@@ -27,7 +31,8 @@ class RoutingRecord:
 
     Attributes:
         logits: (N, E) router logits, in the router dtype (fp32 by default).
-        probs: (N, E) softmax of the logits.
+        probs: (N, E) routing probabilities: the softmax of the logits, or for sigmoid routers
+            [our choice] the sigmoid scores normalised to sum to 1 (``routing_probs``).
         indices: (N, K) chosen experts, ``-1`` for unused slots.
         weights: (N, K) combine weights, 0 for unused slots.
         token_mask: (N,) bool, True for real tokens (False: padding, excluded everywhere).
@@ -134,37 +139,132 @@ def apply_capacity(
     return new_indices, new_weights
 
 
-def select_experts(
-    probs: Tensor, num_selected: Tensor | int, max_k: int, *, normalize: bool
-) -> tuple[Tensor, Tensor]:
-    """Top-``num_selected`` experts per token, in (N, max_k) slots (extra slots unused).
+def routing_scores(logits: Tensor, scoring: Scoring) -> Tensor:
+    """(N, E) fp32 expert scores from router logits (N, E).
+
+    ``softmax`` (Switch, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2: ``softmax(z.float())``) or
+    ``sigmoid`` (DeepSeek-V3: ``sigmoid(z)`` on fp32 logits), the same ops as transformers.
+    """
+    z = logits.float()
+    return z.softmax(dim=-1) if scoring == "softmax" else z.sigmoid()
+
+
+def routing_probs(scores: Tensor, scoring: Scoring) -> Tensor:
+    """(N, E) routing probabilities for balancing, statistics and LTDR's RPV.
+
+    The softmax scores themselves; for sigmoid scoring [our choice] the scores normalised to sum
+    to 1 per token (DeepSeek-V3 itself balances with a bias, not a loss on probabilities).
+    """
+    if scoring == "softmax":
+        return scores
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def limit_to_groups(choice: Tensor, *, num_groups: int, topk_groups: int, group_score: GroupScore) -> Tensor:
+    """Group-limited routing (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3): the E experts
+    form ``num_groups`` equal groups; each token may only choose experts of its ``topk_groups``
+    best groups, a group scored by its best expert (``max``, V2) or the sum of its best two
+    (``top2_sum``, V3). Other experts' choice scores become ``-inf``.
+
+    NOTE: transformers' V2 masks with 0.0 instead of -inf; the chosen experts are the same whenever
+    ``k <= topk_groups · E / num_groups`` (the routers check it), up to experts whose softmax score
+    underflowed to exactly 0, which get weight 0 either way.
 
     Args:
-        probs: (N, E) routing probabilities.
+        choice: (N, E) scores the choice is made on.
+    Returns:
+        (N, E) the masked choice scores.
+    """
+    n, e = choice.shape
+    grouped = choice.view(n, num_groups, e // num_groups)  # (N, G, E/G)
+    if group_score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N, G)
+    # sorted=False as transformers: only the set of groups matters (and its tie-breaking is theirs)
+    group_idx = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]  # (N, topk_groups)
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    expert_mask = group_mask.unsqueeze(-1).expand(n, num_groups, e // num_groups).reshape(n, e)
+    return choice.masked_fill(~expert_mask.bool(), float("-inf"))
+
+
+def select_experts(choice: Tensor, num_selected: Tensor | int, max_k: int) -> Tensor:
+    """The top-``num_selected`` experts of each token by ``choice``, in (N, max_k) slots.
+
+    Slots are sorted by choice score, best first (transformers' DeepSeek routers leave them
+    unsorted: the same set; the weighted sum does not depend on the order). Ties are broken as
+    ``torch.topk`` breaks them. Slots beyond a token's ``num_selected`` hold -1.
+
+    Args:
+        choice: (N, E) choice scores (``-inf`` for experts a token may not choose).
         num_selected: int or (N,) long, experts for each token (0 for padding).
         max_k: slots per token, ``>= num_selected``.
-        normalize: renormalise the selected weights to sum to 1 (MoE-LLaVA).
+    Returns:
+        (N, max_k) long indices.
     """
-    weights, indices = probs.topk(max_k, dim=-1)  # (N, max_k), sorted descending
-    slot = torch.arange(max_k, device=probs.device)
+    indices = choice.topk(max_k, dim=-1).indices  # (N, max_k), sorted descending
+    slot = torch.arange(max_k, device=choice.device)
     if isinstance(num_selected, int):
         used = (slot < num_selected).expand_as(indices)
     else:
         used = slot[None, :] < num_selected[:, None]
-    weights = weights * used
+    return torch.where(used, indices, torch.full_like(indices, -1))
+
+
+def combine_weights(scores: Tensor, indices: Tensor, *, normalize: bool) -> Tensor:
+    """(N, K) combine weights: the scores of the chosen experts, renormalised to sum to 1 when
+    ``normalize`` (``w / Σ w`` as transformers; a token with no expert gets zeros); 0 for unused slots.
+
+    NOTE: DeepSeek-V3 divides by ``Σ w + 1e-20``; in fp32 that equals ``Σ w`` unless the sum is
+    below ~1e-13, i.e. unless every chosen sigmoid score is (numerically) zero.
+    """
+    weights = scores.gather(1, indices.clamp_min(0)) * (indices >= 0)
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-    indices = torch.where(used, indices, torch.full_like(indices, -1))
-    return indices, weights
+    return weights
 
 
 class TopKRouter(nn.Module):
-    """Linear router with softmax top-k gating, balancing loss, z-loss and optional capacity.
+    """Linear router with top-k gating, balancing loss, z-loss and optional capacity.
 
-    MoE-LLaVA stage 3 uses ``top_k=2`` with renormalised top-2 weights, a balancing coefficient
-    of 0.01 and a router computed in fp32. moevl is dropless (``capacity_factor=None``) and
-    deterministic at inference by default; ``jitter`` (Switch's multiplicative input noise) acts in
-    training only.
+    The decision, with the options of transformers' native MoE routers (same ops, same order):
+
+    1. scores ``s = softmax(z)`` or ``sigmoid(z)`` of the logits ``z`` (fp32);
+    2. choice scores ``s + b`` with a score-correction bias ``b`` (DeepSeek-V3's
+       ``e_score_correction_bias``, used for the choice only), then group-limited (DeepSeek);
+    3. the top-k experts by choice score; weights ``s`` of the chosen experts, renormalised to
+       sum to 1 when ``normalize_weights``, then times ``routed_scaling_factor``.
+
+    MoE-LLaVA stage 3 uses softmax, ``top_k=2`` with renormalised weights, a balancing
+    coefficient of 0.01 and a router computed in fp32 (the defaults). Native families:
+    Mixtral, Qwen3-VL-MoE (softmax, renormalised); Qwen2-MoE, Qwen3-MoE, OLMoE (softmax,
+    renormalised iff ``norm_topk_prob``); DeepSeek-V2 (softmax, not renormalised, optionally groups
+    scored by their best expert, scaling factor); DeepSeek-V3 (sigmoid, bias, groups scored by their
+    best two experts, renormalised iff ``norm_topk_prob``, scaling factor).
+
+    moevl is dropless (``capacity_factor=None``) and deterministic at inference by default;
+    ``jitter`` (Switch's multiplicative input noise) acts in training only.
+
+    Args:
+        hidden_size: D.
+        num_experts: E.
+        top_k: experts per token, at most the experts a token may choose
+            (``topk_groups · E / num_groups``).
+        scoring: ``softmax`` or ``sigmoid``.
+        normalize_weights: renormalise the chosen experts' weights to sum to 1.
+        score_bias: keep a bias buffer ``e_score_correction_bias`` (E,), zeros, added to the scores
+            for the choice only (DeepSeek-V3's name, so state dicts match).
+        num_groups: expert groups for group-limited routing (must divide E); 1: no groups.
+        topk_groups: groups a token may choose from (default: all, no limit).
+        group_score: how a group is scored: ``max`` (DeepSeek-V2) or ``top2_sum`` (DeepSeek-V3).
+        routed_scaling_factor: factor on the final weights (DeepSeek).
+        balance_from: ``top1`` or ``topk`` expert fractions in the balancing loss.
+        capacity_factor: None (dropless) or the capacity factor.
+        jitter: multiplicative router input noise in training, in ``[0, 1)``.
+        dtype: the router's compute dtype (fp32).
+        own_weight: False for a router whose logits another module computes (``moevl.hf.adopt``
+            keeps a transformers router for them): no weight, no bias buffer (the bias is passed to
+            ``route``), ``compute_logits`` refuses; the owner calls ``route(logits)``.
     """
 
     def __init__(
@@ -173,43 +273,99 @@ class TopKRouter(nn.Module):
         hidden_size: int,
         num_experts: int,
         top_k: int,
+        scoring: Scoring = "softmax",
         normalize_weights: bool = True,
+        score_bias: bool = False,
+        num_groups: int = 1,
+        topk_groups: int | None = None,
+        group_score: GroupScore = "top2_sum",
+        routed_scaling_factor: float = 1.0,
         balance_from: BalanceFrom = "top1",
         capacity_factor: float | None = None,
         jitter: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        own_weight: bool = True,
     ) -> None:
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if balance_from not in ("top1", "topk"):
-            raise ValueError(f"balance_from must be 'top1' or 'topk', got {balance_from!r}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        check_int("hidden_size", hidden_size, minimum=1)
+        check_int("num_experts", num_experts, minimum=1)
+        check_choice("scoring", scoring, ("softmax", "sigmoid"))
+        check_bool("normalize_weights", normalize_weights)
+        check_bool("score_bias", score_bias)
+        check_int("num_groups", num_groups, minimum=1, maximum=num_experts)
+        if num_experts % num_groups:
+            raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups}")
+        topk_groups = num_groups if topk_groups is None else topk_groups
+        check_int("topk_groups", topk_groups, minimum=1, maximum=num_groups)
+        check_choice("group_score", group_score, ("max", "top2_sum"))
+        if group_score == "top2_sum" and topk_groups < num_groups and num_experts // num_groups < 2:
+            raise ValueError(
+                f"group_score='top2_sum' needs at least 2 experts per group, got {num_experts // num_groups}"
+            )
+        max_choosable = topk_groups * (num_experts // num_groups)
+        check_int("top_k", top_k, minimum=1, maximum=max_choosable)
+        check_float("routed_scaling_factor", routed_scaling_factor, minimum=0.0, exclusive_minimum=True)
+        check_choice("balance_from", balance_from, ("top1", "topk"))
+        if capacity_factor is not None:
+            check_float("capacity_factor", capacity_factor, minimum=0.0, exclusive_minimum=True)
+        check_float("jitter", jitter, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        check_bool("own_weight", own_weight)
+        if not own_weight and jitter > 0:
+            raise ValueError(
+                f"jitter acts on the router's own input; a router with own_weight=False has none (jitter={jitter})"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
+        self.scoring: Scoring = scoring
         self.normalize_weights = normalize_weights
+        self.uses_score_bias = score_bias
+        self.num_groups = num_groups
+        self.topk_groups = topk_groups
+        self.group_score: GroupScore = group_score
+        self.routed_scaling_factor = float(routed_scaling_factor)
         self.balance_from: BalanceFrom = balance_from
         self.capacity_factor = capacity_factor
         self.jitter = jitter
         self.router_dtype = dtype
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
+        self.own_weight = own_weight
+        if own_weight:
+            self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+            nn.init.normal_(self.weight, std=0.02)
+            if score_bias:
+                self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    @property
+    def max_choosable(self) -> int:
+        """Experts a token may choose from: ``topk_groups · E / num_groups``."""
+        return self.topk_groups * (self.num_experts // self.num_groups)
 
     @property
     def max_experts_per_token(self) -> int:
         return self.top_k
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}"
+        parts = [f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}"]
+        if self.scoring != "softmax":
+            parts.append(f"scoring={self.scoring}")
+        if not self.normalize_weights:
+            parts.append("normalize_weights=False")
+        if self.uses_score_bias:
+            parts.append("score_bias=True")
+        if self.topk_groups < self.num_groups:
+            parts.append(f"groups={self.topk_groups}/{self.num_groups} by {self.group_score}")
+        if self.routed_scaling_factor != 1.0:
+            parts.append(f"routed_scaling_factor={self.routed_scaling_factor}")
+        if not self.own_weight:
+            parts.append("own_weight=False")
+        return ", ".join(parts)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """(N, D) -> (N, E) logits in the router dtype."""
+        if not self.own_weight:
+            raise RuntimeError(
+                "this router has no weight of its own (own_weight=False): its owner computes the logits"
+            )
         if self.training and self.jitter > 0:
             noise = torch.empty_like(hidden).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             hidden = hidden * noise
@@ -224,14 +380,48 @@ class TopKRouter(nn.Module):
         return self.route(self.compute_logits(hidden), token_mask=token_mask, vision_mask=vision_mask)
 
     def route(
-        self, logits: Tensor, *, token_mask: Tensor | None = None, vision_mask: Tensor | None = None
+        self,
+        logits: Tensor,
+        *,
+        token_mask: Tensor | None = None,
+        vision_mask: Tensor | None = None,
+        score_bias: Tensor | None = None,
     ) -> RoutingRecord:
-        """Top-k decision from router logits (N, E)."""
+        """Top-k decision from router logits (N, E).
+
+        ``score_bias`` (E,): the choice bias when it lives elsewhere (an adopted DeepSeek-V3
+        router's ``e_score_correction_bias``); None: the router's own buffer.
+        """
         token_mask = _check_masks(logits, token_mask, vision_mask)
-        probs = logits.softmax(-1)
-        num_selected = token_mask.long() * self.top_k
-        indices, weights = select_experts(probs, num_selected, self.top_k, normalize=self.normalize_weights)
+        scores = routing_scores(logits, self.scoring)  # (N, E) fp32
+        indices = select_experts(
+            self.choice_scores(scores, score_bias), token_mask.long() * self.top_k, self.top_k
+        )
+        weights = combine_weights(scores, indices, normalize=self.normalize_weights)
+        probs = routing_probs(scores, self.scoring)
         return self._finish(logits, probs, indices, weights, token_mask, vision_mask, balance_mask=token_mask)
+
+    def choice_scores(self, scores: Tensor, score_bias: Tensor | None = None) -> Tensor:
+        """(N, E) the scores the top-k choice is made on: bias added, group limit applied."""
+        if score_bias is None and self.uses_score_bias:
+            if not self.own_weight:
+                raise ValueError(
+                    "this router uses a score bias that lives elsewhere: pass score_bias to route()"
+                )
+            score_bias = self.e_score_correction_bias
+        elif score_bias is not None:
+            if not self.uses_score_bias:
+                raise ValueError("score_bias was given to a router built with score_bias=False")
+            if score_bias.shape != (self.num_experts,):
+                raise ValueError(
+                    f"score_bias must have shape ({self.num_experts},), got {tuple(score_bias.shape)}"
+                )
+        choice = scores if score_bias is None else scores + score_bias
+        if self.topk_groups < self.num_groups:
+            choice = limit_to_groups(
+                choice, num_groups=self.num_groups, topk_groups=self.topk_groups, group_score=self.group_score
+            )
+        return choice
 
     def _finish(
         self,
@@ -255,6 +445,8 @@ class TopKRouter(nn.Module):
                 capacity_factor=self.capacity_factor,
                 renormalize=self.normalize_weights,
             )
+        if self.routed_scaling_factor != 1.0:  # after renormalisation, as DeepSeek
+            weights = weights * self.routed_scaling_factor
         return RoutingRecord(
             logits=logits,
             probs=probs,

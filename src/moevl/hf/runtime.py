@@ -1,0 +1,216 @@
+"""The Hugging Face runtime of moevl's MoE layers, shared by ``upcycle`` and ``adopt``.
+
+A model with moevl MoE layers owns one ``RoutingContext`` (``model.moe_context``). A forward
+pre-hook on the model sets it from the input ids (vision positions: the config's image and video
+token ids) and the attention mask, once per forward; every ``HFMoEBlock`` reads it and leaves its
+``RoutingRecord`` there. A forward hook adds the layers' auxiliary losses to ``outputs.loss``, so
+any trainer (HF Trainer, accelerate, a plain loop) optimises them. No globals; the context is
+explicit state of the model that the next forward replaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moevl.hf.settings import MoESettings
+from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, RoutingRecord, TopKRouter
+from moevl.stgc import STGCConfig
+
+#: Config attributes (of the model's top config) holding token ids whose positions are vision
+#: features: images and videos (LLaVA-family, Qwen2-VL, Qwen3-VL, LLaVA-OneVision, ...).
+VISION_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def vision_token_ids(config: Any) -> tuple[int, ...]:
+    """The vision placeholder token ids named in ``config`` (``VISION_TOKEN_ATTRIBUTES``), in order."""
+    ids: list[int] = []
+    for name in VISION_TOKEN_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value not in ids:
+            ids.append(value)
+    return tuple(ids)
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward routing inputs shared by the MoE layers of one model, and their records.
+
+    Set by the model's forward pre-hook; read by every ``HFMoEBlock``. The masks stay until the
+    next forward of the model, so that gradient checkpointing recomputes the same routing.
+
+    Attributes:
+        vision_token_ids: token ids whose positions are vision features (image and video tokens).
+        aux_scale: factor on the auxiliary losses added to ``outputs.loss`` (``MoETrainer`` sets
+            ``1 / gradient_accumulation_steps`` when the task loss is normalised over the whole
+            accumulated batch, so the aux terms keep their per-micro-batch weight).
+        disable_native_aux_loss: the forward passes ``output_router_logits=False`` to the model, so
+            that transformers adds no auxiliary loss of its own (an adopted model whose balancing
+            moevl does instead).
+        token_mask: (B, T) bool, real tokens of the current forward, or None (all real).
+        vision_mask: (B, T) bool, vision-feature positions, or None (all text).
+        records: the ``RoutingRecord`` of each MoE layer in the last forward, by layer index.
+    """
+
+    vision_token_ids: tuple[int, ...] = ()
+    aux_scale: float = 1.0
+    disable_native_aux_loss: bool = False
+    token_mask: Tensor | None = None
+    vision_mask: Tensor | None = None
+    records: dict[int, RoutingRecord] = field(default_factory=dict)
+
+    def begin(self, input_ids: Tensor | None, attention_mask: Tensor | None, seq_len: int | None) -> None:
+        """Set the masks for a new forward (input_ids (B, T); attention_mask (B, T_past + T))."""
+        self.records = {}
+        if input_ids is not None:
+            seq_len = input_ids.shape[-1]
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and seq_len is not None:
+            token_mask = attention_mask[:, -seq_len:].bool()
+        vision = None
+        if input_ids is not None and self.vision_token_ids:
+            ids = torch.tensor(self.vision_token_ids, dtype=input_ids.dtype, device=input_ids.device)
+            vision = torch.isin(input_ids, ids)
+            if token_mask is not None:
+                vision = vision & token_mask
+        self.token_mask, self.vision_mask = token_mask, vision
+
+    def masks_for(self, batch_shape: torch.Size) -> tuple[Tensor | None, Tensor | None]:
+        """The masks when they describe hidden states of this (B, T); otherwise all-real text."""
+        tok, vis = self.token_mask, self.vision_mask
+        tok = tok if tok is not None and tok.shape == batch_shape else None
+        vis = vis if vis is not None and vis.shape == batch_shape else None
+        return tok, vis
+
+
+class HFMoEBlock(MoEFeedForward):
+    """``MoEFeedForward`` in the place of a Hugging Face decoder MLP: (B, T, D) -> (B, T, D)."""
+
+    def __init__(
+        self,
+        *,
+        router: TopKRouter,
+        experts: GroupedExperts,
+        layer_index: int,
+        context: RoutingContext,
+        shared_experts: nn.Module | None = None,
+        shared_gate: nn.Linear | None = None,
+        stgc: STGCConfig | None = None,
+        stgc_scale: float = 1.0,
+    ) -> None:
+        super().__init__(
+            router=router,
+            experts=experts,
+            shared_experts=shared_experts,
+            shared_gate=shared_gate,
+            stgc=stgc,
+            stgc_scale=stgc_scale,
+        )
+        self.layer_index = layer_index
+        self.__dict__["context"] = context  # shared, not a submodule, not saved
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # type: ignore[override]
+        token_mask, vision_mask = self.context.masks_for(hidden_states.shape[:-1])
+        out, record = super().forward(hidden_states, token_mask=token_mask, vision_mask=vision_mask)
+        # NOTE: setdefault, so that a gradient-checkpointing recompute (during backward) does not
+        # replace the record whose STGC statistics that backward fills.
+        self.context.records.setdefault(self.layer_index, record)
+        return out
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (of a CausalLM or a LLaVA-family wrapper), found by structure."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = decoder if decoder is not None else model
+    for _, module in decoder.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(m, "mlp") for m in module):
+            return module
+    raise ValueError(
+        f"found no decoder layer list in {type(model).__name__} (looked for an nn.ModuleList "
+        "whose layers all have an `mlp` attribute, under model.get_decoder())"
+    )
+
+
+def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) -> TopKRouter:
+    """The ``TopKRouter`` (or ``LTDRRouter``) of ``settings``; ``semantics`` are extra router
+    options (scoring, groups, ... of an adopted model)."""
+    common: dict[str, Any] = dict(
+        hidden_size=hidden_size,
+        num_experts=settings.num_experts,
+        top_k=settings.top_k,
+        balance_from=settings.balance_from,
+        capacity_factor=settings.capacity_factor,
+        jitter=settings.jitter,
+        **semantics,
+    )
+    if settings.ltdr is not None:
+        return LTDRRouter(
+            **common,
+            tail_top_k=settings.ltdr.tail_top_k,
+            language_only_balance=settings.ltdr.language_only_balance,
+            vision_tail=settings.ltdr.vision_tail,
+        )
+    return TopKRouter(**common)
+
+
+def attach(model: nn.Module, *, settings: MoESettings, context: RoutingContext) -> None:
+    """Give ``model`` its context and resolved settings (also in ``config.moevl``) and the hooks."""
+    model.__dict__["moe_context"] = context
+    model.__dict__["moe_settings"] = settings
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.moevl = settings.to_dict()
+    model.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    model.register_forward_hook(_add_aux_loss)
+
+
+def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    seq_len = embeds.shape[1] if embeds is not None else None
+    if not isinstance(input_ids, Tensor):
+        input_ids = None
+    context: RoutingContext = module.moe_context
+    context.begin(input_ids, kwargs.get("attention_mask"), seq_len)
+    if context.disable_native_aux_loss:
+        return args, {**kwargs, "output_router_logits": False}
+    return None
+
+
+def aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum over the MoE layers of the last forward: ``α·L_balance + z·L_z`` plus the STGC anchors.
+
+    ``α`` is ``settings.balance_coef``; None (the model's own balancing) adds no moevl term.
+    """
+    context: RoutingContext = model.moe_context
+    settings: MoESettings = model.moe_settings
+    balance_coef = settings.balance_coef if settings.balance_coef is not None else 0.0
+    total = None
+    for record in context.records.values():
+        term = record.aux_loss(balance_coef, settings.z_loss_coef)
+        total = term if total is None else total + term
+    return None if total is None else total * context.aux_scale
+
+
+def _add_aux_loss(module: nn.Module, args: tuple, output: Any) -> Any:
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        extra = aux_loss(module)
+        if extra is not None:
+            output.loss = loss + extra.to(loss.dtype)
+    return output
+
+
+def moe_blocks(model: nn.Module) -> list[HFMoEBlock]:
+    """The moevl MoE layers of a model (upcycled or adopted), in layer order."""
+    return [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+
+
+def freeze_all_but_moe(model: nn.Module) -> None:
+    """Train only the MoE layers' parameters (routers, experts, shared experts): MoE-LLaVA stage 3."""
+    trainable = {id(p) for block in moe_blocks(model) for p in block.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)

@@ -1,0 +1,224 @@
+"""``MoESettings``: the one MoE settings object, from a recipe through ``upcycle``/``adopt`` to
+``config.moevl`` of the saved checkpoint.
+
+A field left ``None`` means "the default of the model it is applied to": ``upcycle`` and ``adopt``
+resolve it and store the resolved settings on the model (``model.moe_settings``) and in its config,
+so a checkpoint reloads with exactly the same MoE layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moevl.moe.checks import check_choice, check_float, check_int
+from moevl.moe.ltdr import LTDRConfig
+from moevl.stgc import STGCConfig
+
+LayerRule = Literal["alternate", "all", "first_half", "second_half"]
+LayerSpec = LayerRule | Sequence[int]
+LAYER_RULES: tuple[str, ...] = ("alternate", "all", "first_half", "second_half")
+ROUTERS: tuple[str, ...] = ("topk", "ltdr")
+
+#: MoE-LLaVA's balancing coefficient α, the default of an upcycled model (it has no loss of its own).
+UPCYCLE_BALANCE_COEF = 0.01
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """How the sparse layers of a model are built, routed and trained.
+
+    Attributes:
+        num_experts: E. ``upcycle`` needs it; ``adopt`` reads it from the model (None) or checks it.
+        top_k: experts per token. ``upcycle`` needs it; ``adopt`` reads it from the model or checks it.
+        layers: which decoder layers are MoE: ``"alternate"`` (every other layer from 0, MoE-LLaVA),
+            ``"all"``, ``"first_half"``, ``"second_half"`` or layer indices. None: ``upcycle`` uses
+            ``"alternate"``, ``adopt`` every sparse block of the model. Stored resolved (indices).
+        stgc: STGC options (RESEARCH.md §1), or None for no STGC.
+        ltdr: LTDR options (tail rule, language-only balancing), or None for plain top-k routing.
+            The router is ``"ltdr"`` exactly when this is set (``router`` property).
+        balance_coef: α, the weight of moevl's balancing loss (summed over MoE layers; with LTDR's
+            ``language_only_balance`` over language tokens only). None means "the model's own
+            balancing": for an adopted native MoE model, its own auxiliary loss exactly as
+            transformers computes it (``output_router_logits`` / ``router_aux_loss_coef``) and no
+            moevl term; an upcycled model has none of its own, so there it means MoE-LLaVA's 0.01.
+            A number on an adopted model replaces the native auxiliary loss by moevl's.
+        z_loss_coef: weight of the ST-MoE router z-loss summed over MoE layers.
+        balance_from: ``"top1"`` (DeepSpeed / MoE-LLaVA) or ``"topk"`` (Mixtral) expert fractions.
+        capacity_factor: None (dropless) or the capacity factor (> 0).
+        jitter: Switch-style multiplicative router input noise in training, in ``[0, 1)``
+            (upcycled routers; an adopted model keeps its own ``router_jitter_noise``).
+    """
+
+    num_experts: int | None = None
+    top_k: int | None = None
+    layers: LayerSpec | None = None
+    stgc: STGCConfig | None = None
+    ltdr: LTDRConfig | None = None
+    balance_coef: float | None = None
+    z_loss_coef: float = 0.0
+    balance_from: Literal["top1", "topk"] = "top1"
+    capacity_factor: float | None = None
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_experts is not None:
+            check_int("num_experts", self.num_experts, minimum=1)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, minimum=1, maximum=self.num_experts)
+        object.__setattr__(self, "layers", _check_layers(self.layers))
+        if self.stgc is not None:
+            check_stgc_config(self.stgc)
+        if self.ltdr is not None:
+            if not isinstance(self.ltdr, LTDRConfig):
+                raise ValueError(f"ltdr must be an LTDRConfig or None, got {self.ltdr!r}")
+            tail = self.ltdr.tail_top_k
+            if tail is not None and (
+                (self.top_k is not None and tail < self.top_k)
+                or (self.num_experts is not None and tail > self.num_experts)
+            ):
+                raise ValueError(
+                    f"ltdr.tail_top_k must be in [top_k={self.top_k}, num_experts={self.num_experts}], got {tail}"
+                )
+        if self.balance_coef is not None:
+            check_float("balance_coef", self.balance_coef, minimum=0.0)
+        check_float("z_loss_coef", self.z_loss_coef, minimum=0.0)
+        check_choice("balance_from", self.balance_from, ("top1", "topk"))
+        if self.capacity_factor is not None:
+            check_float("capacity_factor", self.capacity_factor, minimum=0.0, exclusive_minimum=True)
+        check_float("jitter", self.jitter, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+
+    @property
+    def router(self) -> str:
+        """``"ltdr"`` when LTDR options are set, else ``"topk"``."""
+        return "ltdr" if self.ltdr is not None else "topk"
+
+    @classmethod
+    def from_keywords(cls, *, router: str | None = None, **kwargs: Any) -> MoESettings:
+        """Settings from ``upcycle``/``adopt`` keyword arguments, with the ``router`` shortcut:
+        ``router="ltdr"`` without ``ltdr`` options means ``LTDRConfig()``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown MoE setting(s) {unknown}; expected router or one of {sorted(names)}")
+        if router is not None:
+            check_choice("router", router, ROUTERS)
+            if router == "ltdr" and kwargs.get("ltdr") is None:
+                kwargs["ltdr"] = LTDRConfig()
+            if router == "topk" and kwargs.get("ltdr") is not None:
+                raise ValueError("ltdr options were given but router is 'topk'; pass router='ltdr'")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (stored in ``config.moevl``); ``from_dict`` inverts it exactly."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, STGCConfig | LTDRConfig):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        out["router"] = self.router  # derived, for readers of config.json; checked by from_dict
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MoESettings:
+        """Inverse of ``to_dict``. Unknown keys and bad values raise ``ValueError`` naming the key.
+
+        Also reads what older moevl versions stored (``UpcycleSettings``: the same keys).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"MoE settings must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        router = data.pop("router", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown MoE setting key(s) {unknown}; expected some of {sorted(names | {'router'})}"
+            )
+        for key, config_cls in (("stgc", STGCConfig), ("ltdr", LTDRConfig)):
+            if data.get(key) is not None:
+                data[key] = _nested(key, data[key], config_cls)
+        if router is not None:
+            check_choice("router", router, ROUTERS)
+            if (router == "ltdr") != (data.get("ltdr") is not None):
+                raise ValueError(f"router is {router!r} but ltdr is {data.get('ltdr')!r}: they disagree")
+        return cls(**data)
+
+
+#: The name this object had before adopt() existed; kept so that old code keeps working.
+UpcycleSettings = MoESettings
+
+
+def settings_from(settings: MoESettings | None, kwargs: dict[str, Any], *, caller: str) -> MoESettings:
+    """The settings of an ``upcycle``/``adopt`` call: the object, or the keyword arguments."""
+    if settings is not None and kwargs:
+        raise ValueError(
+            f"{caller}: pass either a MoESettings or keyword arguments, not both (got settings and {sorted(kwargs)})"
+        )
+    if settings is None:
+        return MoESettings.from_keywords(**kwargs)
+    if not isinstance(settings, MoESettings):
+        raise ValueError(f"{caller}: settings must be a MoESettings, got {type(settings).__name__}")
+    return settings
+
+
+def check_stgc_config(stgc: Any) -> None:
+    """Every field of an ``STGCConfig`` valid and finite (nan/inf refused)."""
+    if not isinstance(stgc, STGCConfig):
+        raise ValueError(f"stgc must be an STGCConfig or None, got {stgc!r}")
+    check_float("stgc.threshold", stgc.threshold, minimum=-1.0, maximum=1.0)
+    check_float("stgc.weight", stgc.weight, minimum=0.0)
+    check_int("stgc.min_tokens", stgc.min_tokens, minimum=1)
+    check_choice("stgc.scope", stgc.scope, ("all", "last", "delta"))
+
+
+def select_layers(spec: LayerSpec, num_layers: int) -> list[int]:
+    """Layer indices of ``spec`` in a decoder of ``num_layers`` layers."""
+    if isinstance(spec, str):
+        table = {
+            "alternate": list(range(0, num_layers, 2)),  # MoE-LLaVA's moe_mode="sparse"
+            "all": list(range(num_layers)),
+            "first_half": list(range(num_layers // 2)),
+            "second_half": list(range(num_layers // 2, num_layers)),
+        }
+        return table[check_choice("layers", spec, LAYER_RULES)]
+    idx = list(_check_layers(spec))
+    if idx[-1] >= num_layers:
+        raise ValueError(f"layers must be indices in [0, {num_layers}), got {idx}")
+    return idx
+
+
+def _check_layers(layers: Any) -> str | tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        return check_choice("layers", layers, LAYER_RULES)
+    if not isinstance(layers, Sequence) or len(layers) == 0:
+        raise ValueError(
+            f"layers must be one of {list(LAYER_RULES)} or a non-empty list of indices, got {layers!r}"
+        )
+    for pos, i in enumerate(layers):
+        check_int(f"layers[{pos}]", i, minimum=0)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat an index, got {list(layers)}")
+    return tuple(sorted(layers))
+
+
+def _nested(key: str, value: Any, config_cls: type) -> Any:
+    if isinstance(value, config_cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key} must be a mapping of {config_cls.__name__} fields or null, got {value!r}")
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {[f'{key}.{u}' for u in unknown]}; {key} has {sorted(names)}")
+    try:
+        return config_cls(**value)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None

@@ -1,0 +1,148 @@
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from moevl.hf import MoESettings, UpcycleSettings, upcycle
+from moevl.moe import LTDRConfig, LTDRRouter, TopKRouter
+from moevl.stgc import STGCConfig
+from tests.hf.tiny import causal_lm
+
+FULL = MoESettings(
+    num_experts=6,
+    top_k=2,
+    layers=[3, 1],
+    stgc=STGCConfig(threshold=-0.1, weight=0.3, scope="last", min_tokens=3),
+    ltdr=LTDRConfig(tail_top_k=4, language_only_balance=False),
+    balance_coef=0.02,
+    z_loss_coef=1e-3,
+    balance_from="topk",
+    capacity_factor=1.5,
+    jitter=0.1,
+)
+
+
+@pytest.mark.parametrize("settings", [MoESettings(), MoESettings(num_experts=4, top_k=1, layers="all"), FULL])
+def test_to_dict_is_json_and_round_trips_exactly(settings):
+    text = json.dumps(settings.to_dict(), allow_nan=False)
+    back = MoESettings.from_dict(json.loads(text))
+    assert back == settings
+    assert back.to_dict() == settings.to_dict()
+
+
+def test_layers_are_normalised_and_router_follows_ltdr():
+    assert FULL.layers == (1, 3)
+    assert FULL.router == "ltdr" and MoESettings().router == "topk"
+    assert UpcycleSettings is MoESettings
+
+
+def test_reads_the_dict_older_versions_stored():
+    old = {  # what UpcycleSettings.to_dict() wrote before MoESettings
+        "num_experts": 4,
+        "top_k": 2,
+        "layers": [0, 2],
+        "router": "ltdr",
+        "ltdr": {"tail_top_k": None, "language_only_balance": True, "vision_tail": True},
+        "stgc": {"threshold": 0.0, "weight": 0.5, "scope": "all", "min_tokens": 2},
+        "balance_coef": 0.01,
+        "z_loss_coef": 0.0,
+        "balance_from": "top1",
+        "capacity_factor": None,
+        "jitter": 0.0,
+    }
+    s = MoESettings.from_dict(old)
+    assert s.ltdr == LTDRConfig() and s.stgc == STGCConfig() and s.layers == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"colour": 1}, "colour"),
+        ({"stgc": {"weight": 0.5, "colour": 1}}, "stgc.colour"),
+        ({"ltdr": {"tail": 3}}, "ltdr.tail"),
+        ({"num_experts": "4"}, "num_experts"),
+        ({"num_experts": 4.0}, "num_experts"),
+        ({"num_experts": True}, "num_experts"),
+        ({"top_k": 5}, "top_k"),
+        ({"layers": [1.7]}, "layers"),
+        ({"layers": [True]}, "layers"),
+        ({"layers": [1, 1]}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"layers": "every"}, "layers"),
+        ({"balance_coef": -0.1}, "balance_coef"),
+        ({"balance_coef": math.nan}, "balance_coef"),
+        ({"z_loss_coef": math.inf}, "z_loss_coef"),
+        ({"balance_from": "top2"}, "balance_from"),
+        ({"capacity_factor": 0}, "capacity_factor"),
+        ({"jitter": 1.0}, "jitter"),
+        ({"stgc": {"weight": math.nan}}, "stgc.weight"),
+        ({"stgc": {"weight": math.inf}}, "stgc.weight"),
+        ({"stgc": {"min_tokens": True}}, "stgc.min_tokens"),
+        ({"ltdr": {"tail_top_k": 1}}, "tail_top_k"),  # below top_k
+        ({"ltdr": {"tail_top_k": 9}}, "tail_top_k"),  # above num_experts
+        ({"ltdr": {"vision_tail": 1}}, "vision_tail"),
+        ({"router": "ltdr"}, "router"),  # says ltdr, has no ltdr options
+        ({"router": "hash"}, "router"),
+        ({"stgc": 0.5}, "stgc"),
+    ],
+)
+def test_from_dict_names_the_bad_key(change, key):
+    d = {**MoESettings(num_experts=4, top_k=2).to_dict(), **change}
+    if "router" not in change:
+        d.pop("router")
+    with pytest.raises(ValueError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        MoESettings.from_dict(d)
+
+
+def test_non_finite_numbers_are_refused_by_every_constructor():
+    with pytest.raises(ValueError, match=r"stgc\.weight"):
+        MoESettings(stgc=STGCConfig(weight=math.nan))
+    with pytest.raises(ValueError, match="tail_top_k"):
+        LTDRConfig(tail_top_k=True)
+    for kwargs, key in [
+        ({"routed_scaling_factor": math.nan}, "routed_scaling_factor"),
+        ({"capacity_factor": math.inf}, "capacity_factor"),
+        ({"jitter": math.nan}, "jitter"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"num_experts": True}, "num_experts"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            TopKRouter(**{"hidden_size": 8, "num_experts": 4, "top_k": 2, **kwargs})
+    with pytest.raises(ValueError, match="tail_top_k"):
+        LTDRRouter(hidden_size=8, num_experts=4, top_k=2, tail_top_k=2.5)
+
+
+def test_keywords_router_shortcut_and_errors():
+    assert MoESettings.from_keywords(router="ltdr").ltdr == LTDRConfig()
+    assert MoESettings.from_keywords(router="topk").ltdr is None
+    with pytest.raises(ValueError, match="router is 'topk'"):
+        MoESettings.from_keywords(router="topk", ltdr=LTDRConfig())
+    with pytest.raises(TypeError, match="colour"):
+        MoESettings.from_keywords(colour=1)
+
+
+def test_upcycle_takes_settings_or_keywords_with_the_same_result():
+    ids = torch.randint(1, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    settings = dataclasses.replace(FULL, jitter=0.0, capacity_factor=None)
+    a = upcycle(causal_lm("llama"), settings)
+    kw = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    b = upcycle(causal_lm("llama"), **kw)
+    assert a.moe_settings == b.moe_settings == settings
+    assert a.config.moevl == settings.to_dict()
+    for block_a, block_b in zip(a.model.layers, b.model.layers, strict=True):
+        block_b.mlp.load_state_dict(block_a.mlp.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        upcycle(causal_lm("llama"), settings, top_k=1)
+    with pytest.raises(ValueError, match="num_experts and top_k"):
+        upcycle(causal_lm("llama"), MoESettings(top_k=1))
+
+
+def test_upcycle_stores_resolved_settings():
+    model = upcycle(causal_lm("llama"), MoESettings(num_experts=4, top_k=2))
+    assert model.moe_settings.layers == (0, 2)  # "alternate" over 4 layers
+    assert model.moe_settings.balance_coef == 0.01  # an upcycled model has no loss of its own
+    assert MoESettings.from_dict(model.config.moevl) == model.moe_settings
