@@ -187,6 +187,8 @@ def _hidden_backward(a: Tensor, s: Tensor, dh: Tensor, act: Activation, gated: b
     if not gated:
         return act.backward(dh, a, out=dh)
     gate, up = a.chunk(2, dim=-1)  # (P, H) views
+    if torch.compiler.is_compiling():  # the compiler fuses this and takes no strided out=
+        return torch.cat([act.backward(dh * up, gate), dh * s], dim=-1)
     da = torch.empty_like(a)
     d_gate, d_up = da.chunk(2, dim=-1)
     torch.mul(dh, s, out=d_up)  # ∂(act(g)·u)/∂u = act(g)
