@@ -64,7 +64,7 @@ def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
         (P, M); rows at or after ``offsets[-1]`` are unspecified.
     """
     if torch.compiler.is_compiling():
-        return torch.ops.moevl.grouped_matmul(a, b, offsets)
+        return _grouped_matmul_op(a, b, offsets)
     return _grouped_matmul_eager(a, b, offsets)
 
 
@@ -81,11 +81,10 @@ def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> T
         ignored.
     """
     if torch.compiler.is_compiling():
-        return torch.ops.moevl.grouped_weight_grad(out_grads, inputs, offsets)
+        return _grouped_weight_grad_op(out_grads, inputs, offsets)
     return _grouped_weight_grad_eager(out_grads, inputs, offsets)
 
 
-@torch.library.custom_op("moevl::grouped_matmul", mutates_args=())
 def _grouped_matmul_eager(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     if can_use_grouped_mm(a, b):
         return _grouped_mm_fn(a, b, offs=offsets)
@@ -96,12 +95,6 @@ def _grouped_matmul_eager(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
-@_grouped_matmul_eager.register_fake
-def _(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
-    return a.new_empty(a.shape[0], b.shape[-1])
-
-
-@torch.library.custom_op("moevl::grouped_weight_grad", mutates_args=())
 def _grouped_weight_grad_eager(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
     num_experts = offsets.shape[0]
     d_t = out_grads.t()  # (d_out, P)
@@ -115,6 +108,18 @@ def _grouped_weight_grad_eager(out_grads: Tensor, inputs: Tensor, offsets: Tenso
     return out
 
 
-@_grouped_weight_grad_eager.register_fake
+# The compiler's view of the two ops (eager calls the functions directly, without the dispatcher).
+_grouped_matmul_op = torch.library.custom_op("moevl::grouped_matmul", _grouped_matmul_eager, mutates_args=())
+_grouped_weight_grad_op = torch.library.custom_op(
+    "moevl::grouped_weight_grad", _grouped_weight_grad_eager, mutates_args=()
+)
+
+
+@_grouped_matmul_op.register_fake
+def _(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@_grouped_weight_grad_op.register_fake
 def _(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
     return out_grads.new_empty(offsets.shape[0], out_grads.shape[1], inputs.shape[1])
