@@ -189,7 +189,8 @@ def main() -> None:
         "the median over rounds of dense time / x time, the dense side being the experts' matmul FLOPs as\n"
         "six plain torch.mm over all T·k rows. TFLOP/s count the experts' matmul FLOPs only.\n"
         "CPU numbers come from a 2-core machine shared with other jobs: absolute times are noisy; the\n"
-        "interleaved ratios much less so."
+        "interleaved ratios much less so. HF batched_mm is n/a where its per-(token, expert) weight copies\n"
+        "would exceed 16 GiB."
     )
     name = "moe_layer" if args.device == "cpu" else "moe_layer_cuda"
     write(name, {"results": records}, header, rows, notes)
