@@ -15,19 +15,39 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+    ratio_to: str | None = None,
+):
+    """Median seconds per call of each function, calls interleaved so machine noise hits all alike.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read. With ``ratio_to``, also
+    returns the median over rounds of each function's time divided by that function's time in the
+    same round (a ratio that a noisy machine disturbs less than the absolute times).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if sync is not None:
+                sync()
             t0 = time.perf_counter()
             fn()
+            if sync is not None:
+                sync()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    if ratio_to is None:
+        return medians
+    ratios = {
+        k: statistics.median(a / b for a, b in zip(v, times[ratio_to], strict=True)) for k, v in times.items()
+    }
+    return medians, ratios
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:

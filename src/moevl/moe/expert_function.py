@@ -1,10 +1,22 @@
-"""The experts' MLP as one ``autograd.Function`` with a hand-written backward, and the types through
+"""The experts as one ``autograd.Function`` with a hand-written backward, and the types through
 which that backward hands its gradients to STGC.
 
-Every expert is two linear layers around an activation: ``in`` (the fused ``gate_up_proj`` (E, 2H, D)
-of a gated expert, whose rows ``[0:H]`` are the gate and ``[H:2H]`` the up projection, or ``up_proj``
-(E, H, D)) and ``out`` (``down_proj`` (E, D, H)). Both layers of both kinds go through the same
-per-layer helpers ``linear_forward`` / ``linear_backward``; only the activation step differs.
+    y_t = Σ_s w_{t,s} · out_e(h(in_e(x_t))),   e = indices[t, s]
+
+Every expert is two linear layers around an activation: ``in`` (the fused ``gate_up_proj``
+(E, 2H, D) of a gated expert, rows ``[0:H]`` the gate and ``[H:2H]`` the up projection, so
+``h = act(gate) · up``; or ``up_proj`` (E, H, D) with ``h = act(up)``) and ``out`` (``down_proj``
+(E, D, H)). Both layers of both kinds go through the same per-layer helpers ``linear_forward`` /
+``linear_backward``; only the activation step differs.
+
+The function owns the whole dispatch (gather the tokens in expert order, the grouped matmuls, the
+weighted combine) so that it allocates few large buffers and works in place where it can: on CPU a
+fresh buffer of tens of MB costs more (page faults) than the elementwise pass that fills it.
+
+Shapes are static: all ``P = N·K`` slots are rows; the unused slots (index ``-1``) sort to the end,
+past ``offsets[-1]``, where the grouped matmul leaves garbage. Those rows are zeroed before they
+reach a sum. Nothing in the forward reads a device value on the host (no synchronisation on an
+accelerator); the per-expert loop fallback of the grouped matmul is the only exception.
 
 The backward is the extension point STGC uses (``moevl.stgc``): it can hand every expert linear
 layer's inputs, output gradients and weight gradients to an ``ExpertGradientObserver`` and return a
@@ -26,7 +38,7 @@ from moevl.moe.grouped_mm import grouped_matmul, grouped_weight_grad
 @dataclass
 class LinearGrads:
     """One logical expert linear layer ``y = W x (+ b)`` seen from the backward pass, all experts
-    at once. The fused gate/up projection is one layer (its rows are the gate and the up rows).
+    at once. The fused gate/up projection is one layer (its output rows are the gate's and the up's).
 
     Rows are the dispatched (token, expert) pairs sorted by expert.
 
@@ -45,7 +57,7 @@ class LinearGrads:
 
 @dataclass
 class ExpertGrads:
-    """What the experts' backward hands to an observer.
+    """What the experts' backward hands to an observer (used slots only).
 
     Attributes:
         layers: the expert's linear layers in forward order (the last is the output projection).
@@ -74,108 +86,190 @@ class ExpertGradientObserver(Protocol):
 
 
 @dataclass(frozen=True)
-class Routing:
-    """Rows sorted by expert: the (token, expert) pair of each row and the group boundaries.
+class Dispatch:
+    """The ``P = N·K`` (token, slot) pairs as rows sorted by expert.
 
     Attributes:
-        expert_ids: (P,) long, sorted.
-        token_ids: (P,) long.
-        counts: (E,) long rows per expert.
-        offsets: (E,) int32 cumulative ``counts``.
+        order: (P,) long, the flat slot ``t·K + s`` of each row.
+        token_ids: (P,) long, ``order // K``.
+        expert_ids: (P,) long, sorted; ``E`` for unused slots (the rows past ``offsets[-1]``).
+        offsets: (E,) int32, the end row of each expert's group.
     """
 
-    expert_ids: Tensor
+    order: Tensor
     token_ids: Tensor
-    counts: Tensor
+    expert_ids: Tensor
     offsets: Tensor
 
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.shape[0]
 
-def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, routing: Routing) -> Tensor:
-    """Each row's expert applied as a linear layer: x (P, d_in), weight (E, d_out, d_in),
-    bias (E, d_out) or None -> (P, d_out)."""
-    y = grouped_matmul(x, weight.transpose(1, 2), routing.offsets)
+    @property
+    def counts(self) -> Tensor:
+        """(E,) long rows per expert."""
+        return torch.diff(self.offsets.long(), prepend=self.offsets.new_zeros(1, dtype=torch.long))
+
+    @property
+    def used(self) -> Tensor:
+        """(P,) bool, the rows of used slots (``expert_ids < E``)."""
+        return self.expert_ids < self.num_experts
+
+
+def dispatch(indices: Tensor, num_experts: int) -> Dispatch:
+    """Sort the (token, slot) pairs of ``indices`` (N, K) (``-1`` = unused) by expert."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)  # (N·K,)
+    # unused slots get the key E so that they sort after every expert's rows
+    keys = torch.where(flat < 0, num_experts, flat)
+    expert_ids, order = torch.sort(keys, stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=indices.device, dtype=expert_ids.dtype)
+    offsets = torch.searchsorted(expert_ids, bounds, out_int32=True)  # (E,) rows with key < e+1
+    return Dispatch(order=order, token_ids=order // k, expert_ids=expert_ids, offsets=offsets)
+
+
+def zero_unused_rows_(t: Tensor, d: Dispatch) -> Tensor:
+    """``t[rows past offsets[-1]] = 0`` in place. On CPU the boundary is read on the host (free);
+    elsewhere, and while compiling, a mask keeps the device from synchronising."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        t[int(d.offsets[-1]) :] = 0
+    else:
+        t.masked_fill_(~d.used.view(-1, *([1] * (t.dim() - 1))), 0)
+    return t
+
+
+def _bias_rows(bias: Tensor, d: Dispatch) -> Tensor:
+    return bias.index_select(0, d.expert_ids.clamp(max=d.num_experts - 1))  # (P, out)
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, d: Dispatch) -> Tensor:
+    """Each row's expert as a linear layer: x (P, d_in), weight (E, d_out, d_in), bias (E, d_out)
+    or None -> (P, d_out)."""
+    y = grouped_matmul(x, weight.transpose(1, 2), d.offsets)
     if bias is not None:
-        y += bias[routing.expert_ids]
+        y += _bias_rows(bias, d)
     return y
 
 
 def linear_backward(
-    x: Tensor, dy: Tensor, weight: Tensor, bias: Tensor | None, routing: Routing, *, input_grad: bool = True
+    x: Tensor, dy: Tensor, weight: Tensor, bias: Tensor | None, d: Dispatch, *, input_grad: bool = True
 ) -> tuple[Tensor | None, LinearGrads]:
-    """Backward of ``linear_forward``: the input gradient (P, d_in) (None unless ``input_grad``) and
-    the layer's ``LinearGrads`` (its weight and bias gradients)."""
-    dw = grouped_weight_grad(dy, x, routing.offsets)  # (E, d_out, d_in)
+    """Backward of ``linear_forward``: the input gradient (P, d_in) (None unless ``input_grad``;
+    garbage in unused rows) and the layer's ``LinearGrads``. ``dy`` may hold garbage in unused rows."""
+    dw = grouped_weight_grad(dy, x, d.offsets)  # (E, d_out, d_in); unused rows are not read
     db = None
-    if bias is not None:
-        db = dy.new_zeros(bias.shape).index_add_(0, routing.expert_ids, dy)  # (E, d_out)
-    dx = grouped_matmul(dy, weight, routing.offsets) if input_grad else None
+    if bias is not None:  # unused rows land in the extra row E, dropped
+        db = dy.new_zeros(d.num_experts + 1, dy.shape[1]).index_add_(0, d.expert_ids, dy)[:-1]
+    dx = grouped_matmul(dy, weight, d.offsets) if input_grad else None
     return dx, LinearGrads(x, dy, dw, db)
 
 
-def _hidden(a: Tensor, activation: Activation, gated: bool) -> Tensor:
-    """The activation step: ``act(gate) * up`` on a (P, 2H) for gated experts, ``act(a)`` else."""
+def _hidden(a: Tensor, act: Activation, gated: bool) -> Tensor:
+    """The activation step: ``act(gate) · up`` (a (P, 2H) -> (P, H)) or ``act(a)``; one buffer."""
     if not gated:
-        return activation(a)
+        return act(a)
     gate, up = a.chunk(2, dim=-1)
-    return activation(gate) * up
+    return act(gate).mul_(up)
 
 
-def _hidden_backward(a: Tensor, dh: Tensor, activation: Activation, gated: bool) -> Tensor:
-    """Gradient of ``_hidden`` w.r.t. a, in closed form (no autograd for named activations)."""
+def _hidden_with_act(a: Tensor, act: Activation, gated: bool) -> tuple[Tensor, Tensor]:
+    """``(h, act(gate))`` for the backward (gated); ``(act(a), act(a))`` otherwise."""
     if not gated:
-        return activation.backward(dh, a)
+        h = act(a)
+        return h, h
+    gate, up = a.chunk(2, dim=-1)
+    s = act(gate)
+    return s * up, s
+
+
+def _hidden_backward(a: Tensor, s: Tensor, dh: Tensor, act: Activation, gated: bool) -> Tensor:
+    """Gradient w.r.t. ``a`` of the activation step in closed form; overwrites ``dh``."""
+    if not gated:
+        return act.backward(dh, a, out=dh)
     gate, up = a.chunk(2, dim=-1)  # (P, H) views
+    if torch.compiler.is_compiling():  # the compiler fuses this and takes no strided out=
+        return torch.cat([act.backward(dh * up, gate), dh * s], dim=-1)
     da = torch.empty_like(a)
     d_gate, d_up = da.chunk(2, dim=-1)
-    d_gate.copy_(activation.backward(dh * up, gate))
-    torch.mul(dh, activation(gate), out=d_up)
+    torch.mul(dh, s, out=d_up)  # ∂(act(g)·u)/∂u = act(g)
+    act.backward(dh.mul_(up), gate, out=d_gate)  # ∂(act(g)·u)/∂g = u · act'(g)
     return da
 
 
-class ExpertMLPFunction(torch.autograd.Function):
-    """ys = down_e(h(in_e(xs))) for rows grouped by expert, with a hand-written backward.
+class ExpertsFunction(torch.autograd.Function):
+    """``y (N, D) = Σ_s w_{t,s} · MLP_{indices[t,s]}(x_t)`` with a hand-written backward.
 
-    Inputs: xs (P, D), observed (N, E) or None, the observer or None, the ``Routing``, the
-    activation, ``gated``, then ``w_in`` (E, 2H | H, D), ``w_out`` (E, D, H), ``b_in``, ``b_out``
-    (E, out) or None. Outputs: ys (P, D) and a zero scalar anchor (its gradient reaches the observer).
+    Inputs: hidden (N, D), weights (N, K) combine weights, observed (N, E) or None, the observer or
+    None, the ``Dispatch``, the activation, ``gated``, then ``w_in`` (E, 2H | H, D), ``w_out``
+    (E, D, H), ``b_in``, ``b_out`` (E, out) or None; everything in one dtype.
+    Outputs: y (N, D) and a zero scalar anchor (its gradient reaches the observer).
     """
 
     @staticmethod
-    def forward(ctx, xs, observed, observer, routing, activation, gated, w_in, w_out, b_in, b_out):  # type: ignore[override]
-        a = linear_forward(xs, w_in, b_in, routing)  # (P, 2H) or (P, H)
-        ys = linear_forward(_hidden(a, activation, gated), w_out, b_out, routing)  # (P, D)
-        ctx.save_for_backward(xs, a, w_in, w_out, b_in, b_out)
-        ctx.routing, ctx.activation, ctx.gated, ctx.observer = routing, activation, gated, observer
+    def forward(ctx, hidden, weights, observed, observer, d, act, gated, w_in, w_out, b_in, b_out):  # type: ignore[override]
+        w_rows = weights.reshape(-1).index_select(0, d.order)  # (P,)
+        xs = hidden.index_select(0, d.token_ids)  # (P, D) in expert order
+        a = linear_forward(xs, w_in, b_in, d)  # (P, 2H) or (P, H)
+        ys = linear_forward(_hidden(a, act, gated), w_out, b_out, d)  # (P, D)
+        zero_unused_rows_(ys.mul_(w_rows[:, None]), d)
+        y = ys.new_zeros(hidden.shape).index_add_(0, d.token_ids, ys)
+        ctx.save_for_backward(xs, a, w_rows, w_in, w_out, b_in, b_out)
+        ctx.d, ctx.act, ctx.gated, ctx.observer = d, act, gated, observer
         ctx.observed = None if observed is None else observed.detach()
+        ctx.weights_shape = weights.shape
         ctx.set_materialize_grads(False)
-        return ys, xs.new_zeros((), dtype=torch.float32)
+        return y, hidden.new_zeros((), dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, grad_ys, grad_anchor):  # type: ignore[override]
-        xs, a, w_in, w_out, b_in, b_out = ctx.saved_tensors
-        if grad_ys is None:
-            return (None,) * 10
-        routing: Routing = ctx.routing
-        h = _hidden(a, ctx.activation, ctx.gated)  # recomputed: cheaper than keeping it
-        dh, out_layer = linear_backward(h, grad_ys.contiguous(), w_out, b_out, routing)
-        da = _hidden_backward(a, dh, ctx.activation, ctx.gated)
-        dxs, in_layer = linear_backward(xs, da, w_in, b_in, routing, input_grad=ctx.needs_input_grad[0])
+    def backward(ctx, grad_y, grad_anchor):  # type: ignore[override]
+        xs, a, w_rows, w_in, w_out, b_in, b_out = ctx.saved_tensors
+        if grad_y is None:
+            return (None,) * 11
+        d: Dispatch = ctx.d
+        observer = ctx.observer
+        g_rows = grad_y.index_select(0, d.token_ids)  # (P, D) ∂L/∂y of each row's token
+        h, s = _hidden_with_act(a, ctx.act, ctx.gated)  # recomputed: cheaper than keeping them
+        dh = grouped_matmul(g_rows, w_out, d.offsets)  # (P, H), before the combine weight
+
+        # ∂L/∂w_{t,s} = <g_t, W_e h + b_e> = <g_t W_e, h> + <g_t, b_e>
+        dw_rows = None
+        if ctx.needs_input_grad[1] and b_out is not None:
+            dw_rows = (g_rows @ b_out.t()).gather(1, d.expert_ids.clamp(max=d.num_experts - 1)[:, None])[:, 0]
+        dy = g_rows.mul_(w_rows[:, None])  # (P, D) ∂L/∂(expert output) of each row
+        _, out_layer = linear_backward(h, dy, w_out, b_out, d, input_grad=False)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            # h is not needed any more unless the observer reads it
+            hdh = (h * dh if observer is not None else h.mul_(dh)).sum(-1)
+            dw_rows = hdh if dw_rows is None else dw_rows + hdh
+            zero_unused_rows_(dw_rows, d)
+            grad_weights = torch.empty_like(dw_rows).index_copy_(0, d.order, dw_rows).view(ctx.weights_shape)
+
+        da = _hidden_backward(a, s, dh.mul_(w_rows[:, None]), ctx.act, ctx.gated)
+        dxs, in_layer = linear_backward(xs, da, w_in, b_in, d, input_grad=ctx.needs_input_grad[0])
+        grad_hidden = None
+        if dxs is not None:
+            grad_hidden = dxs.new_zeros(grad_y.shape).index_add_(0, d.token_ids, zero_unused_rows_(dxs, d))
 
         grad_observed = None
-        if ctx.observer is not None:
-            grad_observed = ctx.observer.backward(
-                ExpertGrads(
-                    layers=[in_layer, out_layer],
-                    expert_ids=routing.expert_ids,
-                    token_ids=routing.token_ids,
-                    counts=routing.counts,
-                    offsets=routing.offsets,
-                    anchor_grad=grad_anchor,
-                    observed=ctx.observed,
-                )
-            )
+        if observer is not None:
+            grad_observed = observer.backward(_used_rows(d, [in_layer, out_layer], grad_anchor, ctx.observed))
             if ctx.observed is None:
                 grad_observed = None
         grads = (in_layer.weight_grad, out_layer.weight_grad, in_layer.bias_grad, out_layer.bias_grad)
-        param_grads = tuple(g if ctx.needs_input_grad[6 + i] else None for i, g in enumerate(grads))
-        return (dxs, grad_observed, None, None, None, None, *param_grads)
+        param_grads = tuple(g if ctx.needs_input_grad[7 + i] else None for i, g in enumerate(grads))
+        return (grad_hidden, grad_weights, grad_observed, None, None, None, None, *param_grads)
+
+
+def _used_rows(d: Dispatch, layers: list[LinearGrads], anchor_grad: Tensor | None, observed: Tensor | None):
+    """The observer's view: the used rows only (reads their number on the host: backward only)."""
+    p = int(d.offsets[-1])
+    return ExpertGrads(
+        layers=[LinearGrads(lg.inputs[:p], lg.out_grads[:p], lg.weight_grad, lg.bias_grad) for lg in layers],
+        expert_ids=d.expert_ids[:p],
+        token_ids=d.token_ids[:p],
+        counts=d.counts,
+        offsets=d.offsets,
+        anchor_grad=anchor_grad,
+        observed=observed,
+    )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moevl.moe.activations import Activation
-from moevl.moe.expert_function import ExpertGradientObserver, ExpertMLPFunction, Routing
+from moevl.moe.expert_function import Dispatch, ExpertGradientObserver, ExpertsFunction, dispatch
 from moevl.moe.grouped_mm import can_use_grouped_mm
 
 Implementation = Literal["auto", "grouped", "loop"]
@@ -146,59 +146,42 @@ class GroupedExperts(nn.Module):
         if observer is not None and self.implementation == "loop":
             raise ValueError("implementation='loop' is the autograd reference and takes no observer (STGC)")
 
-        k = indices.shape[1]
-        flat = indices.reshape(-1)
-        pair = (flat >= 0).nonzero().squeeze(1)  # (P,) flat (token, slot) ids of used slots
-        expert_ids, order = torch.sort(flat[pair], stable=True)
-        pair = pair[order]
-        token_ids = pair // k
-        pair_weight = weights.reshape(-1)[pair]  # (P,)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts)
-
         compute_dtype = hidden.dtype
         if torch.is_autocast_enabled(hidden.device.type):
             compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-
-        xs = hidden[token_ids].to(compute_dtype)  # (P, D) sorted by expert
-        anchor = None
+        hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
+        d = dispatch(indices, self.num_experts)
         if self.implementation == "loop":
-            ends = torch.cumsum(counts, 0).tolist()
-            starts = [0, *ends[:-1]]
-            ys = torch.cat(
-                [xs.new_zeros(0, d)]
-                + [self.expert_mlp(xs[s:t], e) for e, (s, t) in enumerate(zip(starts, ends, strict=True))]
+            return self._loop_forward(hidden, weights, d), None
+
+        params = [
+            None if p is None else p.to(compute_dtype)
+            for p in (self.in_proj, self.down_proj, self.in_proj_bias, self.down_proj_bias)
+        ]
+        if self.implementation == "grouped" and not can_use_grouped_mm(
+            hidden, *[p for p in params if p is not None]
+        ):
+            raise ValueError(
+                "implementation='grouped' needs fp32/bf16/fp16 weights and sizes whose rows are "
+                f"16-byte aligned; got dtype {compute_dtype}, hidden {self.hidden_size}, "
+                f"intermediate {self.intermediate_size}"
             )
-        else:
-            params = [
-                None if p is None else p.to(compute_dtype)
-                for p in (self.in_proj, self.down_proj, self.in_proj_bias, self.down_proj_bias)
-            ]
-            if self.implementation == "grouped" and not can_use_grouped_mm(
-                xs, *[p for p in params if p is not None]
-            ):
-                raise ValueError(
-                    "implementation='grouped' needs fp32/bf16/fp16 weights and sizes whose rows are "
-                    f"16-byte aligned; got dtype {compute_dtype}, hidden {self.hidden_size}, "
-                    f"intermediate {self.intermediate_size}"
-                )
-            routing = Routing(
-                expert_ids=expert_ids,
-                token_ids=token_ids,
-                counts=counts,
-                offsets=torch.cumsum(counts, 0).to(torch.int32),
+        observed = observed if observer is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            y, anchor = ExpertsFunction.apply(
+                hidden, weights, observed, observer, d, self.activation, self.gated, *params
             )
-            with torch.autocast(hidden.device.type, enabled=False):
-                ys, anchor = ExpertMLPFunction.apply(
-                    xs,
-                    observed if observer is not None else None,
-                    observer,
-                    routing,
-                    self.activation,
-                    self.gated,
-                    *params,
-                )
-            if observer is None:
-                anchor = None
-        ys = ys * pair_weight.to(ys.dtype)[:, None]
-        out = ys.new_zeros(n, d).index_add_(0, token_ids, ys)
-        return out, anchor
+        return y, anchor if observer is not None else None
+
+    def _loop_forward(self, hidden: Tensor, weights: Tensor, d: Dispatch) -> Tensor:
+        """The plain-autograd reference: one ``expert_mlp`` call per expert on its used rows."""
+        ends = d.offsets.tolist()
+        used = slice(0, ends[-1])
+        xs = hidden.index_select(0, d.token_ids[used])  # (P, D) sorted by expert
+        starts = [0, *ends[:-1]]
+        ys = torch.cat(
+            [xs[:0]]
+            + [self.expert_mlp(xs[s:t], e) for e, (s, t) in enumerate(zip(starts, ends, strict=True))]
+        )
+        ys = ys * weights.reshape(-1)[d.order[used]][:, None]
+        return ys.new_zeros(hidden.shape).index_add(0, d.token_ids[used], ys)

@@ -9,6 +9,11 @@ and on CUDA sm80+. Its alignment rule: every operand's data pointer and every st
 must be a multiple of 16 bytes (fp32: sizes divisible by 4; bf16/fp16: by 8). Elsewhere the same
 result comes from a per-expert loop of ``torch.mm`` that reads the row counts on the host; only that
 fallback synchronises with the device.
+
+Under ``torch.compile`` both ops are opaque custom ops (``moevl::grouped_matmul``,
+``moevl::grouped_weight_grad``) with shape-only fake implementations: the compiled graph calls the
+same eager kernels (the loop fallback's host read of the counts then stays inside the op instead of
+breaking the graph). Their backward is the experts' hand-written one, so they need no autograd rule.
 """
 
 from __future__ import annotations
@@ -58,13 +63,9 @@ def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     Returns:
         (P, M); rows at or after ``offsets[-1]`` are unspecified.
     """
-    if can_use_grouped_mm(a, b):
-        return _grouped_mm_fn(a, b, offs=offsets)
-    out = a.new_empty(a.shape[0], b.shape[-1])
-    for e, (start, end) in enumerate(_groups(offsets)):
-        if end > start:
-            torch.mm(a[start:end], b[e], out=out[start:end])
-    return out
+    if torch.compiler.is_compiling():
+        return _grouped_matmul_op(a, b, offsets)
+    return _grouped_matmul_eager(a, b, offsets)
 
 
 def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
@@ -79,6 +80,22 @@ def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> T
         (E, d_out, d_in); zero for an expert without rows. Rows at or after ``offsets[-1]`` are
         ignored.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_weight_grad_op(out_grads, inputs, offsets)
+    return _grouped_weight_grad_eager(out_grads, inputs, offsets)
+
+
+def _grouped_matmul_eager(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    if can_use_grouped_mm(a, b):
+        return _grouped_mm_fn(a, b, offs=offsets)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for e, (start, end) in enumerate(_groups(offsets)):
+        if end > start:
+            torch.mm(a[start:end], b[e], out=out[start:end])
+    return out
+
+
+def _grouped_weight_grad_eager(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
     num_experts = offsets.shape[0]
     d_t = out_grads.t()  # (d_out, P)
     if out_grads.shape[0] > 0 and can_use_grouped_mm(d_t, inputs):
@@ -89,3 +106,20 @@ def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> T
             if end > start:
                 torch.mm(d_t[:, start:end], inputs[start:end], out=out[e])
     return out
+
+
+# The compiler's view of the two ops (eager calls the functions directly, without the dispatcher).
+_grouped_matmul_op = torch.library.custom_op("moevl::grouped_matmul", _grouped_matmul_eager, mutates_args=())
+_grouped_weight_grad_op = torch.library.custom_op(
+    "moevl::grouped_weight_grad", _grouped_weight_grad_eager, mutates_args=()
+)
+
+
+@_grouped_matmul_op.register_fake
+def _(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@_grouped_weight_grad_op.register_fake
+def _(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
+    return out_grads.new_empty(offsets.shape[0], out_grads.shape[1], inputs.shape[1])

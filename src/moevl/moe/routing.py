@@ -94,14 +94,15 @@ def balance_loss(
     num_experts = probs.shape[-1]
     if mask is None:
         mask = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
-    count = mask.sum()
-    if count == 0:
-        return probs.sum() * 0.0
+    # no branch on the count (a host sync): with no token counting, f and p are 0 and so is the loss
+    count = mask.sum().clamp_min(1)
     m = mask.to(probs.dtype)
     chosen = indices[:, :1] if balance_from == "top1" else indices
-    # one_hot of -1 is not allowed: shift by one and drop the "unused" column.
-    onehot = F.one_hot(chosen.clamp_min(-1) + 1, num_experts + 1)[..., 1:].to(probs.dtype)  # (N, K, E)
-    f = (onehot.sum(1) * m[:, None]).sum(0) / count  # (E,)
+    # selections per expert, -1 slots shifted into an extra column 0 that is dropped
+    slot_weight = m[:, None].expand(chosen.shape).reshape(-1)  # (N·K,)
+    f = (
+        probs.new_zeros(num_experts + 1).index_add_(0, chosen.reshape(-1) + 1, slot_weight)[1:] / count
+    )  # (E,)
     p = (probs * m[:, None]).sum(0) / count  # (E,)
     return num_experts * (f * p).sum()
 

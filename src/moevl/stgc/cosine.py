@@ -87,9 +87,15 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
         # each term below is then the sum of the two separate layers' terms, so the cosine is
         # exactly that of separate gate and up layers.
         x, d = layer.inputs, layer.out_grads
-        # x_t @ dW_eᵀ gives (P, d_out); dividing by N_e turns dW_e into the mean gradient G_e.
-        proj = grouped_matmul(x, layer.weight_grad.to(x.dtype).transpose(1, 2), grads.offsets)
-        inner += torch.linalg.vecdot(proj.float(), d.float())
+        # δ_tᵀ dW_e x_t (dividing by N_e below turns dW_e into the mean gradient G_e), as
+        # (δ_t dW_e)·x_t or (x_t dW_eᵀ)·δ_t: the same FLOPs, so project onto the narrower side
+        # (fewer bytes written and read back) and take the row dot in place in that fresh buffer.
+        w = layer.weight_grad.to(x.dtype)  # (E, d_out, d_in)
+        if x.shape[1] <= d.shape[1]:
+            proj, other = grouped_matmul(d, w, grads.offsets), x  # (P, d_in)
+        else:
+            proj, other = grouped_matmul(x, w.transpose(1, 2), grads.offsets), d  # (P, d_out)
+        inner += proj.float().mul_(other).sum(-1)
         d_norm2 = _sqnorm(d, -1)
         token_norm2 += _sqnorm(x, -1) * d_norm2
         mean_norm2 += _sqnorm(layer.weight_grad, (1, 2))
