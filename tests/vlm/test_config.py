@@ -102,7 +102,10 @@ def test_demo_file_equals_the_builtin_demo_recipe():
         (["demo.benchmark.grid=5"], "'demo.benchmark.grid': expected 2 or 3, got 5"),
         (["demo.benchmark.split_fractions=[0.5,0.5,0.5]"], "three positive fractions summing to 1"),
         (["demo.benchmark.palette=[5,2]"], "'demo.benchmark.palette'"),
-        (["demo.model.text_hidden_size=30"], "text_hidden_size must be a positive multiple of text_heads (4)"),
+        (
+            ["demo.model.text_hidden_size=30"],
+            "text_hidden_size must be a positive multiple of text_heads (4)",
+        ),
     ],
 )
 def test_bad_demo_values(overrides, message):

@@ -100,6 +100,11 @@ class MoEFeedForward(nn.Module):
         Returns:
             ``MoEOutput(output (..., D), record)``.
         """
+        if hidden.dim() < 1 or hidden.shape[-1] != self.experts.hidden_size:
+            raise ValueError(
+                f"hidden must be (..., {self.experts.hidden_size}) (the experts' hidden size), got shape "
+                f"{tuple(hidden.shape)}"
+            )
         lead = hidden.shape[:-1]
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
         flat_tok = None if token_mask is None else _flat_mask(token_mask, lead, "token_mask")
@@ -128,7 +133,7 @@ class MoEFeedForward(nn.Module):
             if flat_tok is not None:  # padding gets no output from any expert, shared ones included
                 shared = shared * flat_tok[:, None].to(shared.dtype)
             y = y + shared
-        return MoEOutput(y.reshape(*lead, -1), record)
+        return MoEOutput(y.reshape(*lead, y.shape[-1]), record)  # not -1: lead may hold a 0
 
     def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Router logits (N, E) of the tokens x (N, D) and the score bias the choice uses (None:

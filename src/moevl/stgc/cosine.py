@@ -109,5 +109,7 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
 
 
 def _sqnorm(t: Tensor, dim) -> Tensor:
-    """Squared L2 norm over ``dim`` in fp32, without materialising the squares."""
-    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32).square()
+    """Squared L2 norm over ``dim`` in fp32 (fp64 inputs in fp64: vector_norm refuses to narrow), returned
+    in fp32, without materialising the squares."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    return torch.linalg.vector_norm(t, dim=dim, dtype=acc).square().float()
