@@ -34,8 +34,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "stgc_tau-0.1": ("stgc", ["moe.stgc.threshold=-0.1"]),
     "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
     "stgc_one_minus_p": ("stgc", ["moe.stgc.cel=one_minus_p"]),
-    "stgc_tau-0.1_beta0.05": ("stgc", ["moe.stgc.threshold=-0.1", "moe.stgc.weight=0.05"]),
-    "stgc_next_best_tau-0.1": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.threshold=-0.1"]),
+    "stgc_beta0.02": ("stgc", ["moe.stgc.weight=0.02"]),
+    "stgc_next_best_beta0.1": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.weight=0.1"]),
+    "stgc_next_best_beta0.02": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.weight=0.02"]),
     "ltdr": ("ltdr", []),
 }
 HEALTH = {

@@ -82,6 +82,7 @@ def load_model(
     layout alone: STGC, LTDR, balancing) replacing the stored ones.
     ``chat_template`` (Jinja text) replaces the processor's template.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from moevl.hf import is_moevl_checkpoint, load_moe_model
@@ -101,7 +102,7 @@ def load_model(
             model, processor = _load_moe_llava(model_dir, moe_overrides or {}, chat_template)
         else:
             model = AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # e.g. a truncated weights file
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from None
     return model, processor
 
