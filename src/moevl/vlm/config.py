@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moevl.config import ConfigError, apply_overrides, build, read_yaml, require, to_plain
+from moevl.config import ConfigError, apply_overrides, build, read_yaml, require
 from moevl.data.digits import BenchmarkConfig
 from moevl.data.scenes import FAMILIES
 from moevl.hf.settings import MoESettings
@@ -256,8 +256,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """The recipe from a YAML file (None: the built-in defaults), with ``overrides`` applied."""
     data = read_yaml(path) if path is not None else {}
     return config_from_dict(data, overrides)
-
-
-def config_to_dict(cfg: RunConfig) -> dict:
-    """Plain data (tuples as lists), for YAML and JSON."""
-    return to_plain(cfg)
