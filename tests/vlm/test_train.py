@@ -195,7 +195,8 @@ def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path)
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 0, "\n".join(errors) + done.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert (tmp_path / "model" / "moevl-model.safetensors").is_file()

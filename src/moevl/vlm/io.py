@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -186,13 +187,14 @@ def save_final_model(trainer: Any, path: str | os.PathLike, meta: dict[str, Any]
 
 
 def ensure_writable(path: str | os.PathLike) -> Path:
-    """Creates the directory ``path`` and checks a file can be written in it; ``OutputDirError`` otherwise."""
+    """Creates the directory ``path`` and checks a file can be written in it; ``OutputDirError`` otherwise.
+    Safe when every process of a distributed job calls it at once (each probes with its own file)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".moevl-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".moevl-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise OutputDirError(f"output directory {path} is not writable: {e.strerror or e}") from None
     return path
