@@ -1,9 +1,9 @@
 """lmms-eval model ``moevl``: any model directory a moevl stage writes, answered by greedy generation.
 
-The directory is loaded with ``AutoModelForImageTextToText`` and ``AutoProcessor`` from local files only:
-a plain Hugging Face checkpoint as transformers loads it, a moevl-format MoE checkpoint exactly through
-``moevl.hf.io.load_moe_model`` (``import moevl`` registers the format with the Auto classes); the
-processor and its chat template come from the same directory. Nothing downloads.
+The directory is loaded by ``moevl.vlm.io.load_model``, the loader ``moevl train`` / ``moevl eval`` use, from
+local files only: a plain Hugging Face checkpoint as transformers loads it, a moevl-format MoE checkpoint exactly
+(``moevl.hf.load_moe_model``), a released MoE-LLaVA checkpoint; the processor and its chat template come from
+the same directory. Nothing downloads.
 
 lmms-eval finds the class through the ``lmms_eval.models`` entry point that ``pyproject.toml`` declares
 (``model_manifest``), so ``lmms-eval --model moevl --model_args pretrained=DIR`` works once moevl is
@@ -21,8 +21,6 @@ likelihood) and multi-round requests raise ``NotImplementedError``; one process 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,23 +38,6 @@ def model_manifest() -> Any:
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.MoevlLMM")
-
-
-def load_model_dir(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
-    """``(model in eval mode, processor)`` of a local model directory, or of ``path/model`` (a stage's
-    output directory); ``ValueError`` for a folder that is neither."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        path = path / "model"
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"pretrained: expected a local model directory with a config.json, got {str(path)!r}"
-        )
-    model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
-    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    return model.eval(), processor
 
 
 class MoevlLMM(lmms):
@@ -95,9 +76,12 @@ class MoevlLMM(lmms):
             raise ValueError(
                 f"max_batch_size: automatic batch sizes are not supported, got {max_batch_size!r}"
             )
-        model, processor = load_model_dir(pretrained)
-        if chat_template is not None:
-            processor.chat_template = chat_template
+        from moevl.vlm.io import CheckpointError, load_model
+
+        try:  # the loader moevl train/eval use: any HF, moevl-format or MoE-LLaVA directory (or a stage's out)
+            model, processor = load_model(pretrained, chat_template=chat_template)
+        except CheckpointError as e:
+            raise ValueError(f"pretrained: {e}") from None
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None or getattr(processor, "chat_template", None) is None:
             raise ValueError(
