@@ -48,6 +48,30 @@ HISTORY_KEYS = {
     "router_logit_std": "router/logit_std",
     "router_mi_modality": "router/mi_modality_normalized",
 }
+#: curve figures of the report: (file stem, [(panel title, HISTORY_KEYS name)], figure title)
+CURVE_PLOTS = (
+    (
+        "conflicts",
+        [("conflict ratio", "conflict_ratio"), ("mean token-gradient cosine", "cosine_mean")],
+        "Token gradient conflicts during MoE-tuning",
+    ),
+    (
+        "tail_share",
+        [("vision tail-token share", "tail_share"), ("experts per token", "experts_per_token")],
+        "LTDR: tail tokens and experts per token",
+    ),
+    (
+        "router_health",
+        [("normalised router entropy", "router_entropy"), ("router top-1 probability", "router_top1")],
+        "Router health during MoE-tuning (1 = uniform routing)",
+    ),
+)
+
+
+def _panels(panels: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(label, HISTORY_KEYS[name]) for label, name in panels]
+
+
 #: normalised router entropy above this reads as "the router no longer routes" (issue 11's bar)
 FLAT_ROUTING = 0.95
 
@@ -227,38 +251,14 @@ def write_report(results: dict, out: str | Path) -> Path:
     if results.get("methods"):
         plot_accuracy(results, summary, out / "accuracy.png")
         plots["accuracy"] = "accuracy.png"
-        if plot_curves(
-            results,
-            [
-                ("conflict ratio", HISTORY_KEYS["conflict_ratio"]),
-                ("mean token-gradient cosine", HISTORY_KEYS["cosine_mean"]),
-            ],
-            out / "conflicts.png",
-            "Token gradient conflicts during MoE-tuning",
-        ):
-            plots["conflicts"] = "conflicts.png"
+        for name, panels, title in CURVE_PLOTS[:1]:
+            if plot_curves(results, _panels(panels), out / f"{name}.png", title):
+                plots[name] = f"{name}.png"
         if plot_expert_load(results, out / "expert_load.png"):
             plots["expert_load"] = "expert_load.png"
-        if plot_curves(
-            results,
-            [
-                ("vision tail-token share", HISTORY_KEYS["tail_share"]),
-                ("experts per token", HISTORY_KEYS["experts_per_token"]),
-            ],
-            out / "tail_share.png",
-            "LTDR: tail tokens and experts per token",
-        ):
-            plots["tail_share"] = "tail_share.png"
-        if plot_curves(
-            results,
-            [
-                ("normalised router entropy", HISTORY_KEYS["router_entropy"]),
-                ("router top-1 probability", HISTORY_KEYS["router_top1"]),
-            ],
-            out / "router_health.png",
-            "Router health during MoE-tuning (1 = uniform routing)",
-        ):
-            plots["router_health"] = "router_health.png"
+        for name, panels, title in CURVE_PLOTS[1:]:
+            if plot_curves(results, _panels(panels), out / f"{name}.png", title):
+                plots[name] = f"{name}.png"
     saved = {
         **results,
         "methods": {m: {**e, "summary": summary[m]} for m, e in results.get("methods", {}).items()},
