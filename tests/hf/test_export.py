@@ -2,23 +2,25 @@
 generations, and the moevl format (with the reason) where no native class is exact."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-import moevl
 from moevl.hf import adopt, moe_blocks, upcycle
 from moevl.hf.export import export, plan_export
 from moevl.hf.io import WEIGHTS_NAME, is_moevl_checkpoint, load_moe_model
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import causal_lm, llava_batch, native_moe, qwen3_vl_batch, tiny_llava, tiny_qwen3_vl_moe
-from tests.hf.tiny_export import gpt2, llava_qwen3, make_routing_matter, qwen3, text_batch, tiny_processor
+from tests.hf.tiny_export import (
+    gpt2,
+    llava_qwen3,
+    make_routing_matter,
+    qwen3,
+    run_python,
+    text_batch,
+    tiny_processor,
+)
 
 
 def _upcycled(build, **settings):
@@ -295,17 +297,8 @@ def test_plain_transformers_without_moevl_loads_the_native_exports(tmp_path):
         print("processor", type(T.AutoProcessor.from_pretrained("llava_qwen3_alternate")).__name__)
         print("moevl imported:", any(m.split(".")[0] == "moevl" for m in sys.modules))
     """
-    env = {**os.environ, "PYTHONPATH": str(Path(moevl.__file__).parents[1])}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines() == [
+    stdout = run_python(code, tmp_path)
+    assert stdout.splitlines() == [
         "qwen3_alternate Qwen3MoeForCausalLM",
         "llama_all MixtralForCausalLM",
         "llava_qwen3_alternate LlavaForConditionalGeneration",

@@ -2,17 +2,11 @@
 the Auto classes after ``import moevl``, atomic writes."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import moevl
 from moevl.hf import adopt, moe_blocks, upcycle
 from moevl.hf.io import (
     WEIGHTS_INDEX_NAME,
@@ -27,7 +21,7 @@ from moevl.hf.io import (
 from moevl.moe import LTDRConfig, LTDRRouter
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import causal_lm, llava_batch, native_moe, tiny_llava
-from tests.hf.tiny_export import make_routing_matter, text_batch, tiny_processor
+from tests.hf.tiny_export import make_routing_matter, run_python, text_batch, tiny_processor
 
 
 def _upcycled_llama(**kwargs):
@@ -275,25 +269,10 @@ def test_auto_classes_load_the_format_after_import_moevl(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "llava")
 
 
-def _run_python(code: str, tmp_path) -> str:
-    """Run ``code`` in a fresh interpreter (this checkout's moevl importable) in ``tmp_path``."""
-    env = {**os.environ, "PYTHONPATH": str(Path(moevl.__file__).parents[1])}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 def test_plain_transformers_refuses_the_format(tmp_path):
     save_moe_model(_upcycled_llama(), tmp_path / "llama")
     save_moe_model(_upcycled_llava(), tmp_path / "llava", processor=tiny_processor())
-    out = _run_python(
+    out = run_python(
         """
         import sys
         import transformers as T
@@ -331,7 +310,7 @@ def test_plain_transformers_refuses_the_format(tmp_path):
 
 def test_import_moevl_is_lazy_and_registers_on_first_use(tmp_path):
     save_moe_model(_upcycled_llama(), tmp_path / "llama")
-    out = _run_python(
+    out = run_python(
         """
         import sys
         import moevl

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import torch
 from torch import nn
 
+import moevl
 from tests.hf.tiny import COMMON, IMAGE_TOKEN, tiny_llava
 
 
@@ -122,3 +129,18 @@ def tiny_processor():
         num_additional_image_tokens=1,
         image_token="<image>",
     )
+
+
+def run_python(code: str, tmp_path) -> str:
+    """Run ``code`` in a fresh interpreter (this checkout's moevl importable) in ``tmp_path``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(moevl.__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
