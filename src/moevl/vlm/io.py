@@ -90,7 +90,8 @@ def load_model(
 
     model_dir = check_model_dir(path)
     processor = None
-    if not is_moe_llava_checkpoint(model_dir):  # MoE-LLaVA checkpoints carry a tokenizer only
+    moe_llava = is_moe_llava_checkpoint(model_dir)
+    if not moe_llava:  # MoE-LLaVA checkpoints carry a tokenizer only
         try:
             processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError) as e:
@@ -99,7 +100,7 @@ def load_model(
     try:
         if is_moevl_checkpoint(model_dir):
             model = load_moe_model(model_dir, **(moe_overrides or {}))
-        elif is_moe_llava_checkpoint(model_dir):
+        elif moe_llava:
             model, processor = _load_moe_llava(model_dir, moe_overrides or {}, chat_template)
         else:
             model = AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True)
