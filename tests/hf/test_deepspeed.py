@@ -5,7 +5,6 @@ checkpoint. Before the fix in ``MoETrainer._aux_scale`` the auxiliary losses (ba
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,22 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.processes import run, torchrun
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "hf" / "deepspeed_run.py"
 
 
 def _run(out: Path, zero: int) -> dict[str, torch.Tensor]:
-    launcher = [sys.executable]
-    if zero:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launcher = torchrun(2) if zero else [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*launcher, str(SCRIPT), "--zero", str(zero), "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run([*launcher, str(SCRIPT), "--zero", str(zero), "--out", str(out)], env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(out / "model" / "moevl-model.safetensors")
 

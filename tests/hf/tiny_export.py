@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +12,7 @@ from torch import nn
 
 import moevl
 from tests.hf.tiny import COMMON, IMAGE_TOKEN, tiny_llava
+from tests.processes import run
 
 
 def qwen3(seed: int = 0, **overrides):
@@ -134,13 +134,6 @@ def tiny_processor():
 def run_python(code: str, tmp_path) -> str:
     """Run ``code`` in a fresh interpreter (this checkout's moevl importable) in ``tmp_path``."""
     env = {**os.environ, "PYTHONPATH": str(Path(moevl.__file__).parents[1])}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    result = run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

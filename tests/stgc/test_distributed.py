@@ -1,7 +1,9 @@
 """STGC under 2-process DDP and FSDP2 on CPU (gloo): one backward, plain autograd."""
 
+import datetime
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -34,7 +36,10 @@ def _step(model, x, y):
 def _worker(rank, init_file, out_file, engine):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout
+    )
     torch.set_num_threads(1)
     model = _layer()
     if engine == "ddp":
@@ -66,7 +71,13 @@ def _reference():
 def test_stgc_under_two_processes(engine):
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "grads.pt")
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out_file, engine), nprocs=2, join=True)
+        ranks = mp.spawn(_worker, args=(os.path.join(tmp, "init"), out_file, engine), nprocs=2, join=False)
+        deadline = time.monotonic() + 300
+        while not ranks.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail("the two ranks ran past 300 s and were killed")
         got = torch.load(out_file)
     ref, ratios = _reference()
     for n, g in ref.items():

@@ -4,9 +4,6 @@ what trains, what is saved, resume, Ctrl-C, non-finite losses and bad input."""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts
 from moevl.vlm.train import TrainingInterrupted, last_checkpoint
+from tests.processes import run, torchrun
 from tests.vlm.conftest import ROOT, TINY, run_stage
 
 
@@ -183,18 +181,14 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
 def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path):
     """DDP, gloo, CPU: ``moevl train`` unchanged under torchrun, stage 3 with STGC and LTDR."""
     _, s2 = dense
-    with socket.socket() as sock:  # a free port, so concurrent runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-        "-m", "moevl.cli", "train", "--stage", "3", "--method", "stgc+ltdr", "--config", str(TINY),
+        *torchrun(2), "-m", "moevl.cli", "train", "--stage", "3", "--method", "stgc+ltdr", "--config", str(TINY),
         "--model", str(s2.model_dir), "--data", str(demo.files.instruct),
         "--image-folder", str(demo.files.image_folder), "--out", str(tmp_path), "--no-progress",
         "--max-steps", "2",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    done = run(cmd, timeout=300, env=env, cwd=ROOT)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 0, "\n".join(errors) + done.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
