@@ -30,6 +30,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "stgc_study"
 ARMS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("baseline", []),
     "stgc": ("stgc", []),  # the default STGC setting
+    "stgc_beta0.5": (
+        "stgc",
+        ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=0.5"],
+    ),  # the paper's beta L_cel
     "stgc_beta0.1": ("stgc", ["moe.stgc.weight=0.1"]),
     "stgc_tau-0.1": ("stgc", ["moe.stgc.threshold=-0.1"]),
     "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
@@ -38,6 +42,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "stgc_next_best_beta0.1": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.weight=0.1"]),
     "stgc_next_best_beta0.02": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.weight=0.02"]),
     "ltdr": ("ltdr", []),
+    # weight_mode="relative": the CEL gradient at rho times the norm of the router's own gradient
+    "stgc_rel0.1": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.1"]),
+    "stgc_rel0.3": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3"]),
+    "stgc_rel1": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=1.0"]),
+    "stgc_next_best_rel0.3": (
+        "stgc",
+        ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3", "moe.stgc.cel=next_best"],
+    ),
 }
 HEALTH = {
     "router_entropy_normalized": "router/entropy_normalized",
@@ -46,6 +58,7 @@ HEALTH = {
     "conflict_ratio": "stgc/conflict_ratio",
     "negative_cosine_share": "stgc/negative_share",  # the conflict ratio at tau = 0, whatever the arm's tau
     "experts_per_token": "moe/experts_per_token",
+    "cel_grad_ratio": "stgc/cel_grad_ratio",  # the CEL's gradient on the router logits over the rest of it
 }
 # two-sided 95% Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -179,15 +192,16 @@ def report(results: dict[str, Any]) -> str:
         f"Seeds per arm: {results['config']['seeds']}; mean ± 95% interval (t). Router statistics: mean over "
         "MoE layers and the last quarter of stage 3. Accuracy: exact match after VQAv2 normalisation, %.",
         "",
-        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | cos < 0 share | experts/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | cos < 0 share | experts/token | CEL / router grad |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in results["arms"].items():
         s = e["summary"]
         lines.append(
             f"| {arm} | {_fmt(s['validation_accuracy'], True)} | {_fmt(s['test_accuracy'], True)} | "
             f"{_fmt(s['router_entropy_normalized'])} | {_fmt(s['router_top1_prob'])} | {_fmt(s['router_logit_std'])} | "
-            f"{_fmt(s['conflict_ratio'])} | {_fmt(s['negative_cosine_share'])} | {_fmt(s['experts_per_token'])} |"
+            f"{_fmt(s['conflict_ratio'])} | {_fmt(s['negative_cosine_share'])} | {_fmt(s['experts_per_token'])} | "
+            f"{_fmt(s.get('cel_grad_ratio'))} |"
         )
     lines += [
         "",

@@ -195,10 +195,10 @@ def _layer(stgc, *, d=16, h=40, e=4, k=2, seed=0):
     return MoEFeedForward(router=router, experts=experts, stgc=stgc)
 
 
-def _step(layer, x, target):
+def _step(layer, x, target, loss_scale=1.0):
     layer.zero_grad()
     out, rec = layer(x)
-    (((out - target) ** 2).sum() + rec.aux_loss()).backward()
+    (loss_scale * (((out - target) ** 2).sum() + rec.aux_loss())).backward()
     return rec
 
 

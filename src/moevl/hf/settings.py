@@ -173,6 +173,7 @@ def check_stgc_config(stgc: Any) -> None:
         raise ValueError(f"stgc must be an STGCConfig or None, got {stgc!r}")
     check_float("stgc.threshold", stgc.threshold, minimum=-1.0, maximum=1.0)
     check_float("stgc.weight", stgc.weight, minimum=0.0)
+    check_choice("stgc.weight_mode", stgc.weight_mode, ("absolute", "relative"))
     check_int("stgc.min_tokens", stgc.min_tokens, minimum=1)
     check_choice("stgc.scope", stgc.scope, ("all", "last", "delta"))
     check_choice("stgc.threshold_mode", stgc.threshold_mode, ("absolute", "relative"))

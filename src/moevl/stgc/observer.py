@@ -6,7 +6,9 @@ the observer every expert linear layer's inputs, output gradients and weight gra
 observer returns ``weight · scale · s · ∂L_cel/∂logits`` for the router logits, where ``s`` is the
 gradient that reached the layer's zero-valued anchor (1 for a plain ``loss.backward()``; the
 accumulation, loss-scaling or DeepSpeed factor otherwise), so STGC keeps its weight relative to
-the task loss under every engine. One backward, no ``retain_graph``.
+the task loss under every engine. With ``weight_mode="relative"`` the CEL gradient is instead
+added where the router logits' gradient is complete (the guard's backward), scaled to ``weight``
+times the norm of everything else the logits receive. One backward, no ``retain_graph``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from moevl.stgc.loss import CEL_FORMS, CELForm, conflict_elimination_grad
 
 Scope = Literal["all", "last", "delta"]
 ThresholdMode = Literal["absolute", "relative"]
+WeightMode = Literal["absolute", "relative"]
 SCOPES: tuple[str, ...] = ("all", "last", "delta")
 THRESHOLD_MODES: tuple[str, ...] = ("absolute", "relative")
+WEIGHT_MODES: tuple[str, ...] = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,16 @@ class STGCConfig:
     Attributes:
         threshold: τ of ``threshold_mode="absolute"``; a (token, expert) pair conflicts when its
             gradient cosine is below it. Must stay 0.0 (unused) with ``"relative"``.
-        weight: β, the CEL coefficient (``L = L_task + α L_balance + β L_cel``). Default 0.5
-            [our choice; public re-implementations found 0.25–1.2 useful].
+        weight: with ``weight_mode="absolute"``, β, the CEL coefficient (``L = L_task + α L_balance +
+            β L_cel``; public re-implementations used 0.25–1.2). With ``"relative"``, ρ: the share
+            of the router's own gradient the CEL may add (below).
+        weight_mode: ``"absolute"`` (the paper's ``β L_cel``) or ``"relative"`` [our choice, the
+            default]: in each layer and micro-batch the CEL's gradient on the router logits is
+            scaled to ``weight`` times the norm of the gradient the logits get from everything
+            else (the task loss through the gates, the balance and z losses). With β the CEL's
+            push dwarfs the task's gradient on the router (``stgc/cel_grad_ratio`` is its ratio);
+            under Adam the router then follows the CEL alone and, on near-zero cosines, drifts to
+            uniform routing (bench/results/stgc_study). Relative, the task keeps steering.
         scope: ``all`` (every linear layer of the expert, exact), ``last`` (the output projection,
             exact for it), ``delta`` (cosine of the output gradient against its expert mean: cheap).
         min_tokens: experts with fewer tokens than this in the micro-batch have no conflicts.
@@ -54,6 +66,7 @@ class STGCConfig:
 
     threshold: float = 0.0
     weight: float = 0.5
+    weight_mode: WeightMode = "absolute"
     scope: Scope = "all"
     min_tokens: int = 2
     threshold_mode: ThresholdMode = "absolute"
@@ -64,6 +77,7 @@ class STGCConfig:
         # NOTE: the field names carry the "stgc." prefix of MoESettings, where users meet them.
         check_float("stgc.threshold", self.threshold, minimum=-1.0, maximum=1.0)
         check_float("stgc.weight", self.weight, minimum=0.0)
+        check_choice("stgc.weight_mode", self.weight_mode, WEIGHT_MODES)
         check_choice("stgc.scope", self.scope, SCOPES)
         check_int("stgc.min_tokens", self.min_tokens, minimum=1)
         check_choice("stgc.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
@@ -102,7 +116,7 @@ class STGCConfig:
         return STGCObserver(self, scale)
 
     def guard_logits(self, logits: Tensor, observer: STGCObserver) -> Tensor:
-        return _ReadyGuard.apply(logits, observer.stats)
+        return _ReadyGuard.apply(logits, observer)
 
 
 @dataclass
@@ -117,6 +131,8 @@ class STGCStats:
         cel: scalar, the CEL value (before ``weight``).
         cel_logit_grad: (E,) ``Σ_t ∂L_cel/∂z_{t,e}`` (before ``weight``): > 0 where the CEL pushes
             the expert's logits down on balance, < 0 where it pulls them up.
+        cel_grad_ratio: scalar, the norm of the CEL gradient added to the router logits over the
+            norm of the rest of their gradient (0 where the rest is 0).
     """
 
     num_experts: int
@@ -128,6 +144,7 @@ class STGCStats:
     tokens_per_expert: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     cel: Tensor = field(default_factory=lambda: torch.zeros(()))
     cel_logit_grad: Tensor = field(default_factory=lambda: torch.zeros(0))
+    cel_grad_ratio: Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def _require_ready(self) -> None:
         if not self.ready:
@@ -164,6 +181,7 @@ class STGCStats:
             "cosine_std": self.cosine_std,
             "cel": float(self.cel),
             "num_conflicts": float(self.conflicts.sum()),
+            "cel_grad_ratio": float(self.cel_grad_ratio),
             # share of pairs with a negative cosine: the conflict ratio at tau = 0 whatever the run's threshold,
             # so that runs with different thresholds compare
             "negative_share": float((self.cosine < 0).float().mean()) if self.cosine.numel() else 0.0,
@@ -177,6 +195,9 @@ class STGCObserver:
         self.config = config
         self.scale = scale
         self.stats = STGCStats(num_experts=0)  # E is known in backward
+        # "absolute": the weighted CEL gradient the experts' backward returned; "relative": the
+        # unweighted one, added by the guard's backward
+        self.cel_grad: Tensor | None = None
 
     def backward(self, grads: ExpertGrads) -> Tensor:
         if grads.observed is None:
@@ -204,23 +225,47 @@ class STGCObserver:
         s.conflicts, s.tokens_per_expert, s.cel = conflict, grads.counts, cel.detach()
         s.cel_logit_grad = grad.float().sum(0)
         s.ready = True
-        return grad * (cfg.weight * self.scale * grads.anchor_grad.to(grad.dtype))
+        if cfg.weight_mode == "relative":
+            self.cel_grad = grad
+            return torch.zeros_like(grad)
+        self.cel_grad = grad * (cfg.weight * self.scale * grads.anchor_grad.to(grad.dtype))
+        return self.cel_grad
+
+    def complete(self, grad: Tensor) -> Tensor:
+        """The router logits' whole gradient from ``grad``, their gradient at the guard (the CEL
+        gradient of ``"absolute"`` included, that of ``"relative"`` not yet); fills ``cel_grad_ratio``."""
+        cel, self.cel_grad = self.cel_grad, None
+        assert cel is not None
+        if self.config.weight_mode == "relative":
+            rest = grad.float().norm()
+            norm = cel.float().norm()
+            # no host synchronisation: a zero CEL gradient (no conflicts) stays zero
+            factor = torch.where(norm > 0, self.config.weight * rest / norm.clamp_min(1e-30), 0.0)
+            cel = cel * factor.to(cel.dtype)
+            grad = grad + cel
+        else:
+            rest = (grad - cel).float().norm()
+        self.stats.cel_grad_ratio = torch.where(
+            rest > 0, cel.float().norm() / rest.clamp_min(1e-30), 0.0
+        ).detach()
+        return grad
 
 
 class _ReadyGuard(torch.autograd.Function):
-    """Identity on the router logits; its backward fails if the STGC statistics are not ready."""
+    """Identity on the router logits. Its backward fails if the STGC statistics are not ready, and completes
+    the logits' gradient (``STGCObserver.complete``)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, stats: STGCStats) -> Tensor:  # type: ignore[override]
-        ctx.stats = stats
+    def forward(ctx, logits: Tensor, observer: STGCObserver) -> Tensor:  # type: ignore[override]
+        ctx.observer = observer
         return logits.view_as(logits)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        if not ctx.stats.ready:
+        if not ctx.observer.stats.ready:
             raise RuntimeError(
                 "STGC: the router's backward ran before the experts' backward computed the token "
                 "gradient conflicts (the experts' output is not part of the loss, or the graph was "
                 "cut). STGC cannot add its loss; refusing to skip it silently."
             )
-        return grad, None
+        return ctx.observer.complete(grad), None
