@@ -46,6 +46,19 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "stgc_rel0.1": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.1"]),
     "stgc_rel0.3": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3"]),
     "stgc_rel1": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=1.0"]),
+    # centered=True: each dispatched pair weighted by (conflict - its expert's conflict rate)
+    "stgc_centered": (
+        "stgc",
+        ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=0.5", "moe.stgc.centered=true"],
+    ),
+    "stgc_centered_beta1": (
+        "stgc",
+        ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=1.0", "moe.stgc.centered=true"],
+    ),
+    "stgc_centered_rel0.3": (
+        "stgc",
+        ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3", "moe.stgc.centered=true"],
+    ),
     "stgc_next_best_rel0.3": (
         "stgc",
         ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3", "moe.stgc.cel=next_best"],

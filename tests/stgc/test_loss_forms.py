@@ -14,35 +14,45 @@ from tests.reference import per_token_gradient_cosines
 FORMS = ["neg_softmax", "one_minus_p", "next_best"]
 
 
-def _reference_loss(z, conflicts, dispatched, form):
-    """The CEL written out pair by pair with explicit loops (float64, autograd-able)."""
+def _pair_loss(z, t, e, dispatched, form):
+    """ℓ(z_t, e) written out with explicit sums (float64, autograd-able)."""
+    e_count = z.shape[1]
+    if form == "neg_softmax":
+        den = sum(torch.exp(-z[t, j]) for j in range(e_count))
+        return -torch.log(torch.exp(-z[t, e]) / den)
+    if form == "one_minus_p":
+        others = [j for j in range(e_count) if j != e]
+    else:  # next_best: the other dispatched experts and the best undispatched one
+        others = [j for j in range(e_count) if dispatched[t, j] and j != e]
+        free = [j for j in range(e_count) if not dispatched[t, j]]
+        if free:
+            others.append(max(free, key=lambda j: float(z[t, j].detach())))
+    if not others:
+        return z.sum() * 0.0  # nowhere to move the mass: 0
+    m = z[t].max()
+    mass = {j: torch.exp(z[t, j] - m) for j in [*others, e]}
+    kept = sum(mass[j] for j in others)
+    return -torch.log(kept / (kept + mass[e]))
+
+
+def _reference_loss(z, conflicts, dispatched, form, centered=False):
+    """The CEL pair by pair with explicit loops: the mean of ℓ over the conflicts, or (centered) the sum over
+    the dispatched pairs of (conflict − the expert's conflict rate) · ℓ over the number of conflicts."""
     n, e_count = z.shape
-    terms = []
-    for t in range(n):
-        for e in range(e_count):
-            if not conflicts[t, e]:
-                continue
-            if form == "neg_softmax":
-                den = sum(torch.exp(-z[t, j]) for j in range(e_count))
-                terms.append(-torch.log(torch.exp(-z[t, e]) / den))
-                continue
-            if form == "one_minus_p":
-                others = [j for j in range(e_count) if j != e]
-            else:  # next_best: the other dispatched experts and the best undispatched one
-                others = [j for j in range(e_count) if dispatched[t, j] and j != e]
-                free = [j for j in range(e_count) if not dispatched[t, j]]
-                if free:
-                    others.append(max(free, key=lambda j: float(z[t, j].detach())))
-            if not others:
-                terms.append(z.sum() * 0.0)  # nowhere to move the mass: 0
-                continue
-            m = z[t].max()
-            mass = {j: torch.exp(z[t, j] - m) for j in [*others, e]}
-            kept = sum(mass[j] for j in others)
-            terms.append(-torch.log(kept / (kept + mass[e])))
-    if not terms:
-        return z.sum() * 0.0
-    return sum(terms) / len(terms)
+    num_conflicts = int(conflicts.sum())
+    total = z.sum() * 0.0
+    for e in range(e_count):
+        rate = 0.0
+        if centered:
+            rows = [t for t in range(n) if dispatched[t, e]]
+            rate = sum(bool(conflicts[t, e]) for t in rows) / max(1, len(rows))
+        for t in range(n):
+            weight = (
+                float(conflicts[t, e]) - rate if centered and dispatched[t, e] else float(conflicts[t, e])
+            )
+            if weight != 0.0:
+                total = total + weight * _pair_loss(z, t, e, dispatched, form)
+    return total / max(1, num_conflicts)
 
 
 def _case(n=37, e=5, k=2, seed=0, scale=2.0):
@@ -80,6 +90,51 @@ def test_closed_form_grad_equals_autograd_of_the_loop_reference(form, n, e, k, s
     loss.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zl.grad.double(), zz.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("n,e,k,scale", [(37, 5, 2, 2.0), (9, 3, 1, 1.0), (23, 7, 3, 6.0)])
+def test_centered_closed_form_grad_equals_autograd_of_the_loop_reference(form, n, e, k, scale):
+    z, conflicts, dispatched = _case(n, e, k, seed=n + e, scale=scale)
+    zz = z.clone().requires_grad_()
+    ref = _reference_loss(zz, conflicts, dispatched, form, centered=True)
+    ref.backward()
+    value, grad = conflict_elimination_grad(
+        z.float(), conflicts, form=form, dispatched=dispatched, centered=True
+    )
+    torch.testing.assert_close(value.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), zz.grad, atol=1e-6, rtol=1e-5)
+    zl = z.float().clone().requires_grad_()
+    loss = conflict_elimination_loss(zl, conflicts, form=form, dispatched=dispatched, centered=True)
+    loss.backward()
+    torch.testing.assert_close(zl.grad.double(), zz.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_centered_cel_has_no_drift_when_the_flags_say_nothing(form):
+    """Identical tokens, flags at random: the centered CEL's gradients cancel over the tokens (no push of the
+    router in any direction), while the plain CEL pushes every token's dispatched logits down."""
+    n, e = 40, 4
+    z = torch.tensor([[1.0, 0.5, -0.2, -1.0]]).repeat(n, 1)
+    dispatched = torch.zeros(n, e, dtype=torch.bool)
+    dispatched[:, :2] = True  # top-2
+    conflicts = dispatched & (torch.rand(n, e, generator=torch.Generator().manual_seed(0)) < 0.4)
+    assert 0 < conflicts.sum() < dispatched.sum()
+    _, centered = conflict_elimination_grad(z, conflicts, form=form, dispatched=dispatched, centered=True)
+    torch.testing.assert_close(centered.sum(0), torch.zeros(e), atol=1e-6, rtol=0)
+    _, plain = conflict_elimination_grad(z, conflicts, form=form, dispatched=dispatched)
+
+    def entropy(logits):
+        return float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum())
+
+    # a small step of the shared logits along the plain CEL makes the routing more uniform
+    assert entropy(z[0] - 0.1 * plain.sum(0)) > entropy(z[0]) + 1e-3
+
+
+def test_centered_needs_the_dispatched_pairs():
+    z, conflicts, _ = _case()
+    with pytest.raises(ValueError, match="centered=True needs dispatched"):
+        conflict_elimination_grad(z, conflicts, centered=True)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -233,9 +288,10 @@ def test_an_expert_with_equal_cosines_has_no_relative_conflict():
     assert cfg.conflicts(cos, experts, torch.tensor([3, 2])).tolist() == [False, False, False, True, False]
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("form", FORMS)
-def test_router_gradient_of_each_form_is_the_task_gradient_plus_the_cel_gradient(form):
-    cfg = STGCConfig(threshold=0.3, weight=0.7, cel=form)
+def test_router_gradient_of_each_form_is_the_task_gradient_plus_the_cel_gradient(form, centered):
+    cfg = STGCConfig(threshold=0.3, weight=0.7, cel=form, centered=centered)
     layer = _layer(cfg, e=5, k=2, seed=3)
     torch.manual_seed(4)
     x, target = torch.randn(33, 16), torch.randn(33, 16)
@@ -252,11 +308,15 @@ def test_router_gradient_of_each_form_is_the_task_gradient_plus_the_cel_gradient
     out, prec = plain(x)
     loss = ((out - target) ** 2).sum() + prec.aux_loss()
     loss = loss + cfg.weight * conflict_elimination_loss(
-        prec.logits, conflicts, form=form, dispatched=dispatched
+        prec.logits, conflicts, form=form, dispatched=dispatched, centered=centered
     )
     loss.backward()
     torch.testing.assert_close(layer.router.weight.grad, plain.router.weight.grad, atol=1e-5, rtol=1e-5)
-    cel_ref = conflict_elimination_loss(prec.logits.detach(), conflicts, form=form, dispatched=dispatched)
+    cel_ref = conflict_elimination_loss(
+        prec.logits.detach(), conflicts, form=form, dispatched=dispatched, centered=centered
+    )
     assert float(s.cel) == pytest.approx(float(cel_ref), rel=1e-5)
-    _, g = conflict_elimination_grad(prec.logits.detach(), conflicts, form=form, dispatched=dispatched)
+    _, g = conflict_elimination_grad(
+        prec.logits.detach(), conflicts, form=form, dispatched=dispatched, centered=centered
+    )
     torch.testing.assert_close(s.cel_logit_grad, g.sum(0))

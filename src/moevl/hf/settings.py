@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moevl.moe.checks import check_choice, check_float, check_int
+from moevl.moe.checks import check_bool, check_choice, check_float, check_int
 from moevl.moe.ltdr import LTDRConfig
 from moevl.stgc import STGCConfig
 
@@ -179,6 +179,7 @@ def check_stgc_config(stgc: Any) -> None:
     check_choice("stgc.threshold_mode", stgc.threshold_mode, ("absolute", "relative"))
     check_float("stgc.relative_c", stgc.relative_c, minimum=0.0)
     check_choice("stgc.cel", stgc.cel, ("neg_softmax", "one_minus_p", "next_best"))
+    check_bool("stgc.centered", stgc.centered)
 
 
 def select_layers(spec: LayerSpec, num_layers: int) -> list[int]:

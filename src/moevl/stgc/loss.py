@@ -24,6 +24,17 @@ with ``ℓ`` one of (``CELForm``):
 
 Every form is 0 for a token whose conflicting expert has nowhere to send its mass (``E = 1``, or
 no other expert in ``B``) [our choice]; each pair's gradient is bounded by 1 in each entry.
+
+``centered=True`` [our choice] weighs every *dispatched* pair (t, e) by ``f_te − r_e`` instead of
+counting the conflicting ones: ``f_te`` is 1 for a conflict, ``r_e`` the conflict rate of expert e
+in the micro-batch. Conflicting tokens are pushed out of their expert as before, the expert's other
+tokens are pulled in by the same total amount:
+
+    L_cel = (1 / max(1, |C|)) Σ_{(t,e) dispatched} (f_te − r_e) ℓ(z_t, e)
+
+Under flags that carry no information (cosines near 0) the push and the pull cancel on average, so
+the loss no longer drifts every router toward uniform routing; with tokens that do conflict, the
+router's weights move away from them and toward the expert's consistent tokens.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ CELForm = Literal["neg_softmax", "one_minus_p", "next_best"]
 CEL_FORMS: tuple[str, ...] = ("neg_softmax", "one_minus_p", "next_best")
 
 
-def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | None) -> None:
+def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | None, centered: bool) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
     if conflicts.shape != logits.shape or conflicts.dtype != torch.bool:
@@ -47,9 +58,10 @@ def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | No
         )
     if form not in CEL_FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, CEL_FORMS))}; got {form!r}")
-    if form == "next_best":
+    if form == "next_best" or centered:
         if dispatched is None:
-            raise ValueError("form='next_best' needs dispatched, the (N, E) bool mask of dispatched pairs")
+            needs = "form='next_best'" if form == "next_best" else "centered=True"
+            raise ValueError(f"{needs} needs dispatched, the (N, E) bool mask of dispatched pairs")
         if dispatched.shape != logits.shape or dispatched.dtype != torch.bool:
             raise ValueError(
                 f"dispatched must be a bool tensor of shape {tuple(logits.shape)}, got "
@@ -59,16 +71,26 @@ def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | No
             raise ValueError("conflicts must be dispatched pairs: found a conflict outside dispatched")
 
 
+def _pair_weights(conflicts: Tensor, dispatched: Tensor | None, centered: bool) -> tuple[Tensor, Tensor]:
+    """The pairs the loss sums over, (N, E) bool, and their weights, (N, E) float (0 elsewhere)."""
+    w = conflicts.float()
+    if not centered:
+        return conflicts, w
+    assert dispatched is not None
+    rate = w.sum(0) / dispatched.sum(0).clamp_min(1)  # (E,) conflict rate of each expert
+    return dispatched, (w - rate) * dispatched
+
+
 def _pair_sets(
-    z: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """For the conflicting pairs i = (t, e) whose mass can move: the token t, the set S_i and
+    z: Tensor, pairs: Tensor, form: str, dispatched: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the pairs i = (t, e) whose mass can move: the token t, the expert e, the set S_i and
     the set B_i = S_i \\ {e}, as (P_m, E) bool masks.
 
     ``one_minus_p``: S is every expert. ``next_best``: e, the token's other dispatched experts and
     its best undispatched expert. Pairs with an empty B (nowhere to move) are left out (ℓ = 0).
     """
-    tok, exp = conflicts.nonzero(as_tuple=True)  # (P_c,)
+    tok, exp = pairs.nonzero(as_tuple=True)  # (P_c,)
     if form == "one_minus_p":
         support = torch.ones(tok.shape[0], z.shape[1], dtype=torch.bool, device=z.device)
     else:
@@ -82,7 +104,7 @@ def _pair_sets(
     rest = support.clone()
     rest[torch.arange(tok.shape[0], device=z.device), exp] = False
     movable = rest.any(-1)  # (P_c,)
-    return tok[movable], support[movable], rest[movable]
+    return tok[movable], exp[movable], support[movable], rest[movable]
 
 
 def conflict_elimination_grad(
@@ -91,6 +113,7 @@ def conflict_elimination_grad(
     *,
     form: CELForm = "neg_softmax",
     dispatched: Tensor | None = None,
+    centered: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Value and gradient of ``conflict_elimination_loss`` w.r.t. the logits, in closed form.
 
@@ -102,26 +125,28 @@ def conflict_elimination_grad(
         logits: (N, E) router logits.
         conflicts: (N, E) bool, the conflicting pairs.
         form: the CEL form (``CELForm``).
-        dispatched: (N, E) bool, the dispatched pairs (``next_best`` needs it; it must contain
-            every conflict).
+        dispatched: (N, E) bool, the dispatched pairs (``next_best`` and ``centered`` need it;
+            it must contain every conflict).
+        centered: weigh each dispatched pair by ``f_te − r_e`` (module docstring).
     Returns:
         (loss scalar fp32, grad (N, E) in the logits' dtype).
     """
-    _check(logits, conflicts, form, dispatched)
+    _check(logits, conflicts, form, dispatched, centered)
     z = logits.detach().float()
     num = conflicts.sum().clamp_min(1)
+    pairs, w = _pair_weights(conflicts, dispatched, centered)
     if form == "neg_softmax":
         q = torch.softmax(-z, dim=-1)
-        per_token = conflicts.sum(-1, keepdim=True).float()  # (N, 1) conflicts of each token
-        grad = (conflicts.float() - per_token * q) / num
-        loss = ((-torch.log_softmax(-z, dim=-1)) * conflicts).sum() / num
+        per_token = w.sum(-1, keepdim=True)  # (N, 1) summed weight of each token's pairs
+        grad = (w - per_token * q) / num
+        loss = ((-torch.log_softmax(-z, dim=-1)) * w).sum() / num
         return loss, grad.to(logits.dtype)
-    tok, support, rest = _pair_sets(z, conflicts, form, dispatched)
-    rows = z[tok]  # (P_m, E)
+    tok, exp, support, rest = _pair_sets(z, pairs, form, dispatched)
+    rows, wp = z[tok], w[tok, exp]  # (P_m, E), (P_m,)
     on_s, on_b = rows.masked_fill(~support, -torch.inf), rows.masked_fill(~rest, -torch.inf)
-    loss = (on_s.logsumexp(-1) - on_b.logsumexp(-1)).sum() / num
+    loss = (wp * (on_s.logsumexp(-1) - on_b.logsumexp(-1))).sum() / num
     g_pairs = torch.softmax(on_s, -1) - torch.softmax(on_b, -1)  # (P_m, E), 0 outside S
-    grad = torch.zeros_like(z).index_add_(0, tok, g_pairs) / num
+    grad = torch.zeros_like(z).index_add_(0, tok, wp[:, None] * g_pairs) / num
     return loss, grad.to(logits.dtype)
 
 
@@ -131,6 +156,7 @@ def conflict_elimination_loss(
     *,
     form: CELForm = "neg_softmax",
     dispatched: Tensor | None = None,
+    centered: bool = False,
 ) -> Tensor:
     """CEL, the mean over conflicting (token, expert) pairs of ``ℓ(z_t, e)`` (module docstring).
 
@@ -140,17 +166,19 @@ def conflict_elimination_loss(
         logits: (N, E) router logits.
         conflicts: (N, E) bool, the conflicting pairs (no gradient flows through it).
         form: the CEL form (``CELForm``); default STGC's ``−log softmax(−z)_e``.
-        dispatched: (N, E) bool dispatched pairs, for ``next_best``.
+        dispatched: (N, E) bool dispatched pairs, for ``next_best`` and ``centered``.
+        centered: weigh each dispatched pair by ``f_te − r_e`` (module docstring).
     Returns:
         Scalar; exactly 0, with a zero gradient, when there is no conflict.
     """
-    _check(logits, conflicts, form, dispatched)
+    _check(logits, conflicts, form, dispatched, centered)
     num = conflicts.sum().clamp_min(1)
     z = logits.float()
+    pairs, w = _pair_weights(conflicts, dispatched, centered)
     if form == "neg_softmax":
         nll = -torch.log_softmax(-z, dim=-1)  # (N, E)
-        return (nll * conflicts).sum() / num
-    tok, support, rest = _pair_sets(z.detach(), conflicts, form, dispatched)
+        return (nll * w).sum() / num
+    tok, exp, support, rest = _pair_sets(z.detach(), pairs, form, dispatched)
     rows = z[tok]  # (P_m, E)
     on_s, on_b = rows.masked_fill(~support, -torch.inf), rows.masked_fill(~rest, -torch.inf)
-    return (on_s.logsumexp(-1) - on_b.logsumexp(-1)).sum() / num
+    return (w[tok, exp] * (on_s.logsumexp(-1) - on_b.logsumexp(-1))).sum() / num

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_choice, check_float, check_int
+from moevl.moe.checks import check_bool, check_choice, check_float, check_int
 from moevl.moe.expert_function import ExpertGrads
 from moevl.stgc.cosine import grouped_token_gradient_cosine
 from moevl.stgc.loss import CEL_FORMS, CELForm, conflict_elimination_grad
@@ -62,6 +62,11 @@ class STGCConfig:
         cel: the CEL form (``moevl.stgc.loss``): ``"neg_softmax"`` (``−log softmax(−z)_e``, the
             default), ``"one_minus_p"`` (``−log(1 − p_e)``) or ``"next_best"`` (mass moves only to
             the token's next-best experts) [the latter two our choice].
+        centered: [our choice] weigh every dispatched pair by ``f − r_e`` (1 for a conflict, minus
+            the conflict rate of its expert in the micro-batch) instead of counting the conflicts:
+            conflicting tokens are pushed out as before and the expert's other tokens pulled in by
+            as much, so flags that carry no information no longer flatten the router
+            (``moevl.stgc.loss``).
     """
 
     threshold: float = 0.0
@@ -72,6 +77,7 @@ class STGCConfig:
     threshold_mode: ThresholdMode = "absolute"
     relative_c: float = 1.0
     cel: CELForm = "neg_softmax"
+    centered: bool = False
 
     def __post_init__(self) -> None:
         # NOTE: the field names carry the "stgc." prefix of MoESettings, where users meet them.
@@ -83,6 +89,7 @@ class STGCConfig:
         check_choice("stgc.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
         check_float("stgc.relative_c", self.relative_c, minimum=0.0)
         check_choice("stgc.cel", self.cel, CEL_FORMS)
+        check_bool("stgc.centered", self.centered)
         # a field the chosen rule does not read is refused rather than silently ignored
         if self.threshold_mode == "relative" and self.threshold != 0.0:
             raise ValueError(
@@ -215,10 +222,12 @@ class STGCObserver:
         mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
         mask[grads.token_ids[conflict], grads.expert_ids[conflict]] = True
         dispatched = None
-        if cfg.cel == "next_best":
+        if cfg.cel == "next_best" or cfg.centered:
             dispatched = torch.zeros_like(mask)
             dispatched[grads.token_ids, grads.expert_ids] = True
-        cel, grad = conflict_elimination_grad(logits, mask, form=cfg.cel, dispatched=dispatched)
+        cel, grad = conflict_elimination_grad(
+            logits, mask, form=cfg.cel, dispatched=dispatched, centered=cfg.centered
+        )
         s = self.stats
         s.num_experts = logits.shape[1]
         s.cosine, s.expert_ids, s.token_ids = cos.detach(), grads.expert_ids, grads.token_ids
