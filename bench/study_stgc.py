@@ -26,43 +26,53 @@ from moevl.vlm.compare import demo_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stgc_study"
 
-#: arm -> (method, recipe overrides). The STGC options are the ones issue 11 asks to compare.
+#: STGC as the paper writes it, whatever moevl's default is: beta * L_cel over the conflicting pairs, beta 0.5
+PAPER = ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=0.5", "moe.stgc.centered=false"]
+
+
+def _paper(*changes: str) -> tuple[str, list[str]]:
+    return "stgc", [*PAPER, *changes]
+
+
+def _relative(rho: float, *changes: str) -> tuple[str, list[str]]:
+    """The CEL gradient at rho times the norm of the router logits' own gradient (weight_mode=relative)."""
+    return "stgc", [*PAPER, "moe.stgc.weight_mode=relative", f"moe.stgc.weight={rho}", *changes]
+
+
+CENTERED = (
+    "moe.stgc.centered=true"  # each dispatched pair weighted by (conflict - its expert's conflict rate)
+)
+
+#: arm -> (method, recipe overrides), later overrides winning. The STGC options are the ones issue 11 asks
+#: to compare; "stgc" is moevl's default, whatever it is when the study runs.
 ARMS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("baseline", []),
-    "stgc": ("stgc", []),  # the default STGC setting
-    "stgc_beta0.5": (
-        "stgc",
-        ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=0.5"],
-    ),  # the paper's beta L_cel
-    "stgc_beta0.1": ("stgc", ["moe.stgc.weight=0.1"]),
-    "stgc_tau-0.1": ("stgc", ["moe.stgc.threshold=-0.1"]),
-    "stgc_next_best": ("stgc", ["moe.stgc.cel=next_best"]),
-    "stgc_one_minus_p": ("stgc", ["moe.stgc.cel=one_minus_p"]),
-    "stgc_beta0.02": ("stgc", ["moe.stgc.weight=0.02"]),
-    "stgc_next_best_beta0.1": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.weight=0.1"]),
-    "stgc_next_best_beta0.02": ("stgc", ["moe.stgc.cel=next_best", "moe.stgc.weight=0.02"]),
+    "stgc": ("stgc", []),
     "ltdr": ("ltdr", []),
-    # weight_mode="relative": the CEL gradient at rho times the norm of the router's own gradient
-    "stgc_rel0.1": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.1"]),
-    "stgc_rel0.3": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3"]),
-    "stgc_rel1": ("stgc", ["moe.stgc.weight_mode=relative", "moe.stgc.weight=1.0"]),
-    # centered=True: each dispatched pair weighted by (conflict - its expert's conflict rate)
-    "stgc_centered": (
-        "stgc",
-        ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=0.5", "moe.stgc.centered=true"],
-    ),
-    "stgc_centered_beta1": (
-        "stgc",
-        ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=1.0", "moe.stgc.centered=true"],
-    ),
-    "stgc_centered_rel0.3": (
-        "stgc",
-        ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3", "moe.stgc.centered=true"],
-    ),
-    "stgc_next_best_rel0.3": (
-        "stgc",
-        ["moe.stgc.weight_mode=relative", "moe.stgc.weight=0.3", "moe.stgc.cel=next_best"],
-    ),
+    "stgc_beta0.5": _paper(),
+    "stgc_beta0.1": _paper("moe.stgc.weight=0.1"),
+    "stgc_beta0.02": _paper("moe.stgc.weight=0.02"),
+    "stgc_tau-0.1": _paper("moe.stgc.threshold=-0.1"),
+    "stgc_one_minus_p": _paper("moe.stgc.cel=one_minus_p"),
+    "stgc_next_best": _paper("moe.stgc.cel=next_best"),
+    "stgc_next_best_beta0.1": _paper("moe.stgc.cel=next_best", "moe.stgc.weight=0.1"),
+    "stgc_next_best_beta0.02": _paper("moe.stgc.cel=next_best", "moe.stgc.weight=0.02"),
+    "stgc_rel0.1": _relative(0.1),
+    "stgc_rel0.3": _relative(0.3),
+    "stgc_rel1": _relative(1.0),
+    "stgc_next_best_rel0.3": _relative(0.3, "moe.stgc.cel=next_best"),
+    "stgc_centered": _paper(CENTERED),
+    "stgc_centered_beta1": _paper(CENTERED, "moe.stgc.weight=1.0"),
+    "stgc_centered_next_best": _paper(CENTERED, "moe.stgc.cel=next_best"),
+    "stgc_centered_rel0.1": _relative(0.1, CENTERED),
+    "stgc_centered_rel0.3": _relative(0.3, CENTERED),
+    "stgc_centered_rel1": _relative(1.0, CENTERED),
+    # LTDR's ablations (its paper's kind): each part alone, a fixed tail share against the adaptive rule, a
+    "ltdr_msdar_only": ("ltdr", ["moe.ltdr.vision_tail=false"]),
+    "ltdr_vsdea_only": ("ltdr", ["moe.ltdr.language_only_balance=false"]),
+    "ltdr_tail0.1": ("ltdr", ["moe.ltdr.tail_ratio=0.1"]),
+    "ltdr_tail0.2": ("ltdr", ["moe.ltdr.tail_ratio=0.2"]),
+    "ltdr_a3": ("ltdr", ["moe.ltdr.tail_top_k=3"]),  # "ltdr" is a = 4 (every expert, E = 4)
 }
 HEALTH = {
     "router_entropy_normalized": "router/entropy_normalized",
@@ -71,7 +81,8 @@ HEALTH = {
     "conflict_ratio": "stgc/conflict_ratio",
     "negative_cosine_share": "stgc/negative_share",  # the conflict ratio at tau = 0, whatever the arm's tau
     "experts_per_token": "moe/experts_per_token",
-    "cel_grad_ratio": "stgc/cel_grad_ratio",  # the CEL's gradient on the router logits over the rest of it
+    "cel_grad_ratio": "stgc/cel_grad_ratio",
+    "balance_loss": "moe/balance_loss",  # 1.0 = perfectly balanced expert load (MoE-LLaVA's E * sum f_i P_i)  # the CEL's gradient on the router logits over the rest of it
 }
 # two-sided 95% Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -205,8 +216,8 @@ def report(results: dict[str, Any]) -> str:
         f"Seeds per arm: {results['config']['seeds']}; mean ± 95% interval (t). Router statistics: mean over "
         "MoE layers and the last quarter of stage 3. Accuracy: exact match after VQAv2 normalisation, %.",
         "",
-        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | cos < 0 share | experts/token | CEL / router grad |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | validation acc | test acc | router entropy (norm.) | top-1 prob | logit std | conflict ratio | cos < 0 share | experts/token | CEL / router grad | balance loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in results["arms"].items():
         s = e["summary"]
@@ -214,7 +225,7 @@ def report(results: dict[str, Any]) -> str:
             f"| {arm} | {_fmt(s['validation_accuracy'], True)} | {_fmt(s['test_accuracy'], True)} | "
             f"{_fmt(s['router_entropy_normalized'])} | {_fmt(s['router_top1_prob'])} | {_fmt(s['router_logit_std'])} | "
             f"{_fmt(s['conflict_ratio'])} | {_fmt(s['negative_cosine_share'])} | {_fmt(s['experts_per_token'])} | "
-            f"{_fmt(s.get('cel_grad_ratio'))} |"
+            f"{_fmt(s.get('cel_grad_ratio'))} | {_fmt(s.get('balance_loss'))} |"
         )
     lines += [
         "",
@@ -249,7 +260,33 @@ def main() -> None:
     parser.add_argument(
         "--merge", action="store_true", help="add these arms to the results already in --results"
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="DIR",
+        help="run nothing: combine the results.json of these directories (studies run side by side, one per "
+        "core, on the same --out) into --results, the router statistics read again from --out's logs",
+    )
     args = parser.parse_args()
+    if args.combine:
+        parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine]
+        results = {
+            "config": {"seeds": parts[0]["config"]["seeds"], "arms": {}},
+            "arms": {},
+            "wall_time_s": max(p.get("wall_time_s", 0.0) for p in parts),  # they ran side by side
+        }
+        for part in parts:
+            results["config"]["arms"].update(part["config"]["arms"])
+            results["arms"].update(part["arms"])
+        for arm, entry in results["arms"].items():  # router statistics again from the runs' logs, when kept
+            for row in entry["runs"]:
+                stats = Path(args.out) / "study" / arm / f"seed{row['seed']}" / "moe_stats.json"
+                if stats.is_file():
+                    history = json.loads(stats.read_text())["history"]
+                    row.update({name: last_quarter(history, key) for name, key in HEALTH.items()})
+        summarize(results)
+        _write(Path(args.results), results)
+        return
     args.arms = [a.strip() for a in args.arms.split(",")]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
@@ -264,6 +301,10 @@ def main() -> None:
         results["config"]["arms"] = {**old["config"]["arms"], **results["config"]["arms"]}
         results["wall_time_s"] += old.get("wall_time_s", 0.0)
         summarize(results)
+    _write(dest, results)
+
+
+def _write(dest: Path, results: dict[str, Any]) -> None:
     atomic_write_json(dest / "results.json", results)
     atomic_write_text(dest / "report.md", report(results))
     print(report(results))

@@ -135,3 +135,42 @@ def test_tail_top_k_defaults_to_every_choosable_expert():
     assert LTDRRouter(hidden_size=8, num_experts=8, top_k=2).tail_top_k == 8
     with pytest.raises(ValueError, match="tail_top_k"):
         LTDRRouter(hidden_size=8, num_experts=8, top_k=2, tail_top_k=5, num_groups=4, topk_groups=2)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5, 1.0])
+def test_fixed_tail_ratio_takes_the_vision_tokens_of_highest_rpv(ratio):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(61, 6, generator=g) * 2, -1)
+    probs[5] = probs[7]  # a tie: the earlier token goes first
+    vision = torch.rand(61, generator=g) < 0.7
+    mask = ltdr_tail_mask(probs, vision, tail_ratio=ratio)
+    # reference: sort the vision tokens by RPV (population variance written out), take the first round(r * n)
+    rows = [i for i in range(61) if vision[i]]
+    rpv = {i: sum((float(p) - 1 / 6) ** 2 for p in probs[i]) / 6 for i in rows}
+    ranked = sorted(rows, key=lambda i: (-round(rpv[i], 6), i))
+    expected = set(ranked[: round(ratio * len(rows))])
+    assert set(torch.nonzero(mask).flatten().tolist()) == expected
+    assert len(expected) > 0
+
+
+def test_router_with_a_fixed_tail_ratio_gives_that_share_of_vision_tokens_a_experts():
+    torch.manual_seed(0)
+    router = LTDRRouter(hidden_size=8, num_experts=4, top_k=1, tail_top_k=3, tail_ratio=0.2)
+    x = torch.randn(50, 8)
+    vision = torch.zeros(50, dtype=torch.bool)
+    vision[:40] = True
+    rec = router(x, vision_mask=vision)
+    assert int(rec.tail_mask.sum()) == 8  # 20% of 40
+    n_exp = rec.experts_per_token
+    assert (n_exp[rec.tail_mask] == 3).all() and (n_exp[~rec.tail_mask] == 1).all()
+    assert "tail_ratio=0.2" in repr(router)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan")])
+def test_tail_ratio_outside_0_1_is_refused(ratio):
+    from moevl.moe import LTDRConfig
+
+    with pytest.raises(ValueError, match="tail_ratio"):
+        LTDRConfig(tail_ratio=ratio)
+    with pytest.raises(ValueError, match="tail_ratio"):
+        LTDRRouter(hidden_size=8, num_experts=4, top_k=1, tail_ratio=ratio)

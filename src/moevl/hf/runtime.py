@@ -178,6 +178,7 @@ def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) ->
             tail_top_k=settings.ltdr.tail_top_k,
             language_only_balance=settings.ltdr.language_only_balance,
             vision_tail=settings.ltdr.vision_tail,
+            tail_ratio=settings.ltdr.tail_ratio,
         )
     return TopKRouter(**common)
 

@@ -5,7 +5,8 @@ Two parts, each switchable so the paper's ablations can be run:
 * MsDaR (modality-specific balancing): the balancing loss sees language tokens only.
 * VsDEA (vision-specific dynamic expert allocation): a vision token whose routing-probability
   variance ``RPV_t = Var(p_t)`` is above the mean RPV of the batch's vision tokens is a *tail*
-  token and uses its top-``a`` experts; every other token keeps top-``k``.
+  token and uses its top-``a`` experts; every other token keeps top-``k``. The paper's ablation
+  against a fixed share of tail tokens is ``tail_ratio``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_bool, check_int
+from moevl.moe.checks import check_bool, check_float, check_int
 from moevl.moe.routing import (
     RoutingRecord,
     TopKRouter,
@@ -38,27 +39,43 @@ class LTDRConfig:
             ``a == k`` is allowed and turns VsDEA off in effect.
         language_only_balance: MsDaR, the balancing loss over language tokens only.
         vision_tail: VsDEA, tail vision tokens get ``tail_top_k`` experts.
+        tail_ratio: None (the paper's adaptive rule: RPV above the vision tokens' mean RPV) or a
+            fixed share in (0, 1] of each batch's vision tokens, those of highest RPV (the
+            paper's ablation of the rule).
     """
 
     tail_top_k: int | None = None
     language_only_balance: bool = True
     vision_tail: bool = True
+    tail_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.tail_top_k is not None:
             check_int("tail_top_k", self.tail_top_k, minimum=1)
         check_bool("language_only_balance", self.language_only_balance)
         check_bool("vision_tail", self.vision_tail)
+        if self.tail_ratio is not None:
+            _check_ratio(self.tail_ratio)
 
 
-def ltdr_tail_mask(probs: Tensor, vision: Tensor) -> Tensor:
-    """Vision tail tokens: RPV above the mean RPV of the vision tokens (LTDR, VsDEA).
+def _check_ratio(ratio: float) -> float:
+    check_float("ltdr.tail_ratio", ratio, minimum=0.0, maximum=1.0)
+    if ratio == 0.0:
+        raise ValueError("ltdr.tail_ratio must be in (0, 1] (or null for the adaptive rule), got 0.0")
+    return ratio
+
+
+def ltdr_tail_mask(probs: Tensor, vision: Tensor, *, tail_ratio: float | None = None) -> Tensor:
+    """Vision tail tokens: RPV above the mean RPV of the vision tokens (LTDR, VsDEA), or with
+    ``tail_ratio``, the ``round(tail_ratio · #vision)`` vision tokens of highest RPV (ties: the
+    earlier token).
 
     ``RPV_t`` is the (population) variance of token ``t``'s E routing probabilities.
 
     Args:
         probs: (N, E) routing probabilities.
         vision: (N,) bool, vision tokens to consider (the caller excludes padding).
+        tail_ratio: None, or the fixed share in (0, 1] of vision tokens that are tail.
     Returns:
         (N,) bool; all False when there is no vision token.
     """
@@ -70,6 +87,11 @@ def ltdr_tail_mask(probs: Tensor, vision: Tensor) -> Tensor:
         )
     rpv = probs.detach().float().var(dim=-1, unbiased=False)  # (N,)
     count = vision.sum()
+    if tail_ratio is not None:  # no host synchronisation: ranks instead of a data-dependent top-k
+        order = rpv.masked_fill(~vision, -torch.inf).argsort(descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        return vision & (rank < torch.round(_check_ratio(tail_ratio) * count))
     if count == 0:
         return torch.zeros_like(vision)
     mean_rpv = (rpv * vision).sum() / count
@@ -89,6 +111,7 @@ class LTDRRouter(TopKRouter):
             every expert a token may choose (E without group limits).
         language_only_balance: MsDaR, the balancing loss over language tokens only.
         vision_tail: VsDEA, tail vision tokens get ``tail_top_k`` experts.
+        tail_ratio: None (adaptive tail rule) or a fixed share of vision tokens (``LTDRConfig``).
         router_options: ``TopKRouter``'s keyword arguments (sizes, scoring, groups, ...).
     """
 
@@ -98,6 +121,7 @@ class LTDRRouter(TopKRouter):
         tail_top_k: int | None = None,
         language_only_balance: bool = True,
         vision_tail: bool = True,
+        tail_ratio: float | None = None,
         **router_options: Any,
     ) -> None:
         super().__init__(**router_options)
@@ -106,6 +130,7 @@ class LTDRRouter(TopKRouter):
         self.tail_top_k = tail_top_k
         self.language_only_balance = check_bool("language_only_balance", language_only_balance)
         self.vision_tail = check_bool("vision_tail", vision_tail)
+        self.tail_ratio = None if tail_ratio is None else _check_ratio(tail_ratio)
 
     @property
     def max_experts_per_token(self) -> int:
@@ -115,6 +140,7 @@ class LTDRRouter(TopKRouter):
         return (
             f"{super().extra_repr()}, tail_top_k={self.tail_top_k}, "
             f"language_only_balance={self.language_only_balance}, vision_tail={self.vision_tail}"
+            + ("" if self.tail_ratio is None else f", tail_ratio={self.tail_ratio}")
         )
 
     def route(
@@ -132,7 +158,7 @@ class LTDRRouter(TopKRouter):
         scores = routing_scores(logits, self.scoring)  # (N, E) fp32
         probs = routing_probs(scores, self.scoring)
         if self.vision_tail:
-            tail = ltdr_tail_mask(probs, vision)
+            tail = ltdr_tail_mask(probs, vision, tail_ratio=self.tail_ratio)
         else:
             tail = torch.zeros_like(token_mask)
         num_selected = torch.where(tail, self.tail_top_k, self.top_k) * token_mask
