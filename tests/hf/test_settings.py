@@ -53,7 +53,7 @@ def test_reads_the_dict_older_versions_stored():
         "jitter": 0.0,
     }
     s = MoESettings.from_dict(old)
-    assert s.ltdr == LTDRConfig() and s.stgc == STGCConfig() and s.layers == (0, 2)
+    assert s.ltdr == LTDRConfig() and s.stgc == STGCConfig.paper() and s.layers == (0, 2)
 
 
 @pytest.mark.parametrize(

@@ -234,7 +234,10 @@ def test_config_round_trips_through_moe_settings():
     assert d["stgc"]["threshold_mode"] == "relative" and d["stgc"]["cel"] == "next_best"
     assert MoESettings.from_dict(d) == settings
     old = {"threshold": 0.0, "weight": 0.5, "scope": "all", "min_tokens": 2}  # before the options
-    assert MoESettings.from_dict({**d, "stgc": old}).stgc == STGCConfig()
+    # a checkpoint saved before weight_mode / centered keeps the CEL it was trained with: the paper's
+    assert MoESettings.from_dict({**d, "stgc": old}).stgc == STGCConfig.paper()
+    assert STGCConfig.paper() == STGCConfig(weight=0.5, weight_mode="absolute", centered=False)
+    assert STGCConfig().weight_mode == "relative" and STGCConfig().centered
     with pytest.raises(ValueError, match=r"stgc\.relative_c"):
         MoESettings.from_dict({**d, "stgc": {**d["stgc"], "relative_c": math.nan}})
 
@@ -291,7 +294,7 @@ def test_an_expert_with_equal_cosines_has_no_relative_conflict():
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("form", FORMS)
 def test_router_gradient_of_each_form_is_the_task_gradient_plus_the_cel_gradient(form, centered):
-    cfg = STGCConfig(threshold=0.3, weight=0.7, cel=form, centered=centered)
+    cfg = STGCConfig(threshold=0.3, weight=0.7, weight_mode="absolute", cel=form, centered=centered)
     layer = _layer(cfg, e=5, k=2, seed=3)
     torch.manual_seed(4)
     x, target = torch.randn(33, 16), torch.randn(33, 16)

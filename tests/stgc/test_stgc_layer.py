@@ -90,7 +90,7 @@ def _one_pass_grads(layer, x, target, loss_scale=1.0, token_mask=None):
 
 
 def test_one_pass_equals_two_pass_reference():
-    cfg = STGCConfig(weight=0.7, threshold=0.05)
+    cfg = STGCConfig.paper(weight=0.7, threshold=0.05)
     layer = _layer(stgc=cfg)
     layer.stgc_scale = 0.5
     torch.manual_seed(2)
@@ -152,7 +152,7 @@ def test_aligned_token_gradients_give_no_conflict_and_no_change():
 
 
 def test_constructed_opposite_tokens_are_flagged_exactly():
-    layer = _layer(e=2, k=1, stgc=STGCConfig())
+    layer = _layer(e=2, k=1, stgc=STGCConfig.paper())
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = 1.0  # every token with x[0] > 0 goes to expert 0

@@ -35,7 +35,7 @@ def _router_grad(plain, prec, logits_grad):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("loss_scale", [1.0, 4.0])
 def test_relative_mode_adds_the_cel_gradient_at_rho_times_the_rest(form, loss_scale):
-    cfg = STGCConfig(threshold=0.3, weight=0.25, weight_mode="relative", cel=form)
+    cfg = STGCConfig(threshold=0.3, weight=0.25, weight_mode="relative", cel=form, centered=False)
     layer = _layer(cfg, e=5, seed=3)
     torch.manual_seed(4)
     x, target = torch.randn(33, 16), torch.randn(33, 16)
@@ -56,7 +56,7 @@ def test_relative_mode_adds_the_cel_gradient_at_rho_times_the_rest(form, loss_sc
 
 
 def test_absolute_mode_reports_the_ratio_of_its_cel_gradient_to_the_rest():
-    cfg = STGCConfig(threshold=0.3, weight=0.7)
+    cfg = STGCConfig.paper(threshold=0.3, weight=0.7)
     layer = _layer(cfg, e=5, seed=3)
     torch.manual_seed(4)
     x, target = torch.randn(33, 16), torch.randn(33, 16)

@@ -140,6 +140,8 @@ class MoESettings:
             raise ValueError(
                 f"unknown MoE setting key(s) {unknown}; expected some of {sorted(names | {'router'})}"
             )
+        if isinstance(data.get("stgc"), Mapping):
+            data["stgc"] = {**_STGC_BEFORE_WEIGHT_MODE, **data["stgc"]}
         for key, config_cls in (("stgc", STGCConfig), ("ltdr", LTDRConfig)):
             if data.get(key) is not None:
                 data[key] = _nested(key, data[key], config_cls)
@@ -149,6 +151,9 @@ class MoESettings:
                 raise ValueError(f"router is {router!r} but ltdr is {data.get('ltdr')!r}: they disagree")
         return cls(**data)
 
+
+#: What settings saved before ``STGCConfig.weight_mode`` and ``centered`` existed meant: the paper's CEL.
+_STGC_BEFORE_WEIGHT_MODE = {"weight_mode": "absolute", "centered": False}
 
 #: The name this object had before adopt() existed; kept so that old code keeps working.
 UpcycleSettings = MoESettings
