@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moevl.moe.checks import check_bool, check_choice, check_float, check_int
+from moevl.moe.checks import check_choice, check_float, check_int
 from moevl.moe.ltdr import LTDRConfig
 from moevl.stgc import STGCConfig
 
@@ -173,18 +173,10 @@ def settings_from(settings: MoESettings | None, kwargs: dict[str, Any], *, calle
 
 
 def check_stgc_config(stgc: Any) -> None:
-    """Every field of an ``STGCConfig`` valid and finite (nan/inf refused)."""
+    """Every field of an ``STGCConfig`` valid and finite (nan/inf refused): its own checks, run again."""
     if not isinstance(stgc, STGCConfig):
         raise ValueError(f"stgc must be an STGCConfig or None, got {stgc!r}")
-    check_float("stgc.threshold", stgc.threshold, minimum=-1.0, maximum=1.0)
-    check_float("stgc.weight", stgc.weight, minimum=0.0)
-    check_choice("stgc.weight_mode", stgc.weight_mode, ("absolute", "relative"))
-    check_int("stgc.min_tokens", stgc.min_tokens, minimum=1)
-    check_choice("stgc.scope", stgc.scope, ("all", "last", "delta"))
-    check_choice("stgc.threshold_mode", stgc.threshold_mode, ("absolute", "relative"))
-    check_float("stgc.relative_c", stgc.relative_c, minimum=0.0)
-    check_choice("stgc.cel", stgc.cel, ("neg_softmax", "one_minus_p", "next_best"))
-    check_bool("stgc.centered", stgc.centered)
+    stgc.__post_init__()
 
 
 def select_layers(spec: LayerSpec, num_layers: int) -> list[int]:
