@@ -7,20 +7,25 @@ rate*: the same matmul FLOPs as plain ``torch.mm`` calls over all ``T·k`` rows,
 the two expert linear layers its forward ``X W`` and backward ``dY Wᵀ``, ``Xᵀ dY`` (issue 13).
 ``dense ratio = dense time / moevl time`` (1.0 = as fast as one big matmul per call).
 
-CPU (default): fp32 and bf16, at each ``--threads`` count; writes bench/results/moe_layer.{json,md}.
+CPU (default): fp32 and bf16, at each ``--threads`` count, and for each host allocator setting
+(``--allocators``: ``retain``, moevl's default, ``moevl.allocator.retain_freed_memory``; ``system``, glibc's
+default), each in its own process since the setting is process-wide; writes bench/results/moe_layer.{json,md}.
 GPU: ``--device cuda`` runs bf16 on the GPU shapes (the two CPU shapes and T=8192 D=2048 H=768
 E=128 k=8) against transformers' ``grouped_mm``, ``batched_mm`` (where its per-pair weight copies
 fit) and the kernel backends ``deepgemm`` / ``sonicmoe`` (where they load), and reports TFLOP/s
 and the fraction of the dense bf16 rate measured in the same run; writes
 bench/results/moe_layer_cuda.{json,md}.
 
-    python -m bench.bench_moe_layer [--quick] [--threads 1,2] [--dtypes float32,bfloat16]
+    python -m bench.bench_moe_layer [--quick] [--threads 1,2] [--dtypes float32,bfloat16] [--allocators retain,system]
     python -m bench.bench_moe_layer --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 
 import torch
 from transformers import OlmoeConfig
@@ -151,13 +156,8 @@ def shape_name(s):
     return f"T={s['T']} D={s['D']} H={s['H']} E={s['E']} k={s['k']}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="CPU dtypes, comma-separated")
-    args = parser.parse_args()
+def run_rows(args, allocator: str | None) -> tuple[list[dict], list[list]]:
+    """This process's measurements (``allocator``: the host allocator setting it runs under, CPU only)."""
     repeats = 3 if args.quick else 7
     records, rows = [], []
     if args.device == "cuda":
@@ -171,18 +171,61 @@ def main() -> None:
     for t, shape, dtype in runs:
         if t is not None:
             torch.set_num_threads(t)
-        rec = measure(shape, dtype, args.device, hf_impls, repeats)
+        rec = measure(shape, dtype, args.device, hf_impls, repeats) | {"allocator": allocator}
         records.append(rec)
         sec = rec["seconds"]
         row = [shape_name(shape), rec["dtype"], rec["threads"], sec["moevl"] * 1e3, sec["dense"] * 1e3]
         row += [sec[f"hf_{k}"] * 1e3 if f"hf_{k}" in sec else "n/a" for k in hf_impls]
         row += [rec["dense_ratio"]["moevl"], rec["dense_ratio"][rec["best_hf"]], rec["speedup_vs_best_hf"]]
         row += [rec["tflops"]["moevl"], rec["tflops"]["dense"]]
-        rows.append(row)
-        print(row, flush=True)
+        rows.append(row if allocator is None else [allocator, *row])
+        print(rows[-1], file=sys.stderr, flush=True)
+    return records, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="CPU dtypes, comma-separated")
+    parser.add_argument(
+        "--allocators",
+        default="retain,system",
+        help="CPU host allocator settings, comma-separated (module doc)",
+    )
+    parser.add_argument("--worker", choices=["retain", "system"], help=argparse.SUPPRESS)  # one child process
+    args = parser.parse_args()
+    if args.worker is not None:  # measure under one allocator setting, records and rows as JSON on stdout
+        if args.worker == "retain":
+            from moevl.allocator import retain_freed_memory
+
+            if not retain_freed_memory():
+                raise SystemExit(
+                    "--allocators retain: the C library is not glibc; run with --allocators system"
+                )
+        print(json.dumps(run_rows(args, args.worker)))
+        return
+    hf_impls = GPU_HF_IMPLS if args.device == "cuda" else CPU_HF_IMPLS
     header = ["shape", "dtype", "threads", "moevl ms", "dense mm ms"] + [f"HF {k} ms" for k in hf_impls]
     header += ["moevl / dense rate", "best HF / dense rate", "speedup vs best HF (x)"]
     header += ["moevl TFLOP/s", "dense TFLOP/s"]
+    if args.device == "cuda":
+        records, rows = run_rows(args, None)
+    else:
+        allocators = args.allocators.split(",")
+        if not allocators or any(a not in ("retain", "system") for a in allocators):
+            parser.error(
+                f"--allocators: expected a comma-separated subset of retain,system, got {args.allocators!r}"
+            )
+        header = ["host allocator", *header]
+        records, rows = [], []
+        passed = ["--threads", args.threads, "--dtypes", args.dtypes] + (["--quick"] if args.quick else [])
+        for allocator in allocators:
+            cmd = [sys.executable, "-m", "bench.bench_moe_layer", "--worker", allocator, *passed]
+            recs, rws = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
+            records += recs
+            rows += rws
     notes = (
         "Forward+backward of one MoE layer (router + experts + balancing loss), same weights and routing.\n"
         "Every row: its functions run interleaved (warmup 2, median of per-round times); `x / dense rate` is\n"
@@ -190,7 +233,9 @@ def main() -> None:
         "six plain torch.mm over all T·k rows. TFLOP/s count the experts' matmul FLOPs only.\n"
         "CPU numbers come from a 2-core machine shared with other jobs: absolute times are noisy; the\n"
         "interleaved ratios much less so. HF batched_mm is n/a where its per-(token, expert) weight copies\n"
-        "would exceed 16 GiB."
+        "would exceed 16 GiB. Host allocator (CPU): each setting's rows come from their own process;\n"
+        "`retain` (moevl's commands' default, moevl.allocator) keeps freed buffers for reuse, `system` is\n"
+        "glibc's default; it applies to every column of a row alike (the dense side and HF too)."
     )
     name = "moe_layer" if args.device == "cpu" else "moe_layer_cuda"
     write(name, {"results": records}, header, rows, notes)

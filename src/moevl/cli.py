@@ -26,6 +26,21 @@ SET_HELP = "Override a recipe key, e.g. --set stage3.training.learning_rate=1e-4
 METHODS_HELP = "baseline, stgc, ltdr or stgc+ltdr"
 
 
+@app.callback()
+def _root(
+    system_malloc: bool = typer.Option(
+        False,
+        "--system-malloc",
+        help="Keep glibc's default malloc settings (by default freed host memory is kept for reuse: "
+        "faster CPU steps, peak memory kept; see moevl.allocator).",
+    ),
+) -> None:
+    if not system_malloc:
+        from moevl.allocator import retain_freed_memory
+
+        retain_freed_memory()
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turns the errors a user can cause (bad recipe, data, paths, checkpoints, NaNs, Ctrl-C) into ``fail``."""
