@@ -1,0 +1,41 @@
+"""Every named checkpoint family through stage 2, stage 3 (STGC + LTDR) and ``moevl eval``'s code, with the
+same calls as for the demo's LLaVA: no per-family branch in moevl."""
+
+import json
+
+import pytest
+from transformers.utils import is_torchvision_available
+
+from moevl.vlm.compare import demo_config
+from moevl.vlm.evaluate import predictions_path, run_eval
+from moevl.vlm.io import load_model
+from moevl.vlm.train import train_stage
+from tests.hf.checkpoints import FAMILIES
+from tests.vlm.conftest import TINY
+
+# The Qwen2-VL family's processors cannot be saved without torchvision's video processor (see
+# ``load_processor``); their model classes go through stage 3 in tests/hf.
+TRAINABLE_HERE = tuple(f for f in FAMILIES if is_torchvision_available() or not f.startswith("qwen"))
+
+
+@pytest.mark.parametrize("family", TRAINABLE_HERE)
+def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_path, family):
+    cfg = demo_config(TINY, ["stage2.training.max_steps=2", "stage3.training.max_steps=2"])
+    common = dict(data=llava_file, image_folder=llava_file.parent, progress=False, log=lambda *_: None)
+    s2 = train_stage(cfg, stage=2, model=checkpoints[family], output_dir=tmp_path / "s2", **common)
+    s3 = train_stage(
+        cfg, stage=3, model=s2.model_dir, output_dir=tmp_path / "s3", method="stgc+ltdr", **common
+    )
+    model, _ = load_model(s3.model_dir)
+    result = run_eval(cfg, model=s3.model_dir, data=llava_file, out=tmp_path / "eval.json", progress=False)
+    assert s2.global_step == 2 and s3.global_step == 2
+    meta = json.loads((s3.model_dir / "moevl.json").read_text())
+    assert meta["moe"] == "upcycled" and meta["method"] == "stgc+ltdr"
+    assert model.moe_settings.stgc.weight > 0 and model.moe_settings.ltdr is not None
+    last = json.loads((tmp_path / "s3" / "moe_stats.json").read_text())["history"][-1]
+    # the vision positions came from the family's own image token: LTDR saw a long tail among them
+    assert last["ltdr/tail_share"] > 0
+    assert len(result.predictions) == 3
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["overall"] == result.overall
+    assert len(predictions_path(tmp_path / "eval.json").read_text().splitlines()) == 3
