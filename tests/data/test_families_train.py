@@ -10,6 +10,7 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.train import train_stage
+from tests.data.test_processing import STOCK_LLAVA_TEMPLATE
 from tests.hf.checkpoints import FAMILIES
 from tests.vlm.conftest import TINY
 
@@ -39,3 +40,28 @@ def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["overall"] == result.overall
     assert len(predictions_path(tmp_path / "eval.json").read_text().splitlines()) == 3
+
+
+def test_a_model_tuned_on_the_stock_llava_template_learns_to_stop(checkpoints, llava_file, tmp_path):
+    """llava-1.5-hf's template writes nothing after an answer: without the appended EOS the labels never
+    hold an end token and generation repeats until ``max_new_tokens``."""
+    template = tmp_path / "stock.jinja"
+    template.write_text(STOCK_LLAVA_TEMPLATE)
+    cfg = demo_config(
+        TINY,
+        [
+            f"data.chat_template={template}",
+            "stage2.training.max_steps=60",
+            "stage2.training.learning_rate=3e-3",
+            "eval.max_new_tokens=12",
+        ],
+    )
+    logged = []
+    common = dict(data=llava_file, image_folder=llava_file.parent, progress=False)
+    s2 = train_stage(
+        cfg, stage=2, model=checkpoints["llava"], output_dir=tmp_path / "s2", log=logged.append, **common
+    )
+    assert any("appending </s> to each assistant turn" in line for line in logged)
+    result = run_eval(cfg, model=s2.model_dir, data=llava_file, progress=False)
+    for p in result.predictions:  # each answer learnt, then the end: no repetition up to 12 tokens
+        assert p.prediction == p.answer, (p.prediction, p.answer)

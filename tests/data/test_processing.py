@@ -114,3 +114,53 @@ def test_renderer_equals_apply_chat_template(checkpoints, llava_file, family):
                     record.messages[:n], tokenize=False, add_generation_prompt=gen
                 )
                 assert render(record.messages[:n], generation_prompt=gen) == expected
+
+
+#: llava-hf/llava-1.5-7b-hf's chat template: an assistant turn is its text and a space, no end-of-turn token.
+STOCK_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "stock"), [("llava", True), ("llava", False), ("llava_next", True), ("qwen2_vl", False)]
+)
+def test_each_assistant_turn_ends_with_exactly_one_learnt_end_token(checkpoints, llava_file, family, stock):
+    """With the stock llava template (nothing after a reply) the tokenizer's EOS is appended to each turn;
+    with a template that writes an end-of-turn token (``</s>``, ``<|im_end|>``) nothing is added."""
+    processor = load_processor(checkpoints[family])
+    template = STOCK_LLAVA_TEMPLATE if stock else None
+    records = read_records(llava_file).records
+    dataset = ConversationDataset(records, processor, chat_template=template, progress=False)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>" if family == "qwen2_vl" else "</s>")
+    assert dataset.turn_end.token_ids == (end,)
+    assert (dataset.turn_end.appended is not None) == stock
+    batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
+    for i, record in enumerate(records):
+        labels = batch["labels"][i]
+        turns = sum(m["role"] == "assistant" for m in record.messages)
+        assert int((labels == end).sum()) == turns  # one per turn: "multi" has two
+        kept = labels[labels != -100].tolist()
+        assert kept[-1] == end  # the last learnt token ends the last turn
+        # and each learnt run of tokens (one per turn) ends with it
+        runs = torch.tensor([lab != -100 for lab in labels.tolist()]).int().diff()
+        run_ends = (runs == -1).nonzero().flatten().tolist() + (
+            [len(labels) - 1] if labels[-1] != -100 else []
+        )
+        assert [int(labels[j]) for j in run_ends] == [end] * turns
+
+
+def test_invalid_or_failing_template_is_a_clear_error(checkpoints, llava_file):
+    processor = load_processor(checkpoints["llava"])
+    records = read_records(llava_file).records
+    with pytest.raises(DataError, match="not valid Jinja"):
+        ConversationDataset(records, processor, chat_template="{% for m in messages %}", progress=False)
+    failing = "{{ raise_exception('no images here') }}"
+    with pytest.raises(DataError, match=r"failed to render.*no images here"):
+        ConversationDataset(records, processor, chat_template=failing, progress=False)

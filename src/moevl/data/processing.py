@@ -7,6 +7,8 @@
 * ``ConversationCollator`` calls the processor ONCE per batch (each family's own batching of vision inputs:
   ``pixel_values``, ``image_sizes``, ``image_grid_thw``, ...) and builds ``labels``: the assistant's tokens
   (its reply and the end-of-turn the template writes), -100 elsewhere (prompt, image tokens, padding).
+  Where the template writes no end-of-turn token after a reply (llava-1.5-hf's stock template), the
+  tokenizer's EOS is appended to each assistant turn and learnt (``turn_end``): a model must learn to stop.
   The mask comes from the tokenizer's character offsets on the *unexpanded* text, aligned with the
   processor's row, where a run of image (or video) tokens stands for one placeholder; if the other tokens
   do not match exactly the collator raises, never guesses.
@@ -78,34 +80,116 @@ class ChatRenderer:
     def __init__(self, processor: Any, template: str) -> None:
         self.tokenizer = tokenizer_of(processor)
         self.template = template
+        import jinja2
+
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            self.compiled = _compile_jinja_template(template)
         except ImportError:  # pragma: no cover - depends on the transformers version
             self.compiled = None
+        else:
+            try:
+                self.compiled = _compile_jinja_template(template)
+            except jinja2.TemplateError as e:
+                raise DataError(f"the chat template is not valid Jinja: {e}") from None
         self.special = {
             k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str | list)
         }
 
     def __call__(self, messages: list[dict], *, generation_prompt: bool) -> str:
-        if self.compiled is None:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+        import jinja2
+
+        try:
+            if self.compiled is None:
+                return self.tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=self.template,
+                    tokenize=False,
+                    add_generation_prompt=generation_prompt,
+                )
+            return self.compiled.render(
+                messages=messages, add_generation_prompt=generation_prompt, **self.special
             )
-        return self.compiled.render(
-            messages=messages, add_generation_prompt=generation_prompt, **self.special
+        except jinja2.TemplateError as e:
+            raise DataError(f"the chat template failed to render a conversation: {e}") from None
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """How a chat template ends an assistant turn (``turn_end``).
+
+    ``token_ids``: the end-of-turn tokens the template writes after a reply (EOS, ``<|im_end|>``,
+    ``<end_of_turn>``, ...), or moevl's appended one; generation stops at any of them. ``appended``: the token
+    text moevl appends after each reply because the template writes none (None: the template ends turns).
+    """
+
+    token_ids: tuple[int, ...]
+    appended: str | None
+
+
+#: A two-turn conversation rendered to see what a template writes after a reply.
+_PROBE_REPLIES = ("first reply", "second reply")
+_PROBE = [
+    {"role": "user", "content": [{"type": "text", "text": "first question"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": _PROBE_REPLIES[0]}]},
+    {"role": "user", "content": [{"type": "text", "text": "second question"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": _PROBE_REPLIES[1]}]},
+]
+
+
+def turn_end(render: ChatRenderer, vision: set[int] | frozenset[int] = frozenset()) -> TurnEnd:
+    """Whether ``render``'s template writes an end-of-turn token after each assistant reply, found by
+    rendering a two-turn probe: the characters of each assistant span after its reply must hold a special
+    token of the tokenizer (not padding, BOS, unknown or a ``vision`` placeholder). Where they do not, the
+    tokenizer's EOS is appended to each turn (LLaVA's own training supervises ``</s>`` after every answer);
+    a tokenizer without an EOS token is a ``DataError`` (the model could never learn to stop).
+    """
+    tok = render.tokenizer
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    special -= {tok.pad_token_id, tok.bos_token_id, tok.unk_token_id} - {tok.eos_token_id}
+    special -= set(vision)
+    text, spans = _spans(render, _PROBE, "the chat template's probe conversation")
+    found: list[int] = []
+    for (a, b), reply in zip(spans, _PROBE_REPLIES, strict=True):
+        span = text[a:b]
+        at = span.rfind(reply)
+        tail = span[at + len(reply) :] if at >= 0 else ""
+        ends = [i for i in tok(tail, add_special_tokens=False)["input_ids"] if i in special]
+        if not ends:
+            break
+        found += ends
+    else:
+        return TurnEnd(tuple(sorted(set(found))), None)
+    if tok.eos_token is None or tok.eos_token_id is None:
+        raise DataError(
+            "the chat template writes no end-of-turn token after an assistant reply and the tokenizer has no "
+            "EOS token to append: a model trained on it could not learn to stop; give a template that ends "
+            "assistant turns (--chat-template FILE) or a tokenizer with an eos_token"
         )
+    return TurnEnd((tok.eos_token_id,), tok.eos_token)
 
 
-def assistant_spans(render: ChatRenderer, record: Record) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    render: ChatRenderer, record: Record, append: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered record and the character spans of its assistant turns (reply + end-of-turn marker).
 
     Each span runs from the end of the conversation rendered up to the turn with the generation prompt to
     the end of the conversation rendered through the turn; the template must render prefixes as prefixes
-    (all chat templates we know do), else ``DataError``.
+    (all chat templates we know do), else ``DataError``. ``append`` (``TurnEnd.appended``) is inserted after
+    each span and belongs to it.
     """
-    messages = record.messages
+    text, spans = _spans(render, record.messages, f"record {record.id!r} ({record.source})")
+    if append is None:
+        return text, spans
+    pieces, moved, start = [], [], 0
+    for i, (a, b) in enumerate(spans):
+        pieces += [text[start:b], append]
+        moved.append((a + i * len(append), b + (i + 1) * len(append)))
+        start = b
+    return "".join(pieces) + text[start:], moved
+
+
+def _spans(render: ChatRenderer, messages: list[dict], what: str) -> tuple[str, list[tuple[int, int]]]:
     text = render(messages, generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
@@ -116,8 +200,8 @@ def assistant_spans(render: ChatRenderer, record: Record) -> tuple[str, list[tup
         through = text if last else render(messages[: i + 1], generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
             raise DataError(
-                f"record {record.id!r} ({record.source}): the chat template does not render a conversation's "
-                "prefix as a prefix of the whole, so the assistant tokens cannot be located"
+                f"{what}: the chat template does not render a conversation's prefix as a prefix of the whole, "
+                "so the assistant tokens cannot be located"
             )
         spans.append((len(before), max(len(before), len(through.rstrip()))))
     return text, spans
@@ -158,6 +242,7 @@ class ConversationDataset(Dataset):
         self.dropped_too_long = 0
         counter = _TokenCounter(processor)
         render = ChatRenderer(processor, self.template)
+        self.turn_end = turn_end(render, set(vision_token_ids(processor)))
         bar = tqdm(
             total=len(records),
             desc="reading records",
@@ -169,7 +254,7 @@ class ConversationDataset(Dataset):
         )
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
-            rendered = [assistant_spans(render, r) for r in part]
+            rendered = [assistant_spans(render, r, self.turn_end.appended) for r in part]
             lengths = counter.count([text for text, _ in rendered], [r.images for r in part])
             for r, (text, spans), n in zip(part, rendered, lengths, strict=True):
                 if max_length is not None and n > max_length:
@@ -348,11 +433,12 @@ class GenerationBatch:
 
 class GenerationCollator:
     """Records -> left-padded generation inputs (the conversation up to its last assistant turn, with the
-    generation prompt) and their reference answers."""
+    generation prompt) and their reference answers. ``turn_end.token_ids``: where generation should stop."""
 
     def __init__(self, processor: Any, *, chat_template: str | None = None) -> None:
         self.processor = processor
         self.render = ChatRenderer(processor, chat_template_of(processor, chat_template))
+        self.turn_end = turn_end(self.render, set(vision_token_ids(processor)))
 
     def __call__(self, records: list[Record]) -> GenerationBatch:
         texts, images, prompts = [], [], []

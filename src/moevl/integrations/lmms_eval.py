@@ -109,8 +109,15 @@ class MoevlLMM(lmms):
                 if isinstance(getattr(config, name, None), int)
             }
         )
-        eos = self.model.generation_config.eos_token_id
-        self._eos = eos if eos is not None else self.tokenizer.eos_token_id
+        # EOS and the chat template's end-of-turn token (moevl.data.processing.turn_end), as `moevl eval`
+        from moevl.data.processing import ChatRenderer, chat_template_of, turn_end, vision_token_ids
+        from moevl.vlm.evaluate import stop_token_ids
+
+        render = ChatRenderer(self.processor, chat_template_of(self.processor))
+        ends = turn_end(render, set(vision_token_ids(self.processor, config))).token_ids
+        self._eos = stop_token_ids(
+            self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id, ends
+        )
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +146,7 @@ class MoevlLMM(lmms):
                     num_beams=1,
                     suppress_tokens=self._suppress or None,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self._eos,
+                    eos_token_id=self._eos or None,
                 )
             new_tokens = out[:, inputs["input_ids"].shape[1] :]
             for row, budget, until in zip(new_tokens, budgets, stops, strict=True):

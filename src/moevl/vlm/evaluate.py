@@ -85,7 +85,8 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Greedy answers of ``model`` to ``records`` (``moevl.data.Record``), scored against the last assistant
-    turn. Generation never emits an image or video placeholder and stops at the end-of-sequence token."""
+    turn. Generation never emits an image or video placeholder and stops at the end-of-sequence token or the
+    chat template's end-of-turn token (``moevl.data.processing.turn_end``)."""
     from moevl.data.processing import GenerationCollator, vision_token_ids
 
     if batch_size < 1:
@@ -95,6 +96,9 @@ def evaluate(
     collate = GenerationCollator(processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     suppress = vision_token_ids(processor, model.config)
+    stop = stop_token_ids(
+        model.generation_config.eos_token_id, tokenizer.eos_token_id, collate.turn_end.token_ids
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -111,7 +115,7 @@ def evaluate(
                 num_beams=1,
                 suppress_tokens=suppress or None,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+                eos_token_id=stop or None,
             )
             new_tokens = out[:, inputs["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -145,6 +149,16 @@ def evaluate(
         category_count={c: totals[c] for c in sorted(totals)},
         predictions=predictions,
     )
+
+
+def stop_token_ids(*sources: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """The token ids generation stops at: every id of every source (an id, a list of ids or None), once."""
+    ids: list[int] = []
+    for source in sources:
+        for i in [source] if isinstance(source, int) else source or ():
+            if i not in ids:
+                ids.append(int(i))
+    return ids
 
 
 def predictions_path(results_path: str | os.PathLike) -> Path:

@@ -280,6 +280,11 @@ def train_stage(
     dataset = ConversationDataset(
         records.records, processor, max_length=cfg.data.max_length, progress=progress
     )
+    if dataset.turn_end.appended is not None:
+        log(
+            f"the chat template writes no end-of-turn token after an answer: appending "
+            f"{dataset.turn_end.appended} to each assistant turn, learnt, so that the model learns to stop"
+        )
     if dataset.dropped_too_long:
         log(f"dropped {dataset.dropped_too_long} record(s) longer than {dataset.max_length} tokens")
     if len(dataset) == 0:
