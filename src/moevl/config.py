@@ -131,7 +131,7 @@ def field_names(cls: type) -> list[str]:
 _SEQUENCES = (tuple, list, collections.abc.Sequence)  # YAML lists; a Sequence field gets a tuple
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def convert(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp`` (lists become tuples, ints become floats)."""
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key '{key}': expected {type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -154,10 +154,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or (
                 isinstance(value, list | tuple) and typing.get_origin(arg) in _SEQUENCES
             ):
-                return _convert(value, arg, key)
+                return convert(value, arg, key)
         for arg in args:
             try:
-                return _convert(value, arg, key)
+                return convert(value, arg, key)
             except ConfigError:
                 continue
         raise bad
@@ -166,11 +166,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise bad
         if origin is not tuple or args[-1] is Ellipsis:
-            items = tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            items = tuple(convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             return list(items) if origin is list else items
         if len(value) != len(args):
             raise bad
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise bad
@@ -251,9 +251,9 @@ def build(cls: type, data: dict, prefix: str = "", defaults: Any = None) -> Any:
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
             kwargs[k] = build(type(current), v, f"{prefix}{k}.", current)
         elif isinstance(current, dict) and isinstance(v, dict) and typing.get_origin(tp) is not Literal:
-            kwargs[k] = {**current, **_convert(v, tp, prefix + k)}
+            kwargs[k] = {**current, **convert(v, tp, prefix + k)}
         else:
-            kwargs[k] = _convert(v, tp, prefix + k)
+            kwargs[k] = convert(v, tp, prefix + k)
     try:
         return dataclasses.replace(base, **kwargs)
     except (ValueError, TypeError) as e:

@@ -38,6 +38,35 @@ def test_defaults_file_equals_builtin_defaults():
         (["method=moe"], "'method': expected one of baseline, stgc, ltdr, stgc+ltdr"),
         (["seed=-1"], "'seed': expected an integer >= 0, got -1"),
         (["moe.ltdr.tail_top_k=1"], "ltdr.tail_top_k must be in [top_k=2, num_experts=4], got 1"),
+        # training values: types from TrainingArguments' own fields, ranges of the usual keys
+        (["stage3.training.learning_rate=inf"], "'stage3.training.learning_rate': expected a finite number"),
+        (["training.max_grad_norm=nan"], "'training.max_grad_norm': expected a finite number, got str 'nan'"),
+        (["training.adam_beta1=nan"], "'training.adam_beta1': expected a finite number"),
+        (["training.adam_beta1=1.5"], "'training.adam_beta1': expected a number in [0, 1), got 1.5"),
+        (["training.num_train_epochs=nan"], "'training.num_train_epochs': expected a finite number"),
+        (["training.warmup_steps=nan"], "'training.warmup_steps': expected a finite number"),
+        (
+            ["training.per_device_train_batch_size=0"],
+            "'training.per_device_train_batch_size': expected an integer >= 1, got 0",
+        ),
+        (
+            ["training.per_device_train_batch_size=2.5"],
+            "'training.per_device_train_batch_size': expected int, got float 2.5",
+        ),
+        (
+            ["stage3.training.learning_rate=-1"],
+            "'stage3.training.learning_rate': expected a number >= 0, got -1",
+        ),
+        (
+            ["training.max_steps=0"],
+            "'training.max_steps': expected -1 (use num_train_epochs) or an integer >= 1",
+        ),
+        (["training.bf16=yes please"], "'training.bf16': expected bool"),
+        (["training.seed=nan"], "'training.seed': set by moevl, not in the recipe; use the top-level `seed`"),
+        (
+            ["training.disable_tqdm=true"],
+            "'training.disable_tqdm': set by moevl, not in the recipe; use --no-progress",
+        ),
     ],
 )
 def test_bad_values_name_key_expected_and_given(overrides, message):
@@ -55,6 +84,26 @@ def test_sections_merge_key_by_key():
     assert cfg.moe.stgc == STGCConfig(weight=0.2) and cfg.moe.layers == (0, 2)
     assert cfg.training_arguments(3)["learning_rate"] == 1e-4
     assert cfg.training_arguments(2)["learning_rate"] == 2e-5
+
+
+def test_training_learning_rate_sets_every_stage_unless_a_stage_sets_its_own(tmp_path):
+    builtin = RunConfig()
+    assert [builtin.training_arguments(n)["learning_rate"] for n in (1, 2, 3)] == [1e-3, 2e-5, 2e-5]
+    cfg = config_from_dict({}, ["training.learning_rate=1e-3", "stage2.training.learning_rate=5e-4"])
+    assert [cfg.training_arguments(n)["learning_rate"] for n in (1, 2, 3)] == [1e-3, 5e-4, 1e-3]
+    from moevl.vlm.train import training_arguments  # what the Trainer gets
+
+    assert training_arguments(cfg, 3, tmp_path, seed=0, progress=False).learning_rate == 1e-3
+    from_file = config_from_dict({"training": {"learning_rate": "1e-4"}})  # a quoted exponent is a number
+    assert from_file.training_arguments(3)["learning_rate"] == 1e-4
+
+
+def test_nan_in_a_config_file_is_refused(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    for value in ("nan", "'inf'", ".nan"):
+        recipe.write_text(f"training:\n  learning_rate: {value}\n")
+        with pytest.raises(ConfigError, match="'training.learning_rate': expected a finite number"):
+            load_config(recipe)
 
 
 def test_float_written_without_dot_is_accepted():

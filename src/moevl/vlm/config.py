@@ -5,7 +5,9 @@ Sections:
 * ``model``, ``data``: the checkpoint and the LLaVA-format (or messages-format) files.
 * ``training``: passed to ``transformers.TrainingArguments`` as it is (precision, gradient checkpointing,
   batch size, accumulation, schedule, ``deepspeed``, ``report_to``, ...); ``stage1/2/3.training`` override
-  it per stage, beside the stage's ``trainable`` parts and its own ``data`` file.
+  it per stage, beside the stage's ``trainable`` parts and its own ``data`` file. Each stage's built-in
+  learning rate (``STAGE_LEARNING_RATES``) lies beneath both: ``training.learning_rate`` replaces it in every
+  stage. Values are checked against ``TrainingArguments``' field types and the ranges of the usual keys.
 * ``moe``: the one MoE settings object (``moevl.hf.MoESettings``) handed to ``upcycle``/``adopt`` and saved
   with the checkpoint; ``method`` is a named preset over it (``stgc`` turns ``moe.stgc`` on, ``ltdr`` turns
   ``moe.ltdr`` on).
@@ -35,8 +37,22 @@ METHODS = ("baseline", "stgc", "ltdr", "stgc+ltdr")
 DENSE_PARTS = ("vision_tower", "projector", "language_model")
 MOE_PARTS = ("experts", "routers")
 
-# Keys of ``training:`` that moevl sets itself (the command line gives them).
-_RESERVED_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint", "do_train", "do_eval", "do_predict")
+# Keys of ``training:`` that moevl sets itself, and where the user sets them instead.
+_RESERVED_TRAINING_KEYS = {
+    "output_dir": "--out",
+    "resume_from_checkpoint": "--resume",
+    "do_train": None,
+    "do_eval": None,
+    "do_predict": None,
+    "seed": "the top-level `seed`",
+    "data_seed": "the top-level `seed`",
+    "disable_tqdm": "--no-progress",
+    "remove_unused_columns": None,
+}
+
+#: MoE-LLaVA's learning rate per stage (scripts/v1/*/pretrain.sh, finetune.sh, finetune_moe.sh): beneath the
+#: recipe's ``training:``, so that ``training.learning_rate`` sets every stage's.
+STAGE_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-5}
 
 
 @dataclass(frozen=True)
@@ -124,17 +140,11 @@ class RunConfig:
     monitor_conflicts: bool = True
     data: DataSection = field(default_factory=DataSection)
     training: dict[str, Any] = field(default_factory=_default_training)
-    stage1: StageSection = field(
-        default_factory=lambda: StageSection(trainable=("projector",), training={"learning_rate": 1e-3})
-    )
+    stage1: StageSection = field(default_factory=lambda: StageSection(trainable=("projector",)))
     stage2: StageSection = field(
-        default_factory=lambda: StageSection(
-            trainable=("projector", "language_model"), training={"learning_rate": 2e-5}
-        )
+        default_factory=lambda: StageSection(trainable=("projector", "language_model"))
     )
-    stage3: StageSection = field(
-        default_factory=lambda: StageSection(trainable=MOE_PARTS, training={"learning_rate": 2e-5})
-    )
+    stage3: StageSection = field(default_factory=lambda: StageSection(trainable=MOE_PARTS))
     moe: MoESettings = field(default_factory=_default_moe)
     eval: EvalSection = field(default_factory=EvalSection)
     compare: CompareSection = field(default_factory=CompareSection)
@@ -146,8 +156,10 @@ class RunConfig:
         return (self.stage1, self.stage2, self.stage3)[n - 1]
 
     def training_arguments(self, n: int) -> dict[str, Any]:
-        """``TrainingArguments`` keywords of stage ``n``: ``training`` with ``stage{n}.training`` over it."""
-        return {**self.training, **self.stage(n).training}
+        """``TrainingArguments`` keywords of stage ``n``: the stage's built-in learning rate, ``training`` over
+        it, ``stage{n}.training`` over both."""
+        stage = self.stage(n)
+        return {"learning_rate": STAGE_LEARNING_RATES[n], **self.training, **stage.training}
 
     def moe_settings(self, method: str | None = None) -> MoESettings:
         """The MoE settings of a method preset (default: ``self.method``)."""
@@ -174,19 +186,67 @@ def method_settings(moe: MoESettings, method: str, *, monitor_conflicts: bool = 
 # --- checks types cannot express ------------------------------------------------------------------------
 
 
+#: Ranges of the usual ``TrainingArguments`` keys (their types are checked from the dataclass itself).
+_TRAINING_RANGES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (lambda v: v >= 0, "a number >= 0"),
+    "num_train_epochs": (lambda v: v > 0, "a number > 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or an integer >= 1"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "warmup_steps": (lambda v: v >= 0, "a number >= 0 (below 1: a fraction of the steps)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, "a number >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "logging_steps": (lambda v: v > 0, "a number > 0 (below 1: a fraction of the steps)"),
+    "save_steps": (lambda v: v > 0, "a number > 0 (below 1: a fraction of the steps)"),
+    "eval_steps": (lambda v: v is None or v > 0, "null or a number > 0"),
+    "save_total_limit": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def _plain_type(tp: Any) -> Any:
+    """``tp`` when it is built of int, float, bool and None only (what ``build``'s checks handle), else None."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        return tp if all(_plain_type(a) is not None for a in args) else None
+    return tp if tp in (int, float, bool, type(None)) else None
+
+
 def _check_training(training: dict[str, Any], key: str) -> None:
+    """Keys, types and ranges of a ``training:`` section, so that a bad value stops before anything runs."""
+    import typing
+
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for k in training:
+    from moevl.config import convert
+
+    hints = typing.get_type_hints(TrainingArguments)
+    for k, v in training.items():
         if k in _RESERVED_TRAINING_KEYS:
-            raise ConfigError(f"config key '{key}.{k}': set by moevl (--out / --resume), not in the recipe")
-        if k not in known:
-            close = difflib.get_close_matches(k, sorted(known), n=3)
+            where = _RESERVED_TRAINING_KEYS[k]
+            instead = f"; use {where}" if where else ""
+            raise ConfigError(f"config key '{key}.{k}': set by moevl, not in the recipe{instead}")
+        if k not in hints:
+            close = difflib.get_close_matches(k, sorted(hints), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
                 f"unknown config key '{key}.{k}': not a transformers.TrainingArguments field{hint}"
             )
+        tp = _plain_type(hints[k])
+        if tp is None:
+            continue
+        value = convert(v, tp, f"{key}.{k}")
+        if k in _TRAINING_RANGES:
+            ok, expected = _TRAINING_RANGES[k]
+            require(ok(value), f"{key}.{k}", expected, v)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
