@@ -1,23 +1,32 @@
 # Two entry points for a fresh machine (Python 3.11 + pip):
 #   make demo   set up .venv, then run the main job (moevl compare) on the embedded data
-#   make test   set up .venv, then lint and run the test suite
+#   make test   set up .venv, then lint, check that constraints/lmms.txt resolves, and run the test suite
+# The set-up installs the versions in constraints/main.txt (pip -c), `make test-lmms` those in
+# constraints/lmms.txt. `make lock` refreshes both from pyproject.toml's requirements in a fresh temporary
+# venv (constraints/refresh.sh); run `make test` and `make test-lmms` before committing them.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
+# CONSTRAINTS= (empty) installs the newest versions pyproject.toml allows (what `make lock` does).
+CONSTRAINTS ?= constraints/main.txt
+LMMS_CONSTRAINTS ?= constraints/lmms.txt
+TORCH_PIN := torch==2.13.0
+pip_c = $(if $(1),-c $(1))
 
-.PHONY: setup demo test lint bench test-lmms
+.PHONY: setup demo test lint bench test-lmms check-lmms-lock lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU pin first: a bare `torch` requirement would pull several GB of CUDA wheels.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	# DeepSpeed (ZeRO-2/3 tests on CPU): its own ops are compiled at run time when used, never here;
-	# without build isolation, so that its build sees the CPU torch instead of pulling a CUDA one.
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN) $(call pip_c,$(CONSTRAINTS))
+	$(PY) -m pip install -q -e ".[dev]" $(call pip_c,$(CONSTRAINTS))
+	# DeepSpeed (ZeRO-2/3 tests on CPU; its version is in the constraints): its own ops are compiled at run
+	# time when used, never here; without build isolation, so that its build sees the CPU torch instead of
+	# pulling a CUDA one.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed $(call pip_c,$(CONSTRAINTS))
 	touch $@
 
 demo: setup
@@ -27,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests tests_lmms bench
 	$(VENV)/bin/ruff format --check src tests tests_lmms bench
 
-test: lint
+test: lint check-lmms-lock
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 bench: setup
@@ -35,6 +44,15 @@ bench: setup
 
 # lmms-eval integration (not in `make test`: +2.4 GB of dependencies; see pyproject's `lmms` extra).
 test-lmms: setup
-	$(PY) -m pip install -q -e ".[lmms]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[lmms]" $(TORCH_PIN) -c $(LMMS_CONSTRAINTS)
 	$(PY) -m pip uninstall -q -y torchvision
 	$(VENV)/bin/pytest -q tests_lmms
+
+# In `make test`: the lmms extra still resolves to exactly constraints/lmms.txt. Resolver only: --dry-run
+# installs nothing and pip reads most wheels' metadata from the index without downloading them.
+check-lmms-lock: setup
+	$(PY) -m pip install -q --dry-run --ignore-installed -e ".[lmms]" $(TORCH_PIN) -c $(LMMS_CONSTRAINTS)
+
+# Refresh constraints/main.txt and constraints/lmms.txt (several minutes; see constraints/refresh.sh).
+lock:
+	TORCH_PIN=$(TORCH_PIN) constraints/refresh.sh
