@@ -102,7 +102,7 @@ def test_nan_in_a_config_file_is_refused(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     for value in ("nan", "'inf'", ".nan"):
         recipe.write_text(f"training:\n  learning_rate: {value}\n")
-        with pytest.raises(ConfigError, match="'training.learning_rate': expected a finite number"):
+        with pytest.raises(ConfigError, match=r"'training.learning_rate': expected a finite number"):
             load_config(recipe)
 
 
