@@ -25,6 +25,7 @@ from moevl.atomic import atomic_write_json, atomic_write_text
 from moevl.vlm.compare import demo_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stgc_study"
+ROW_FILE = "study_row.json"  # a finished run's row, beside its model: an interrupted study resumes after it
 
 #: STGC as the paper writes it, whatever moevl's default is: beta * L_cel over the conflicting pairs, beta 0.5
 PAPER = ["moe.stgc.weight_mode=absolute", "moe.stgc.weight=0.5", "moe.stgc.centered=false"]
@@ -49,6 +50,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("baseline", []),
     "stgc": ("stgc", []),
     "ltdr": ("ltdr", []),
+    "stgc_paper": _paper(),  # the paper's setting by the name issue 23's schema uses (= stgc_beta0.5)
+    "stgc+ltdr": ("stgc+ltdr", []),
     "stgc_beta0.5": _paper(),
     "stgc_beta0.1": _paper("moe.stgc.weight=0.1"),
     "stgc_beta0.02": _paper("moe.stgc.weight=0.02"),
@@ -127,27 +130,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "arms": {},
     }
     start = time.perf_counter()
-    for arm in args.arms:
-        method, overrides = ARMS[arm]
-        cfg = demo_config(None, [*args.set, *overrides])
-        runs = []
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major: partial results hold every arm, paired by seed
+        for arm in args.arms:
+            method, overrides = ARMS[arm]
+            cfg = demo_config(None, [*args.set, *overrides])
             d = out / "study" / arm / f"seed{seed}"
-            print(f"{arm} seed {seed} -> {d}", flush=True)
-            r = train_stage(
-                cfg, stage=3, model=dense, output_dir=d, data=data / "instruct.json", image_folder=data,
-                method=method, seed=seed, progress=False, log=lambda *_: None,
-            )  # fmt: skip
-            history = json.loads((d / "moe_stats.json").read_text())["history"]
-            row: dict[str, Any] = {"seed": seed, "train_time_s": r.train_time_s}
-            for name, key in HEALTH.items():
-                row[name] = last_quarter(history, key)
-            for split, recs in records.items():
-                ev = _evaluation(r.model_dir, recs, train_records, cfg, progress=False)
-                row[f"{split}_accuracy"] = ev["overall"]
-                row[f"{split}_per_category"] = ev["accuracy"]
-            runs.append(row)
-        results["arms"][arm] = {"runs": runs}
+            done = d / ROW_FILE
+            if done.is_file():  # finished in an earlier (interrupted) invocation: resume after it
+                row = json.loads(done.read_text())
+            else:
+                print(f"{arm} seed {seed} -> {d}", flush=True)
+                r = train_stage(
+                    cfg, stage=3, model=dense, output_dir=d, data=data / "instruct.json", image_folder=data,
+                    method=method, seed=seed, overwrite=True, progress=False, log=lambda *_: None,
+                )  # fmt: skip
+                history = json.loads((d / "moe_stats.json").read_text())["history"]
+                row = {"seed": seed, "train_time_s": r.train_time_s}
+                for name, key in HEALTH.items():
+                    row[name] = last_quarter(history, key)
+                for split, recs in records.items():
+                    ev = _evaluation(r.model_dir, recs, train_records, cfg, progress=False)
+                    row[f"{split}_accuracy"] = ev["overall"]
+                    row[f"{split}_per_category"] = ev["accuracy"]
+                atomic_write_json(done, row)
+            results["arms"].setdefault(arm, {"runs": []})["runs"].append(row)
+            if args.partial:
+                results["wall_time_s"] = time.perf_counter() - start
+                summarize(results)
+                _write(Path(args.results), results, quiet=True)
     results["wall_time_s"] = time.perf_counter() - start
     summarize(results)
     return results
@@ -292,6 +302,9 @@ def main() -> None:
         "--merge", action="store_true", help="add these arms to the results already in --results"
     )
     parser.add_argument(
+        "--partial", action="store_true", help="rewrite --results after every finished run (a long study)"
+    )
+    parser.add_argument(
         "--combine",
         nargs="+",
         metavar="DIR",
@@ -335,10 +348,11 @@ def main() -> None:
     _write(dest, results)
 
 
-def _write(dest: Path, results: dict[str, Any]) -> None:
+def _write(dest: Path, results: dict[str, Any], quiet: bool = False) -> None:
     atomic_write_json(dest / "results.json", results)
     atomic_write_text(dest / "report.md", report(results))
-    print(report(results))
+    if not quiet:
+        print(report(results))
 
 
 if __name__ == "__main__":

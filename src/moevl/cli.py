@@ -4,6 +4,7 @@ one-line messages (``fail``)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +15,13 @@ import typer
 from moevl.cli_errors import fail
 from moevl.detection.cli import app as detect_app
 
+# Plain click help (no rich boxes): rich cuts option help to fit its table when the output is not a terminal.
 app = typer.Typer(
     help="Sparse MoE vision-language models with better routing (STGC, LTDR).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 app.add_typer(detect_app, name="detect")
 
@@ -64,11 +68,12 @@ def _config(config: Path | None, overrides: list[str] | None, extra: list[str] |
     return load_config(config, [*(overrides or []), *(extra or [])])
 
 
-def _set_progress(enabled: bool) -> None:
-    """``--no-progress`` silences every bar: ours, the Trainer's, and transformers' / datasets' loading and
-    saving bars."""
-    if enabled:
-        return
+def _set_progress(enabled: bool) -> bool:
+    """Whether to show progress bars: not with ``--no-progress``, nor when stderr is not a terminal (a piped or
+    redirected log gets one line per logging step instead of bars and their escape codes). Without bars,
+    transformers', datasets' and the hub's loading and saving bars are silenced too."""
+    if enabled and sys.stderr.isatty():
+        return True
     import datasets
     import huggingface_hub
     from transformers.utils import logging as hf_logging
@@ -76,15 +81,20 @@ def _set_progress(enabled: bool) -> None:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
+    return False
 
 
 def _progress_option() -> Any:
-    return typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-progress silences all).")
+    return typer.Option(
+        True, "--progress/--no-progress", help="Progress bars (--no-progress silences all; off when piped)."
+    )
 
 
 @app.command()
 def train(
-    stage: int = typer.Option(..., help="1: projector pre-training, 2: instruction tuning, 3: MoE-tuning."),
+    stage: int = typer.Option(
+        ..., min=1, max=3, help="1: projector pre-training, 2: instruction tuning, 3: MoE-tuning."
+    ),
     out: Path = typer.Option(..., help="Output directory (checkpoints, TensorBoard logs, model/)."),
     model: Path | None = typer.Option(
         None, help="Checkpoint directory to start from (a previous stage's --out works too)."
@@ -103,6 +113,9 @@ def train(
     skip_bad_records: bool = typer.Option(False, help="Skip and count bad records instead of stopping."),
     seed: int | None = typer.Option(None, help="Seed (default: the recipe's)."),
     resume: bool = typer.Option(False, help="Resume from the last complete checkpoint in --out."),
+    overwrite: bool = typer.Option(
+        False, help="Start over in an --out that holds an earlier run (deletes its checkpoints and model)."
+    ),
     progress: bool = _progress_option(),
 ) -> None:
     """Train one stage with the Hugging Face Trainer; torchrun / accelerate / deepspeed launch it as is."""
@@ -113,7 +126,7 @@ def train(
         extra.append(f"data.chat_template={str(chat_template)!r}")
     if skip_bad_records:
         extra.append("data.skip_bad_records=true")
-    _set_progress(progress)
+    progress = _set_progress(progress)
     with user_errors():
         cfg = _config(config, set_, extra)
         result = train_stage(
@@ -127,6 +140,7 @@ def train(
             seed=seed,
             max_steps=max_steps,
             resume=resume,
+            overwrite=overwrite,
             progress=progress,
             log=typer.echo,
         )
@@ -158,7 +172,7 @@ def eval_(
         extra.append(f"eval.batch_size={batch_size}")
     if max_new_tokens is not None:
         extra.append(f"eval.max_new_tokens={max_new_tokens}")
-    _set_progress(progress)
+    progress = _set_progress(progress)
     with user_errors():
         cfg = _config(config, set_, extra)
         result = run_eval(cfg, model=model, data=data, image_folder=image_folder, out=out, progress=progress)
@@ -182,12 +196,14 @@ def export(
         False,
         help="Fail (with the reason) instead of writing the moevl format when no native class is exact.",
     ),
+    progress: bool = _progress_option(),
 ) -> None:
     """Write a checkpoint plain transformers loads (native MoE class) where one exists exactly; otherwise
     the moevl format, which only moevl loads (never silently wrong)."""
     from moevl.hf import export as export_model
     from moevl.vlm.io import check_writable_target, load_model
 
+    _set_progress(progress)
     with user_errors():
         check_writable_target(out)
         net, processor = load_model(model)
@@ -200,6 +216,45 @@ def export(
     typer.echo(f"{result.format}: {out} ({result.reason})")
     for note in result.notes:
         typer.echo(f"note: {note}")
+
+
+@app.command()
+def diagnose(
+    model: Path = typer.Option(..., help="A checkpoint directory (dense: upcycled in memory; or sparse)."),
+    data: Path = typer.Option(
+        ..., help="LLaVA JSON/JSONL or messages data; the first --batch-size records probe."
+    ),
+    image_folder: Path | None = typer.Option(None, help="Root of the records' relative image paths."),
+    steps: int = typer.Option(
+        10, min=2, help="Training steps measured (in memory; the checkpoint is unchanged)."
+    ),
+    batch_size: int = typer.Option(16, min=1, help="Records in the fixed probe batch."),
+    out: Path = typer.Option(Path("runs/diagnose"), help="Where diagnosis.json and cosines.png go."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    progress: bool = _progress_option(),
+) -> None:
+    """Does STGC's premise hold for this model and data? Token-gradient cosines, conflict ratio, flag
+    persistence and router health per MoE layer, and a plain verdict."""
+    from moevl.analysis.diagnose import diagnose as run_diagnosis
+
+    progress = _set_progress(progress)
+    with user_errors():
+        cfg = _config(config, set_)
+        result = run_diagnosis(
+            cfg, model=model, data=data, image_folder=image_folder, steps=steps, batch_size=batch_size, out=out,
+            progress=progress,
+        )  # fmt: skip
+    for d in [*result["layers"], result["overall"]]:
+        persistence = (
+            "n/a" if d["persistence"] is None else f"{d['persistence']:.3f} (chance {d['chance']:.3f})"
+        )
+        typer.echo(
+            f"layer {d['layer']}: conflict ratio {d['conflict_ratio']:.3f} · cosine {d['cosine_mean']:.3f} ± "
+            f"{d['cosine_std']:.3f} · below -0.1 {d['clear_conflict_share']:.3f} · persistence {persistence}"
+        )
+    typer.echo(result["premise"]["verdict"])
+    typer.echo(f"written: {out / 'diagnosis.json'}, {out / 'cosines.png'}")
 
 
 @app.command()
@@ -222,7 +277,7 @@ def compare(
         extra.append(f"compare.seeds={seeds}")
     if methods is not None:
         extra.append("compare.methods=[" + ",".join(f'"{m.strip()}"' for m in methods.split(",")) + "]")
-    _set_progress(progress)
+    progress = _set_progress(progress)
     with user_errors():
         cfg = demo_config(config, [*(set_ or []), *extra])
         run_compare(cfg, out, log=_cyan, progress=progress)

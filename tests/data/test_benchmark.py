@@ -59,6 +59,50 @@ def test_answers_are_correct(bench):
     assert caption(scene, bench.source).split() == [str(v) if v >= 0 else "empty" for v in labels.ravel()]
 
 
+def _inverted_reference(text: str, labels: np.ndarray) -> str:
+    """The answer of an inverted question computed on the scene as it is: each class c counts as 9 - c."""
+    from moevl.data.scenes import cell_words
+
+    words = text.split()
+    assert words[0] == "inverted"
+    inv = np.where(labels >= 0, 9 - labels, -1)
+    flat = inv.ravel()
+    g = labels.shape[0]
+    if words[1:3] == ["what", "digit"]:  # position
+        v = int(flat[cell_words(g).index(" ".join(words[6:]))])
+        return str(v) if v >= 0 else "empty"
+    if words[1] == "how":  # count
+        return str(int((flat == int(words[-1])).sum()))
+    if words[1] == "is":  # exists
+        return "yes" if (flat == int(words[-1])).any() else "no"
+    names = {"row": ("top", "middle", "bottom"), "column": ("left", "middle", "right")}
+
+    def line_sum(name: str, axis: str) -> int:
+        i = names[axis].index(name)
+        line = inv[i] if axis == "row" else inv[:, i]
+        return int(np.where(line >= 0, line, 0).sum())
+
+    if words[1] == "what":  # sum
+        return str(line_sum(words[-2], words[-1]))
+    a, b = line_sum(words[6], words[7]), line_sum(words[10], words[11])  # compare
+    return words[6] if a > b else words[10] if b > a else "same"
+
+
+def test_inverted_questions_read_every_class_as_nine_minus_it():
+    config = BenchmarkConfig(**{**SMALL.__dict__, "inverted_share": 0.5})
+    inverted = build_benchmark(config)
+    vocab = set(vocabulary(inverted.source, config.grid))
+    for split, examples in inverted.questions.items():
+        flags = [e.question.text.startswith("inverted ") for e in examples]
+        assert 0.3 < sum(flags) / len(flags) < 0.7, split
+        for e, flag in zip(examples, flags, strict=True):
+            assert set(e.question.text.split()) | {e.question.answer} <= vocab
+            if flag:
+                assert e.question.answer == _inverted_reference(e.question.text, e.scene.labels), e.question
+    families = {e.question.family for e in inverted.questions["train"] if e.question.text.startswith("inv")}
+    assert families == set(FAMILIES)
+
+
 def test_families_balanced_and_vocabulary_covers_everything(bench):
     fams = [e.question.family for e in bench.questions["train"]]
     weights = dict(zip(FAMILIES, bench.config.family_weights, strict=True))

@@ -144,6 +144,10 @@ BAD = [
     ),
     ({"id": "r6", "conversations": [{"from": "human", "value": "q"}]}, "no assistant turn"),
     (
+        {"id": "r6b", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+        "turn 1 (assistant) is empty",
+    ),
+    (
         {
             "id": "r7",
             "image": "im0.png",

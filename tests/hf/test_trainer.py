@@ -4,6 +4,7 @@ import torch
 from transformers import TrainingArguments
 
 from moevl.hf import MoETrainer, routing_statistics, upcycle
+from moevl.hf.trainer import console_line
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
 
@@ -133,3 +134,41 @@ def test_a_router_that_stays_uniform_is_reported_once(tmp_path):
     stats = json.loads((tmp_path / "moe_stats.json").read_text())
     assert len(stats["routing_warnings"]) == 2
     assert stats["history"][-1]["router/entropy_normalized"] == pytest.approx(1.0)
+
+
+def test_console_lines_are_short_and_readable():
+    logs = {
+        "loss": 5.69612,
+        "moe/balance_loss": 1.26843,
+        "learning_rate": 8.5e-4,
+        "epoch": 0.06,
+        "other": 3.0,
+    }
+    assert console_line(logs, 10, 400) == "step 10/400 · loss 5.696 · balance 1.268 · lr 0.00085"
+    summary = {
+        "train_runtime": 412.34,
+        "train_samples_per_second": 98.123,
+        "train_loss": 2.0712,
+        "epoch": 1.0,
+    }
+    assert console_line(summary, 400, 400) == "done: 412.3 s · 98.1 samples/s · train loss 2.071"
+    assert console_line({"epoch": 0.5}, 3, 8) is None  # nothing worth a line
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_its_last_step(tmp_path, capsys):
+    model = upcycle(tiny_llava(), num_experts=4, top_k=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    MoETrainer(model=model, args=args, train_dataset=_Data()).train()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" · ")[0] for line in lines if line.startswith("step ")] == ["step 3/3"]
+    assert any(line.startswith("done: ") for line in lines)
+    assert len(json.loads((tmp_path / "moe_stats.json").read_text())["history"]) == 1

@@ -140,6 +140,40 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_en
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
+def test_an_out_holding_a_run_is_refused_unless_resumed_with_its_settings_or_overwritten(
+    demo, dense, tmp_path
+):
+    _, s2 = dense
+    out = tmp_path / "run"
+    cfg = demo_config(TINY, ["stage3.training.max_steps=4", "training.save_steps=2"])
+    with pytest.raises(TrainingInterrupted):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", callbacks=[_InterruptAt(2)])
+    started = sorted(p.name for p in out.iterdir())
+    with pytest.raises(
+        OutputDirError, match=r"already holds a run \(1 checkpoint\(s\), the last checkpoint-\d\)"
+    ):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc")
+    with pytest.raises(
+        ConfigError, match=r"--resume: moe.num_experts is 8 but the run .* was started with 4"
+    ):
+        other = demo_config(TINY, ["stage3.training.max_steps=4", "moe.num_experts=8"])
+        run_stage(demo, 3, out, s2.model_dir, other, method="stgc", resume=True)
+    with pytest.raises(ConfigError, match=r"--resume: method is 'ltdr' but .* was started with 'stgc'"):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="ltdr", resume=True)
+    assert sorted(p.name for p in out.iterdir()) == started  # the refusals changed nothing
+    assert run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True).global_step == 4
+    with pytest.raises(CheckpointError, match="has finished"):  # not one more step each time
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True)
+    for old in out.glob("checkpoint-*"):
+        (old / "from-the-first-run").touch()
+    again = run_stage(demo, 3, out, s2.model_dir, cfg, method="ltdr", overwrite=True)
+    assert (
+        again.global_step == 4
+        and json.loads((again.model_dir / "moevl.json").read_text())["method"] == "ltdr"
+    )
+    assert not list(out.glob("checkpoint-*/from-the-first-run"))  # the earlier run's checkpoints were deleted
+
+
 def test_a_non_finite_loss_stops_before_the_optimizer_step(demo, dense, tmp_path):
     _, s2 = dense
     cfg = demo_config(TINY, ["stage2.training.learning_rate=1e30", "stage2.training.max_steps=8"])
@@ -154,6 +188,8 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         run_stage(demo, 1, tmp_path / "a", demo.init, resume=True)
     with pytest.raises(CheckpointError, match="model directory not found"):
         run_stage(demo, 2, tmp_path / "b", tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"config.json: expected a model directory .* got a file"):
+        run_stage(demo, 2, tmp_path / "b", demo.init / "config.json")
     with pytest.raises(ConfigError, match="only stage 3"):
         run_stage(demo, 1, tmp_path / "c", demo.init, method="stgc")
     (tmp_path / "file").write_text("not a directory")
@@ -176,6 +212,25 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         )
     for name in ("a", "b", "c", "d"):
         assert not (tmp_path / name).exists(), name
+
+
+def test_skipped_records_are_named_and_the_saved_recipe_is_the_one_used(demo, tmp_path):
+    good = json.loads(demo.files.instruct.read_text())[:8]
+    bad = [{"id": f"bad{i}", "conversations": [{"from": "gpt", "value": "a"}]} for i in range(12)]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(good + bad))
+    cfg = demo_config(TINY, ["data.skip_bad_records=true", "stage2.training.max_steps=1"])
+    logged = []
+    from moevl.vlm.train import train_stage
+
+    result = train_stage(
+        cfg, stage=2, model=demo.init, output_dir=tmp_path / "out", data=data,
+        image_folder=demo.files.image_folder, progress=False, log=logged.append,
+    )  # fmt: skip
+    line = next(m for m in logged if m.startswith("skipped"))
+    assert line.startswith("skipped 12 bad record(s)") and line.endswith("'bad8', 'bad9' and 2 more")
+    recipe = json.loads((result.model_dir / "moevl.json").read_text())["config"]
+    assert recipe["model"] == str(demo.init) and recipe["data"]["train"] == str(data)
 
 
 def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path):

@@ -342,6 +342,9 @@ def _check_roles(messages: list[dict[str, Any]], bad) -> None:
             raise bad(f"turns must alternate user/assistant, got {roles}")
     if "assistant" not in body:
         raise bad("no assistant turn")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not "".join(p.get("text", "") for p in m["content"]).strip():
+            raise bad(f"turn {i} (assistant) is empty: there is nothing to learn or to score against")
     for m in messages:
         if m["role"] != "user" and any(p["type"] == "image" for p in m["content"]):
             raise bad(f"an image in a {m['role']} turn; images belong to user turns")

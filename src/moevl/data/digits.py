@@ -69,6 +69,9 @@ class BenchmarkConfig:
     # Where the question goes: after the image tokens (LLaVA's "<image>\n{question}"; see the
     # module's NOTE) or before them.
     layout: Literal["image_first", "question_first"] = "image_first"
+    # Share of the questions (every split) asked "inverted": answered as if each class c were 9 - c
+    # (moevl.data.scenes). 0.5 makes the conflict-rich variant (``CONFLICT_BENCHMARK``).
+    inverted_share: float = 0.0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # of the digit images
     train_scenes: int = 4000
     validation_scenes: int = 200
@@ -76,6 +79,10 @@ class BenchmarkConfig:
     questions_per_scene: int = 5
     caption_scenes: int = 4000
     seed: int = 0
+
+
+#: The conflict-rich variant: half the questions inverted (``demo.benchmark.inverted_share``).
+CONFLICT_BENCHMARK = ["demo.benchmark.inverted_share=0.5"]
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,10 @@ def build_benchmark(config: BenchmarkConfig, source: ImageSource | None = None) 
             for _ in range(config.questions_per_scene):
                 family = cycle[k % len(cycle)]  # families in the numbers family_cycle says
                 k += 1
-                examples.append(
-                    Example(scene, ask(rng, scene, family, source, balance=config.balance_answers))
-                )
+                # NOTE: no draw when the share is 0, so the plain benchmark's files stay as they were
+                inverted = config.inverted_share > 0 and rng.random() < config.inverted_share
+                question = ask(rng, scene, family, source, balance=config.balance_answers, inverted=inverted)
+                examples.append(Example(scene, question))
         bench.questions[split] = examples
     rng = np.random.default_rng([config.seed, len(SPLITS)])
     bench.captions = [

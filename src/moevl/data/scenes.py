@@ -15,6 +15,11 @@ layout) the answer is predicted at that word, so for "count" and "exists" the cl
 can look for matching image tokens (one attention hop instead of copying it to a later token first).
 
 Captions (projector pre-training) list the cells in reading order: "7 none 2 0 ...".
+
+An *inverted* question (``ask(..., inverted=True)``) starts with the word "inverted" and is answered as if
+every class ``c`` in the scene were ``9 - c`` ("inverted what digit is at the top left" -> "2" for a 7):
+the same image tokens must be read in two opposite ways, chosen by a prompt word. Mixing both kinds puts
+conflicting gradients on the same visual tokens by construction (STGC's premise).
 """
 
 from __future__ import annotations
@@ -113,14 +118,25 @@ def _line(scene: Scene, axis: str, i: int) -> np.ndarray:
 
 
 def ask(
-    rng: np.random.Generator, scene: Scene, family: str, source: ImageSource, *, balance: bool = True
+    rng: np.random.Generator,
+    scene: Scene,
+    family: str,
+    source: ImageSource,
+    *,
+    balance: bool = True,
+    inverted: bool = False,
 ) -> Question:
-    """One question of ``family`` about ``scene``; answer-balancing choices use ``rng``.
+    """One question of ``family`` about ``scene``; answer-balancing choices use ``rng``. ``inverted``: the
+    question of the scene whose classes are ``9 - c`` (module doc), its text prefixed with "inverted".
 
     ``balance``: "count" draws its answer uniformly from the counts the scene offers (0 and the count
     of each present class), then a class with that count, so no count dominates; otherwise it asks
     about a present class half the time and a uniform class otherwise (answers mostly "1").
     """
+    if inverted:
+        flipped = Scene(labels=np.where(scene.labels >= 0, 9 - scene.labels, -1), image_ids=scene.image_ids)
+        q = ask(rng, flipped, family, source, balance=balance)
+        return Question(family, f"inverted {q.text}", q.answer)
     g, words = scene.grid, source.class_words
     noun = "digit" if source.numeric else "item"
     present = sorted({int(v) for v in scene.labels.ravel() if v >= 0})
@@ -174,5 +190,5 @@ def vocabulary(source: ImageSource, grid: int) -> list[str]:
     words |= {str(i) for i in range(9 * grid + 1)}
     words |= {"what", "digit", "item", "is", "at", "how", "many", "are", "there", "sum", "of", "a", "which"}
     words |= {"digits", "items"}
-    words |= {"larger", "or"}
+    words |= {"larger", "or", "inverted"}
     return sorted(words)

@@ -164,6 +164,15 @@ class AdoptedMoEBlock(HFMoEBlock):
             hidden_states = hidden_states * noise
         return super().forward(hidden_states, *args, **kwargs)
 
+    @property
+    def native_class_name(self) -> str:
+        """The class name of the transformers block this one replaced (``Qwen3MoeSparseMoeBlock``, ...)."""
+        return FAMILIES[type(self.gate).__name__].block
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        # moevl's decision has no parameters: the native router module computes the logits.
+        return list(self.gate.parameters())
+
     def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         # The native router computes the logits (its dtype rules; transformers' hooks record them
         # for output_router_logits); its own weights/indices are not used: moevl decides.

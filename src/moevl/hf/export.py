@@ -230,7 +230,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
             raise NotExact("the model mixes adopted and upcycled MoE layers")
         return _plan_upcycled(model, blocks)
     except NotExact as err:
-        return ExportPlan(None, None, {}, f"{err}; saved in the moevl format")
+        return ExportPlan(None, None, {}, str(err))
 
 
 def export(
@@ -259,7 +259,8 @@ def export(
         if require_native:
             raise ValueError(f"export: no exact native class: {plan.reason}")
         save_moe_model(model, directory, processor=processor, max_shard_size=max_shard_size)
-        return ExportResult("moevl", directory, type(model).__name__, plan.reason, plan.notes)
+        reason = f"{plan.reason}; saved in the moevl format"
+        return ExportResult("moevl", directory, type(model).__name__, reason, plan.notes)
     native = build_native(model, plan)
     with staged_directory(directory) as tmp:
         native.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -146,6 +146,10 @@ class HFMoEBlock(MoEFeedForward):
         self.context.records.setdefault(self.layer_index, record)
         return out
 
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The parameters that compute the routing logits (stage 3's ``routers`` part)."""
+        return list(self.router.parameters())
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layer list (of a CausalLM or a LLaVA-family wrapper), found by structure."""

@@ -22,43 +22,63 @@ from moevl.hf.stats import routing_statistics
 
 STATS_FILE = "moe_stats.json"
 
-# What the console shows per logging step; everything goes to TensorBoard (and moe_stats.json).
-CONSOLE_KEYS = (
-    "loss",
-    "grad_norm",
-    "learning_rate",
-    "epoch",
-    "moe/balance_loss",
-    "stgc/conflict_ratio",
-    "moe/experts_per_token",
-    "ltdr/tail_share",
-    "router/entropy_normalized",
-)
+# What the console shows per logging step, under short names; everything goes to TensorBoard (and
+# moe_stats.json).
+CONSOLE_KEYS = {
+    "loss": "loss",
+    "moe/balance_loss": "balance",
+    "stgc/conflict_ratio": "conflicts",
+    "moe/experts_per_token": "experts/token",
+    "ltdr/tail_share": "tail",
+    "router/entropy_normalized": "entropy",
+    "grad_norm": "grad norm",
+    "learning_rate": "lr",
+}
+_SUMMARY_KEYS = {"train_runtime": ("s", "{:.1f}"), "train_samples_per_second": ("samples/s", "{:.3g}")}
 
 
 class NonFiniteTrainingError(RuntimeError):
     """The loss or the gradients became NaN or infinite; training stopped before the optimizer step."""
 
 
-def _console_view(logs: dict[str, Any]) -> dict[str, Any]:
-    shown = {k: v for k, v in logs.items() if k in CONSOLE_KEYS or k.startswith("train_")}
-    return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()}
+def console_line(logs: dict[str, Any], step: int, max_steps: int) -> str | None:
+    """One console line of a logging step (``step 20/400 · loss 2.31 · balance 1.01 · ...``) or of the
+    final summary (``done: 412.3 s · 98.1 samples/s · train loss 2.07``); None when ``logs`` holds neither."""
+    if "train_runtime" in logs:
+        parts = [fmt.format(logs[k]) + f" {unit}" for k, (unit, fmt) in _SUMMARY_KEYS.items() if k in logs]
+        if "train_loss" in logs:
+            parts.append(f"train loss {logs['train_loss']:.4g}")
+        return "done: " + " · ".join(parts)
+    shown = [
+        f"{name} {logs[k]:.4g}" for k, name in CONSOLE_KEYS.items() if isinstance(logs.get(k), int | float)
+    ]
+    return " · ".join([f"step {step}/{max_steps}", *shown]) if shown else None
 
 
 class _ConsoleProgress(ProgressCallback):
-    """The Trainer's progress bar, printing only ``CONSOLE_KEYS`` at each logging step."""
+    """The Trainer's progress bar, printing ``console_line`` at each logging step."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None:
-            self.training_bar.write(str(_console_view(logs or {})))
+        line = console_line(logs or {}, state.global_step, state.max_steps)
+        if state.is_world_process_zero and self.training_bar is not None and line:
+            self.training_bar.write(line)
 
 
 class _ConsolePrinter(PrinterCallback):
-    """``PrinterCallback`` (used without progress bars), printing only ``CONSOLE_KEYS``."""
+    """``PrinterCallback`` (used without progress bars), printing ``console_line``."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_local_process_zero and logs:
-            print(_console_view(logs))
+        line = console_line(logs or {}, state.global_step, state.max_steps)
+        if state.is_local_process_zero and line:
+            print(line, flush=True)
+
+
+class _LogLastStep(TrainerCallback):
+    """Logs the last step too, so that a run shorter than ``logging_steps`` still shows (and records) one."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy == "steps":
+            control.should_log = True
 
 
 class _FiniteGradientGuard(TrainerCallback):
@@ -108,6 +128,7 @@ class MoETrainer(Trainer):
             if self.pop_callback(old) is not None:
                 self.add_callback(new)
         self.add_callback(_FiniteGradientGuard(self))
+        self.add_callback(_LogLastStep())
 
     # --- one step ------------------------------------------------------------------------------------
 

@@ -83,6 +83,8 @@ def _reusable(stage_dir: Path, cfg: RunConfig, keys: tuple[str, ...]) -> bool:
     except json.JSONDecodeError:
         return False
     new = to_plain(cfg)
+    if "data" in old:  # the files a stage trained on are the benchmark's own, filled in by train_stage
+        old["data"] = {**old["data"], "train": None, "image_folder": None}
     return all(old.get(k) == new[k] for k in keys)
 
 
@@ -151,6 +153,7 @@ def run_compare(cfg: RunConfig, out: str | os.PathLike, *, log: Any = print, pro
                 output_dir=d,
                 data=stage_data[stage],
                 image_folder=files.image_folder,
+                overwrite=True,  # compare decides what to reuse
                 progress=progress,
                 log=log,
             )
@@ -175,6 +178,7 @@ def run_compare(cfg: RunConfig, out: str | os.PathLike, *, log: Any = print, pro
                 image_folder=files.image_folder,
                 method=method,
                 seed=seed,
+                overwrite=True,  # compare decides what to reuse
                 progress=progress,
                 log=log,
             )

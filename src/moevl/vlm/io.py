@@ -21,6 +21,7 @@ from moevl.atomic import atomic_write_json, replace_directory
 
 META_FILE = "moevl.json"
 MODEL_DIR = "model"
+RUN_FILE = "moevl-run.json"  # in a stage's --out: what the run is (checked by --resume)
 
 
 class CheckpointError(FileNotFoundError):
@@ -44,6 +45,8 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a model directory (config.json and weights), got a file")
     model_dir = resolve_model_dir(path)
     config = model_dir / "config.json"
     if not config.is_file():
@@ -219,3 +222,42 @@ def check_writable_target(path: str | os.PathLike) -> Path:
             f"output directory {path} cannot be created ({parent} is not a writable directory)"
         )
     return path
+
+
+def previous_run(output_dir: str | os.PathLike) -> str | None:
+    """What an earlier run left in a stage's ``output_dir`` (its checkpoints, its final model), or None."""
+    output_dir = Path(output_dir)
+    found = []
+    checkpoints = sorted(output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s), the last {checkpoints[-1].name}")
+    if (output_dir / MODEL_DIR).exists():
+        found.append(f"a final model in {MODEL_DIR}/")
+    return " and ".join(found) or None
+
+
+def check_run_identity(output_dir: str | os.PathLike, identity: dict[str, Any]) -> None:
+    """``--resume``: ``ConfigError`` naming the first key of ``identity`` (stage, model, method, structural MoE
+    settings) that differs from the run being resumed (its ``RUN_FILE``)."""
+    from moevl.config import ConfigError
+
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        return  # a run from before this file existed: nothing to compare
+    saved = json.loads(path.read_text())
+    for key, value in identity.items():
+        if key in saved and saved[key] != value:
+            raise ConfigError(
+                f"--resume: {key} is {value!r} but the run in {output_dir} was started with {saved[key]!r}; "
+                "resume it with the same settings, or start over with --overwrite"
+            )
+
+
+def clear_previous_run(output_dir: str | os.PathLike) -> None:
+    """``--overwrite``: removes an earlier run's checkpoints, final model and run file (its TensorBoard logs
+    stay: each run writes its own folder)."""
+    output_dir = Path(output_dir)
+    for p in [*output_dir.glob("checkpoint-*"), output_dir / MODEL_DIR]:
+        if p.is_dir():
+            shutil.rmtree(p)
+    (output_dir / RUN_FILE).unlink(missing_ok=True)

@@ -5,8 +5,8 @@ and routers in stage 3. Families name these parts differently (LLaVA: ``vision_t
 ``multi_modal_projector`` / ``language_model``; Qwen2-VL: ``visual`` with its ``merger`` as projector);
 a parameter's part is read from its module path:
 
-* ``experts`` / ``routers``: the parameters of moevl's MoE blocks (routers: the block's router; experts:
-  everything else in the block, shared experts included);
+* ``experts`` / ``routers``: the parameters of moevl's MoE blocks (routers: what computes the routing logits,
+  an adopted block's native ``gate`` included; experts: everything else in the block, shared experts included);
 * ``vision_tower``: under a vision module (``vision_tower``, ``visual``, ``vision_model``, ``image_tower``),
   except its projector/merger;
 * ``language_model``: under ``language_model`` (the decoder) and the output head ``lm_head``;
@@ -34,7 +34,7 @@ def _moe_parts(model: nn.Module) -> dict[str, str]:
     parts: dict[str, str] = {}
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     for block in moe_blocks(model):
-        router_ids = {id(p) for p in block.router.parameters()}
+        router_ids = {id(p) for p in block.router_parameters()}
         for p in block.parameters():
             if id(p) in names:
                 parts[names[id(p)]] = "routers" if id(p) in router_ids else "experts"

@@ -25,17 +25,23 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
+from moevl.atomic import atomic_write_json
 from moevl.config import ConfigError, to_plain
 from moevl.vlm.config import RunConfig
 from moevl.vlm.io import (
+    META_FILE,
     MODEL_DIR,
+    RUN_FILE,
     CheckpointError,
     OutputDirError,
     check_model_dir,
+    check_run_identity,
     check_writable_target,
+    clear_previous_run,
     ensure_writable,
     is_sparse_checkpoint,
     load_model,
+    previous_run,
     read_meta,
     resolve_model_dir,
     save_final_model,
@@ -147,6 +153,10 @@ def training_arguments(
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
     cpu = not torch.cuda.is_available()
+    if cpu and not kwargs.get("deepspeed"):
+        # accelerate imports DeepSpeed when it is installed, and DeepSpeed warns on every run that it "set the
+        # accelerator to CPU" when it finds no GPU; a recipe without DeepSpeed never uses that choice.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kwargs.setdefault("use_cpu", cpu)
     if cpu and _world_size() > 1:
         kwargs.setdefault("ddp_backend", "gloo")
@@ -174,16 +184,119 @@ def _apply_threads(cfg: RunConfig) -> None:
 _RECONFIGURABLE = ("stgc", "ltdr", "balance_coef", "z_loss_coef", "balance_from", "capacity_factor", "jitter")
 
 
+#: MoESettings fields fixed by a sparse model's weights. The recipe's defaults for them (MoE-LLaVA's E=4, top-2,
+#: alternate layers) are upcycling defaults: a natively sparse model keeps its own.
+_STRUCTURAL = ("num_experts", "top_k", "layers")
+
+
+def explicit_moe_keys(moe) -> set[str]:
+    """The structural ``moe.*`` keys of a recipe that differ from the built-in defaults, i.e. that the user gave.
+
+    NOTE: a key given with its default value cannot be told from the default; it then counts as not given.
+    """
+    default = RunConfig().moe
+    return {name for name in _STRUCTURAL if getattr(moe, name) != getattr(default, name)}
+
+
+def check_structure(model: torch.nn.Module, requested, explicit: set[str]) -> None:
+    """``ConfigError`` naming the first structural key of ``explicit`` whose ``requested`` value
+    differs from what the sparse ``model`` has (a sparse model's experts, top-k and layers are fixed)."""
+    from moevl.hf.runtime import decoder_layers
+    from moevl.hf.settings import select_layers
+
+    own = model.moe_settings
+    for name in _STRUCTURAL:
+        if name not in explicit:
+            continue
+        value, theirs = getattr(requested, name), getattr(own, name)
+        if name == "layers":
+            value, theirs = select_layers(value, len(decoder_layers(model))), list(theirs)
+        if value != theirs:
+            given = getattr(requested, name)
+            given = list(given) if isinstance(given, tuple) else given
+            raise ConfigError(
+                f"config key 'moe.{name}': {given!r}, but the model is sparse with {name}={theirs!r}, fixed by "
+                f"its weights (leave 'moe.{name}' out)"
+            )
+
+
 def prepare_moe(model: torch.nn.Module, settings) -> str:
-    """Makes a dense or natively sparse ``model`` sparse for stage 3 and returns how: ``upcycled`` (dense),
-    ``adopted`` (natively sparse: Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...)."""
+    """Makes a dense or natively sparse ``model`` sparse for stage 3 and returns how: ``upcycled`` (dense, with
+    ``settings``), ``adopted`` (natively sparse: Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...: every sparse block,
+    with the model's own experts and top-k; ``settings``' structural fields do not apply). ``ConfigError`` when
+    the model cannot take ``settings``."""
+    import dataclasses
+
     from moevl.hf import adopt, is_native_moe, upcycle
 
-    if is_native_moe(model):
-        adopt(model, settings)
-        return "adopted"
-    upcycle(model, settings)
-    return "upcycled"
+    try:
+        if is_native_moe(model):
+            adopt(model, dataclasses.replace(settings, num_experts=None, top_k=None, layers=None))
+            return "adopted"
+        upcycle(model, settings)
+        return "upcycled"
+    except ValueError as e:  # a setting the model cannot take, or a block moevl does not know: one line
+        raise ConfigError(f"stage 3: {e}") from None
+
+
+def describe_moe(model: torch.nn.Module, how: str) -> str:
+    """One line naming the MoE layers of ``model`` and how stage 3 got them, e.g.
+    ``adopted 2 MoE layers [0, 1] (E=8, top-2) of Qwen3MoeSparseMoeBlock``."""
+    from moevl.hf import moe_blocks
+
+    s = model.moe_settings
+    n = len(s.layers)
+    line = f"{how} {n} MoE layer{'s' if n != 1 else ''} {list(s.layers)} (E={s.num_experts}, top-{s.top_k})"
+    native = {getattr(block, "native_class_name", None) for block in moe_blocks(model)} - {None}
+    if native:
+        line += f" of {', '.join(sorted(native))}"
+    if how == "reconfigured":
+        line += ": experts and routers kept, the method's options applied"
+    return line
+
+
+def _effective_recipe(
+    cfg: RunConfig, *, model: Any, data: Any, image_folder: Any, seed: int
+) -> dict[str, Any]:
+    """The recipe as the run used it (the command line's model, data, image folder and seed filled in), so that
+    ``moevl.json`` alone tells how a model was made."""
+    plain = to_plain(cfg)
+    plain.update(model=str(model), seed=seed)
+    plain["data"].update(train=str(data), image_folder=None if image_folder is None else str(image_folder))
+    return plain
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_output_dir(
+    output_dir: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool
+) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); the errors of an ``output_dir`` that holds an earlier
+    run (``train_stage``'s doc)."""
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume and --overwrite exclude each other: continue the run in --out, or start over"
+        )
+    if not resume:
+        earlier = previous_run(output_dir)
+        if earlier is not None and not overwrite:
+            raise OutputDirError(
+                f"--out {output_dir} already holds a run ({earlier}): --resume continues it, --overwrite starts "
+                "over (deleting its checkpoints and model), or choose another --out"
+            )
+        return None
+    if (output_dir / MODEL_DIR / META_FILE).is_file():
+        raise CheckpointError(
+            f"--resume: the run in {output_dir} has finished ({MODEL_DIR}/ is saved); nothing to resume "
+            "(--overwrite trains it again)"
+        )
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint is None:
+        raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}")
+    check_run_identity(output_dir, identity)
+    return checkpoint
 
 
 def _categories(records: list) -> dict[str, int] | None:
@@ -204,6 +317,7 @@ def train_stage(
     seed: int | None = None,
     max_steps: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     callbacks: list[TrainerCallback] | None = None,
     log: Any = print,
@@ -212,7 +326,9 @@ def train_stage(
 
     ``model``: a checkpoint directory (a stage's output directory works too); default ``cfg.model``.
     ``data``: the training file; default ``cfg.stage{n}.data`` then ``cfg.data.train``. ``method``: the stage 3
-    preset (default ``cfg.method``); refused for stages 1-2. Every input is checked before anything is
+    preset (default ``cfg.method``); refused for stages 1-2. ``output_dir`` holding an earlier run is refused
+    unless ``resume`` (continue it: same stage, model, method and MoE structure) or ``overwrite`` (its
+    checkpoints and model are deleted once every input checked out). Every input is checked before anything is
     created or trained: ``CheckpointError`` (missing model, nothing to resume), ``OutputDirError``,
     ``ConfigError``, ``moevl.data.DataError``; ``TrainingInterrupted`` after Ctrl-C (the saved checkpoint
     resumes the run).
@@ -248,15 +364,22 @@ def train_stage(
             raise ConfigError(f"config key 'data.chat_template': file not found: {template_file}")
         chat_template = template_file.read_text()
     output_dir = check_writable_target(output_dir)
-    resume_from = None
-    if resume:
-        resume_from = last_checkpoint(output_dir)
-        if resume_from is None:
-            raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}")
+    identity = {
+        "stage": stage,
+        "model": str(resolve_model_dir(model_dir)),
+        "method": method if stage == 3 else None,
+    }
+    if stage == 3:
+        identity |= {f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers")}
+    resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite)
     on_bad = "skip" if cfg.data.skip_bad_records else "error"
     records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
     if records.skipped:
-        log(f"skipped {len(records.skipped)} bad record(s) of {data_path} (data.skip_bad_records)")
+        ids = ", ".join(repr(rid) for rid, _, _ in records.skipped[:10])
+        more = f" and {len(records.skipped) - 10} more" if len(records.skipped) > 10 else ""
+        log(
+            f"skipped {len(records.skipped)} bad record(s) of {data_path} (data.skip_bad_records): {ids}{more}"
+        )
     _apply_threads(cfg)
     set_seed(seed)
     settings = cfg.moe_settings(method) if stage == 3 else None
@@ -274,6 +397,9 @@ def train_stage(
         else:
             set_seed(seed)  # the routers' initialisation depends on the seed, not on what ran before
             meta["moe"] = prepare_moe(net, settings)
+        if meta["moe"] != "upcycled":
+            check_structure(net, settings, explicit_moe_keys(cfg.moe))
+        log(describe_moe(net, meta["moe"]))
         meta["moe_settings"] = net.moe_settings.to_dict()
     meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
@@ -291,6 +417,10 @@ def train_stage(
         raise DataError(f"{data_path}: no usable record left (all were dropped or skipped)")
     args = training_arguments(cfg, stage, output_dir, seed=seed, progress=progress, max_steps=max_steps)
     output_dir = ensure_writable(output_dir)
+    if _is_main_process():
+        if overwrite:
+            clear_previous_run(output_dir)
+        atomic_write_json(output_dir / RUN_FILE, identity)
     interrupt = GracefulInterrupt()
     trainer = MoETrainer(
         model=net,
@@ -310,7 +440,7 @@ def train_stage(
     meta.update(
         train_time_s=elapsed,
         global_step=trainer.state.global_step,
-        config=to_plain(cfg),
+        config=_effective_recipe(cfg, model=model_path, data=data_path, image_folder=image_folder, seed=seed),
         data=str(data_path),
         records=len(dataset),
     )

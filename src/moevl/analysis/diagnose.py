@@ -1,0 +1,258 @@
+"""``moevl diagnose``: does STGC's premise hold for this model and data?
+
+STGC (RESEARCH.md §1) assumes that some tokens' gradients inside an expert point against the expert's mean
+gradient, and that those conflicts are properties of the tokens (they persist), not noise. ``diagnose``
+measures both on the user's own checkpoint and data without changing the checkpoint: the model is loaded
+(a dense one upcycled in memory with the recipe's ``moe:`` settings), STGC is switched on with weight 0
+(measurement only), and ``steps`` training steps of the experts and routers run on a fixed probe batch
+(the first ``batch_size`` records), the weights kept in memory only. Per MoE layer and over all layers:
+
+* the histogram of token-gradient cosines of every dispatched (token, expert) pair, their mean, standard
+  deviation and the share below -0.1 (clear conflicts, not rounding around 0);
+* the conflict ratio (share of pairs flagged at the recipe's threshold);
+* flag persistence on the probe batch against chance (``moevl.stgc.flag_persistence``);
+* router health: normalised router entropy and balance loss.
+
+The verdict rests on three numbers, with thresholds of our choosing (``PREMISE``): cosines spread (std),
+clear conflicts (share below -0.1) and persistence above chance. ``verdict`` says which hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moevl.stgc import STGCStats, cosine_histogram, flag_persistence
+
+#: What "the premise holds" means here [our choice]: cosines spread with std >= 0.15, at least 10% of the
+#: dispatched pairs below -0.1, and flags persisting at least 0.1 above chance. The digit benchmark
+#: (std 0.07, cosines mean 0.02) fails the first two.
+PREMISE = {"cosine_std": 0.15, "clear_conflict_share": 0.10, "persistence_lift": 0.10}
+CLEAR_CONFLICT = -0.1
+
+
+@dataclass
+class LayerDiagnosis:
+    layer: int
+    conflict_ratio: float
+    cosine_mean: float
+    cosine_std: float
+    clear_conflict_share: float
+    persistence: float | None
+    chance: float | None
+    router_entropy_normalized: float | None
+    histogram_edges: list[float]
+    histogram_counts: list[int]
+    histogram_flagged: list[int]
+
+
+def _snapshot(stats: STGCStats) -> STGCStats:
+    """A detached CPU copy of one step's statistics (the layer's record is replaced at the next forward)."""
+    copy = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    copy = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in copy.items()}
+    return STGCStats(**copy)
+
+
+def _summary(
+    name: int, stats: list[STGCStats], entropy: float | None, persistence: tuple[float | None, float | None]
+) -> LayerDiagnosis:
+    cos = torch.cat([s.cosine.float() for s in stats])
+    flags = torch.cat([s.conflicts for s in stats])
+    hist = cosine_histogram(stats)
+    return LayerDiagnosis(
+        layer=name,
+        conflict_ratio=float(flags.float().mean()) if flags.numel() else 0.0,
+        cosine_mean=float(cos.mean()) if cos.numel() else 0.0,
+        cosine_std=float(cos.std()) if cos.numel() > 1 else 0.0,
+        clear_conflict_share=float((cos < CLEAR_CONFLICT).float().mean()) if cos.numel() else 0.0,
+        persistence=persistence[0],
+        chance=persistence[1],
+        router_entropy_normalized=entropy,
+        histogram_edges=hist.edges.tolist(),
+        histogram_counts=hist.counts.tolist(),
+        histogram_flagged=hist.flagged_counts.tolist(),
+    )
+
+
+def verdict(overall: LayerDiagnosis) -> tuple[str, dict[str, bool]]:
+    """``(sentence, {criterion: met})`` for the all-layer diagnosis (``PREMISE``)."""
+    lift = (
+        None
+        if overall.persistence is None or overall.chance is None
+        else overall.persistence - overall.chance
+    )
+    met = {
+        "cosine_std": overall.cosine_std >= PREMISE["cosine_std"],
+        "clear_conflict_share": overall.clear_conflict_share >= PREMISE["clear_conflict_share"],
+        "persistence_lift": lift is not None and lift >= PREMISE["persistence_lift"],
+    }
+    numbers = (
+        f"cosine std {overall.cosine_std:.3f} (>= {PREMISE['cosine_std']}), share below {CLEAR_CONFLICT} "
+        f"{overall.clear_conflict_share:.3f} (>= {PREMISE['clear_conflict_share']}), flag persistence "
+        + (
+            f"{overall.persistence:.3f} vs chance {overall.chance:.3f}"
+            if lift is not None
+            else "n/a (no flags)"
+        )
+        + f" (lift >= {PREMISE['persistence_lift']})"
+    )
+    if all(met.values()):
+        return f"STGC's premise holds: token gradients conflict clearly and persistently ({numbers}).", met
+    if not met["cosine_std"] and not met["clear_conflict_share"]:
+        return (
+            "STGC's premise does not hold: token-gradient cosines sit near 0, so conflict flags are mostly "
+            f"noise and STGC has little to act on ({numbers}).",
+            met,
+        )
+    return f"STGC's premise holds in part ({numbers}).", met
+
+
+def diagnose(
+    cfg: Any,
+    *,
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    steps: int = 10,
+    batch_size: int = 16,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measures the module doc's statistics and returns them as plain data (written as ``out/diagnosis.json``
+    with ``out/cosines.png`` when ``out`` is given). ``cfg``: a ``moevl.vlm.config.RunConfig`` (its ``moe:``
+    settings, its STGC threshold, its stage-3 learning rate and trainable parts)."""
+    from tqdm.auto import tqdm
+
+    from moevl.atomic import atomic_write_json
+    from moevl.config import ConfigError
+    from moevl.data import DataError, read_records
+    from moevl.data.processing import ConversationCollator, ConversationDataset
+    from moevl.hf.stats import routing_statistics
+    from moevl.vlm.config import method_settings
+    from moevl.vlm.io import check_model_dir, check_writable_target, is_sparse_checkpoint, load_model
+    from moevl.vlm.parts import set_trainable
+    from moevl.vlm.train import prepare_moe
+
+    if steps < 2:
+        raise ConfigError(f"--steps: expected an integer >= 2 (persistence compares steps), got {steps}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    model_dir = check_model_dir(model)
+    if out is not None:
+        out = check_writable_target(out)
+    records = read_records(data, image_folder=image_folder or cfg.data.image_folder, on_bad="error").records
+    if not records:
+        raise DataError(f"{data}: no records")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    settings = method_settings(cfg.moe, "baseline", monitor_conflicts=True)  # STGC at weight 0: measure only
+    sparse = is_sparse_checkpoint(model_dir)
+    net, processor = load_model(model_dir, moe_overrides={"stgc": settings.stgc} if sparse else None)
+    how = "reconfigured" if sparse else prepare_moe(net, settings)
+    set_trainable(net, cfg.stage3.trainable)
+    dataset = ConversationDataset(
+        records[:batch_size], processor, max_length=cfg.data.max_length, progress=False
+    )
+    if len(dataset) == 0:
+        raise DataError(f"{data}: no probe record left (all longer than data.max_length)")
+    probe = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
+    lr = cfg.training_arguments(3)["learning_rate"]
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    net.train()
+    per_layer: dict[int, list[STGCStats]] = {}
+    entropy: dict[int, list[float]] = {}
+    balance: list[float] = []
+    for _ in tqdm(range(steps), desc="diagnosing", unit="step", disable=not progress):
+        loss = net(**probe).loss
+        loss.backward()
+        scalars, _ = routing_statistics(net)
+        for layer, rec in sorted(net.moe_context.records.items()):
+            if rec.stgc is not None and rec.stgc.ready:
+                per_layer.setdefault(layer, []).append(_snapshot(rec.stgc))
+            value = scalars.get(f"router/entropy_normalized/L{layer}")
+            if value is not None:
+                entropy.setdefault(layer, []).append(value)
+        balance.append(scalars.get("moe/balance_loss", float("nan")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not per_layer:
+        raise DataError("no STGC statistics were recorded: the probe batch reached no MoE layer")
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    persist = {layer: flag_persistence(s) for layer, s in per_layer.items()}
+    layers = [
+        _summary(layer, s, mean(entropy.get(layer, [])), (persist[layer].persistence, persist[layer].chance))
+        for layer, s in sorted(per_layer.items())
+    ]
+    # all layers: persistence is per layer (a token id means a position of that layer's batch), so the
+    # layers' shares are pooled, each weighted by its flags
+    weights = {layer: sum(p.flagged[:-1]) for layer, p in persist.items()}
+    flagged = sum(weights.values())
+    pooled: tuple[float | None, float | None] = (None, None)
+    if flagged:
+        pooled = tuple(  # type: ignore[assignment]
+            sum(getattr(p, k) * weights[layer] for layer, p in persist.items() if getattr(p, k) is not None)
+            / flagged
+            for k in ("persistence", "chance")
+        )
+    every_step = [s for stats in per_layer.values() for s in stats]
+    overall = _summary(-1, every_step, mean([e for values in entropy.values() for e in values]), pooled)
+    sentence, met = verdict(overall)
+    result = {
+        "model": str(model_dir),
+        "data": str(data),
+        "moe": how,
+        "steps": steps,
+        "probe_records": len(dataset),
+        "stgc_threshold": settings.stgc.threshold,
+        "learning_rate": lr,
+        "balance_loss": mean([b for b in balance if b == b]),
+        "premise": {"holds": all(met.values()), "criteria": met, "thresholds": PREMISE, "verdict": sentence},
+        "overall": dataclasses.asdict(overall) | {"layer": "all"},
+        "layers": [dataclasses.asdict(d) for d in layers],
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "diagnosis.json", result)
+        plot_cosines(result, out / "cosines.png")
+    return result
+
+
+def plot_cosines(result: dict[str, Any], path: Path) -> None:
+    """The cosine histogram of every MoE layer (flagged pairs shaded), one panel a layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moevl.atomic import atomic_write_to
+
+    layers = result["layers"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.8), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], layers, strict=True):
+        edges = d["histogram_edges"]
+        width = edges[1] - edges[0]
+        total = max(sum(d["histogram_counts"]), 1)
+        ax.bar(
+            edges[:-1], [c / total for c in d["histogram_counts"]], width=width, align="edge", color="#9ab"
+        )
+        ax.bar(
+            edges[:-1], [c / total for c in d["histogram_flagged"]], width=width, align="edge", color="#c44"
+        )
+        ax.axvline(result["stgc_threshold"], color="k", lw=0.8, ls="--")
+        ax.set_title(f"layer {d['layer']}: conflicts {d['conflict_ratio']:.2f}", fontsize=9)
+        ax.set_xlabel("token-gradient cosine")
+    axes[0][0].set_ylabel("share of (token, expert) pairs")
+    fig.suptitle("red: flagged as conflicting", fontsize=9)
+    fig.tight_layout()
+    atomic_write_to(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
