@@ -4,8 +4,12 @@ same calls as for the demo's LLaVA: no per-family branch in moevl."""
 import json
 
 import pytest
+import torch
 from transformers.utils import is_torchvision_available
 
+from moevl.config import ConfigError
+from moevl.data import ConversationCollator, ConversationDataset, read_records
+from moevl.hf import export
 from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
@@ -16,7 +20,20 @@ from tests.vlm.conftest import TINY
 
 # The Qwen2-VL family's processors cannot be saved without torchvision's video processor (see
 # ``load_processor``); their model classes go through stage 3 in tests/hf.
-TRAINABLE_HERE = tuple(f for f in FAMILIES if is_torchvision_available() or not f.startswith("qwen"))
+TRAINABLE_HERE = [
+    pytest.param(
+        f,
+        marks=pytest.mark.xfail(
+            raises=ConfigError,
+            strict=True,
+            reason="Aria's natively sparse AriaTextMoELayer (shared experts) is not adopted by moevl.hf.adopt yet",
+        ),
+    )
+    if f == "aria"
+    else f
+    for f in FAMILIES
+    if is_torchvision_available() or not f.startswith("qwen")
+]
 
 
 @pytest.mark.parametrize("family", TRAINABLE_HERE)
@@ -27,7 +44,7 @@ def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_
     s3 = train_stage(
         cfg, stage=3, model=s2.model_dir, output_dir=tmp_path / "s3", method="stgc+ltdr", **common
     )
-    model, _ = load_model(s3.model_dir)
+    model, processor = load_model(s3.model_dir)
     result = run_eval(cfg, model=s3.model_dir, data=llava_file, out=tmp_path / "eval.json", progress=False)
     assert s2.global_step == 2 and s3.global_step == 2
     meta = json.loads((s3.model_dir / "moevl.json").read_text())
@@ -40,6 +57,16 @@ def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["overall"] == result.overall
     assert len(predictions_path(tmp_path / "eval.json").read_text().splitlines()) == 3
+    # `moevl export`'s code path: the exported checkpoint computes what the trained one does
+    written = export(model, tmp_path / "export", processor=processor)
+    back, back_processor = load_model(tmp_path / "export")
+    records = read_records(llava_file).records
+    dataset = ConversationDataset(records, back_processor, progress=False)
+    batch = ConversationCollator(back_processor)([dataset[i] for i in range(len(dataset))])
+    model.eval(), back.eval()
+    with torch.no_grad():
+        expected, got = model(**batch).logits, back(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=f"{written.format} export differs")
 
 
 def test_a_model_tuned_on_the_stock_llava_template_learns_to_stop(checkpoints, llava_file, tmp_path):

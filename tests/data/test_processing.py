@@ -11,13 +11,13 @@ from moevl.data import (
     vision_token_ids,
 )
 from moevl.data.processing import ChatRenderer, assistant_spans
-from tests.hf.checkpoints import FAMILIES, load_processor
+from tests.hf.checkpoints import END_OF_TURN, FAMILIES, load_processor
 
 
-def _reference_labels(processor, record) -> str:
-    """The assistant replies, each followed by the end-of-turn token, without whitespace (word-level and
-    BPE tokenizers decode spaces differently; the characters must be exactly these)."""
-    eos = processor.tokenizer.eos_token
+def _reference_labels(processor, record, family) -> str:
+    """The assistant replies, each followed by the family's end-of-turn token, without whitespace (word-level
+    and BPE tokenizers decode spaces differently; the characters must be exactly these)."""
+    eos = END_OF_TURN[family]
     replies = [
         "".join(p["text"] for p in m["content"]) + eos for m in record.messages if m["role"] == "assistant"
     ]
@@ -35,7 +35,7 @@ def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family
         ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         kept = labels[labels != -100]
         decoded = processor.tokenizer.decode(kept.tolist(), skip_special_tokens=False)
-        assert "".join(decoded.split()) == _reference_labels(processor, record)
+        assert "".join(decoded.split()) == _reference_labels(processor, record, family)
         assert torch.equal(kept, ids[labels != -100])  # labels are the tokens themselves
         assert not any(t in vision for t in kept.tolist())
         assert (labels[mask == 0] == -100).all()  # never on padding

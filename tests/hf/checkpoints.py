@@ -49,7 +49,60 @@ LLAVA_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "aria")
+
+#: The token each family's template writes after an assistant reply (what the labels must end each turn with).
+END_OF_TURN = {
+    "llava": "</s>",
+    "llava_next": "</s>",
+    "qwen2_vl": "<|im_end|>",
+    "qwen2_5_vl": "<|im_end|>",
+    "gemma3": "<end_of_turn>",
+    "idefics3": "<end_of_utterance>",
+    "aria": "<|im_end|>",
+}
+
+#: Aria's layout (rhymes-ai/Aria): ChatML, each image as "<fim_prefix><|img|><fim_suffix>".
+ARIA_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% for p in m.content %}"
+    "{% if p.type == 'image' %}<fim_prefix><|img|><fim_suffix>{% else %}{{ p.text }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ARIA_SPECIALS = (
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<fim_prefix>",
+    "<fim_suffix>",
+    "<|img|>",
+)
+
+#: Gemma 3's layout (google/gemma-3-*-it): "<start_of_turn>user\n<start_of_image>...<end_of_turn>\n", the assistant
+#: as "model", each text part trimmed.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+    "{% for p in m.content %}{% if p.type == 'image' %}<start_of_image>{% else %}{{ p.text | trim }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_SPECIALS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+    "<image_soft_token>",
+)  # fmt: skip
+
+#: Idefics3's layout (HuggingFaceM4/Idefics3-8B-Llama3): "<|begin_of_text|>User:<image>...<end_of_utterance>\n
+#: Assistant: ...<end_of_utterance>\n".
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}{{ m.role | capitalize }}"
+    "{% if m.content[0].type == 'image' %}:{% else %}: {% endif %}"
+    "{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% elif p.type == 'image' %}<image>{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+IDEFICS3_SPECIALS = (
+    "<|end_of_text|>", "<|begin_of_text|>", "<unk>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
+    "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)  # fmt: skip
 
 # Qwen2-VL's template (images only), with its default system turn.
 QWEN_TEMPLATE = (
@@ -175,6 +228,120 @@ def bpe_tokenizer(specials: tuple[str, ...], scheme: str, words: tuple[str, ...]
     return core
 
 
+def _siglip(image_size: int, patch_size: int, config_cls=tf.SiglipVisionConfig):
+    return config_cls(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+def _save(out: Path, model, processor) -> None:
+    tok = processor.tokenizer
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _gemma3(out: Path) -> None:
+    """Gemma 3: a SigLIP tower whose 4x4 patches are pooled to 2x2 = 4 image tokens, each image written as
+    ``\n\n<start_of_image><image_soft_token>*4<end_of_image>\n\n`` by the processor."""
+    core = bpe_tokenizer(GEMMA3_SPECIALS, "metaspace", (*WORDS, "user", "model"))
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+        },
+    )  # fmt: skip
+    tok.chat_template = GEMMA3_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
+    text = tf.Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=64, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=_siglip(16, 4),
+        mm_tokens_per_image=4,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    ip = tf.Gemma3ImageProcessorPil(
+        size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = tf.Gemma3Processor(
+        image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE
+    )
+    _save(out, tf.Gemma3ForConditionalGeneration(config), processor)
+
+
+def _idefics3(out: Path) -> None:
+    """Idefics3: each image is split into up to 2x2 tiles of 16 px plus the whole image, each 4 image tokens,
+    written as ``<fake_token_around_image><row_1_col_1><image>*4...\n\n<fake_token_around_image><global-img>
+    <image>*4<fake_token_around_image>`` by the processor."""
+    core = bpe_tokenizer(IDEFICS3_SPECIALS, "byte", (*WORDS, "User:", "Assistant:"))
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|end_of_text|>", eos_token="<|end_of_text|>",
+        bos_token="<|begin_of_text|>", unk_token="<unk>",
+        additional_special_tokens=[t for t in IDEFICS3_SPECIALS if t.startswith(("<row", "<global", "<fake", "<image", "<end_of_u"))],
+    )  # fmt: skip
+    tok.chat_template = IDEFICS3_TEMPLATE
+    text = _llama_text(
+        len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
+    config = tf.Idefics3Config(
+        text_config=text,
+        vision_config=_siglip(16, 4, tf.Idefics3VisionConfig),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    ip = tf.Idefics3ImageProcessorPil(
+        size={"longest_edge": 32},
+        max_image_size={"longest_edge": 16},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = tf.Idefics3Processor(
+        image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+    )
+    _save(out, tf.Idefics3ForConditionalGeneration(config), processor)
+
+
+def _aria(out: Path) -> None:
+    """Aria: a natively sparse decoder (4 experts, top-2, 1 shared). NOTE: ``AriaProcessor``'s own default
+    ``max_image_size=980`` overrides its image processor's, so images are 980 px, in 14x14 patches of 70 px
+    (kept cheap by the 32-wide tower), pooled to 4 image tokens."""
+    core = bpe_tokenizer(ARIA_SPECIALS, "metaspace", (*WORDS, "user", "assistant"))
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<|img|>"},
+        additional_special_tokens=["<|im_start|>", "<fim_prefix>", "<fim_suffix>"],
+    )  # fmt: skip
+    tok.chat_template = ARIA_TEMPLATE
+    text = tf.AriaTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    config = tf.AriaConfig(
+        vision_config=_siglip(980, 70, tf.Idefics3VisionConfig),
+        text_config=text,
+        projector_patch_to_query_dict={196: 4},
+        image_token_index=tok.image_token_id,
+    )
+    ip = tf.AriaImageProcessorPil(max_image_size=980, split_image=False)
+    processor = tf.AriaProcessor(
+        image_processor=ip, tokenizer=tok, chat_template=ARIA_TEMPLATE, size_conversion={980: 4}
+    )
+    _save(out, tf.AriaForConditionalGeneration(config), processor)
+
+
 def _qwen_tokenizer():
     words = (*WORDS, "system", "user", "assistant", "You", "are", "a", "helpful", ".")
     core = bpe_tokenizer(QWEN_SPECIALS, "byte", words)
@@ -275,6 +442,12 @@ def build_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
         _llava(out, next_=True)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         _qwen(out, v2_5=family == "qwen2_5_vl")
+    elif family == "gemma3":
+        _gemma3(out)
+    elif family == "idefics3":
+        _idefics3(out)
+    elif family == "aria":
+        _aria(out)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return out

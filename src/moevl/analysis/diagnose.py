@@ -91,15 +91,15 @@ def verdict(overall: LayerDiagnosis) -> tuple[str, dict[str, bool]]:
         "clear_conflict_share": overall.clear_conflict_share >= PREMISE["clear_conflict_share"],
         "persistence_lift": lift is not None and lift >= PREMISE["persistence_lift"],
     }
+    persistence = (
+        f"{overall.persistence:.3f} vs chance {overall.chance:.3f}, needs a lift >= {PREMISE['persistence_lift']}"
+        if lift is not None
+        else "n/a (no flags)"
+    )
     numbers = (
-        f"cosine std {overall.cosine_std:.3f} (>= {PREMISE['cosine_std']}), share below {CLEAR_CONFLICT} "
-        f"{overall.clear_conflict_share:.3f} (>= {PREMISE['clear_conflict_share']}), flag persistence "
-        + (
-            f"{overall.persistence:.3f} vs chance {overall.chance:.3f}"
-            if lift is not None
-            else "n/a (no flags)"
-        )
-        + f" (lift >= {PREMISE['persistence_lift']})"
+        f"cosine std {overall.cosine_std:.3f}, needs >= {PREMISE['cosine_std']}; share below {CLEAR_CONFLICT} "
+        f"{overall.clear_conflict_share:.3f}, needs >= {PREMISE['clear_conflict_share']}; flag persistence "
+        f"{persistence}"
     )
     if all(met.values()):
         return f"STGC's premise holds: token gradients conflict clearly and persistently ({numbers}).", met

@@ -272,66 +272,210 @@ class ConversationDataset(Dataset):
         return self.examples[i]
 
 
-class _TokenCounter:
-    """Token length of a rendered record: its text tokens plus, per image, the processor's image tokens
-    minus the placeholder (from ``_get_num_multimodal_tokens`` when the processor has it, else by
-    processing one image of that size once)."""
+class ProcessorCall:
+    """Calls a checkpoint's processor on a batch of rendered texts and their images (a list per sample).
+
+    Images go to the processor grouped per sample (``[[img, img], [img], []]``), the layout Gemma 3, Idefics3
+    and PaliGemma require and every other processor we know also takes; a processor that refuses the nested
+    list is given the flat list instead, and keeps that layout (``nested``): the choice follows what the
+    processor does, not a table of classes. The processor is asked for its placeholder replacements
+    (``return_text_replacement_offsets``: the exact text it tokenized, ``label_mask_by_offsets``) unless it
+    cannot return them (Idefics3's cannot put them beside tensors for some batches: ``offsets`` turns False).
+    """
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
         self.tokenizer = tokenizer_of(processor)
-        self.per_size: dict[tuple[int, int], int] = {}
+        self.nested: bool | None = None  # None: not known yet
+        self.offsets: bool | None = None  # False: the processor failed when asked for them
+
+    def __call__(self, texts: list[str], images: list[list], *, padding_side: str = "right") -> dict:
+        """The processor's batch (tensors), plus ``text_replacement_offsets`` when the processor gives them
+        (per sample: dicts with ``span``, ``new_span``, ``text``, ``replacement``). ``labels`` a processor makes
+        (PaliGemma's) are dropped: moevl builds its own."""
+        has_images = any(images)
+        layouts = [self.nested] if self.nested is not None or not has_images else [True, False]
+        asks = [False] if self.offsets is False else [True, False]
+        old = self.tokenizer.padding_side
+        self.tokenizer.padding_side = padding_side
+        first_error: Exception | None = None
+        try:
+            for nested in layouts:
+                for ask in asks:
+                    kwargs: dict[str, Any] = {
+                        "text": list(texts),
+                        "padding": True,
+                        "return_tensors": "pt",
+                        "add_special_tokens": False,
+                    }
+                    if ask:
+                        kwargs["return_text_replacement_offsets"] = True
+                    if has_images:
+                        flat = [img for row in images for img in row]
+                        kwargs["images"] = [list(row) for row in images] if nested else flat
+                    try:
+                        out = self.processor(**kwargs)
+                    except (ValueError, TypeError, IndexError) as e:
+                        first_error = first_error or e
+                        continue
+                    if has_images:
+                        self.nested = nested
+                    if not ask:
+                        self.offsets = False
+                    return self._clean(out)
+            assert first_error is not None
+            raise first_error
+        finally:
+            self.tokenizer.padding_side = old
+
+    @staticmethod
+    def _clean(out: Any) -> dict:
+        out = dict(out)
+        out.pop("labels", None)
+        if not isinstance(out.get("text_replacement_offsets"), list):
+            out.pop("text_replacement_offsets", None)
+        return out
+
+
+def _is_special_edge(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` starts and ends with an added (special) token: then the tokens around it are the same
+    whatever it is replaced with."""
+    added = [t for t in tokenizer.get_added_vocab() if t]
+    return any(text.startswith(t) for t in added) and any(text.endswith(t) for t in added)
+
+
+FAST_CHECKS = 3  # distinct image sizes run through the processor before its closed-form count is trusted
+
+
+class _TokenCounter:
+    """Token length of a rendered record as the processor makes it, without decoding the record's images.
+
+    The processor itself is run once per distinct image size on a blank image of that size (cached): the
+    replacement it writes for the placeholder (``ProcessorCall``) is the record's expansion. Where that
+    replacement starts and ends with special tokens the count is additive (text tokens + replacement tokens -
+    placeholder tokens); otherwise (Gemma 3's ``\n\n<start_of_image>...<end_of_image>\n\n`` can merge with the
+    newlines around it) the record's expanded text is tokenized. A processor that gives no replacements is
+    counted additively from the length of its row for the placeholder alone.
+    """
+
+    def __init__(self, processor: Any, call: ProcessorCall | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self.call = call or ProcessorCall(processor)
+        self.placeholder = getattr(processor, "image_token", None) or "<image>"
+        self.fast_ok: bool | None = None  # None: not checked yet (``_fast_agrees``)
+        self.per_size: dict[
+            tuple[int, int], tuple[int, str | None]
+        ] = {}  # (w, h) -> (extra tokens, replacement)
+
+    def _tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _probe(self, w: int, h: int) -> tuple[int, str | None]:
+        if (w, h) not in self.per_size and self._fast_agrees():
+            self.per_size[(w, h)] = (self._fast(w, h), None)
+        if (w, h) not in self.per_size:
+            from PIL import Image
+
+            out = self.call([self.placeholder], [[Image.new("RGB", (w, h))]])
+            row = int(out["attention_mask"][0].sum())
+            replacement = None
+            offsets = out.get("text_replacement_offsets")
+            if offsets and len(offsets[0]) == 1 and offsets[0][0].get("span") == (0, len(self.placeholder)):
+                candidate = offsets[0][0]["replacement"]
+                if self._tokens(candidate) == row:  # the processor tokenized exactly the replacement
+                    replacement = candidate
+            extra = row - self._tokens(self.placeholder)
+            self.per_size[(w, h)] = (extra, replacement)
+        return self.per_size[(w, h)]
+
+    def _fast(self, w: int, h: int) -> int | None:
+        """Extra tokens of an image from the processor's closed-form count (``_get_num_multimodal_tokens``),
+        or None where it has none."""
+        fn = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if fn is None:
+            return None
+        try:
+            n = fn(image_sizes=[(h, w)])["num_image_tokens"][0]
+        except (KeyError, TypeError, NotImplementedError, AttributeError, ValueError):
+            return None
+        return int(n) - self._tokens(self.placeholder)
+
+    def _fast_agrees(self) -> bool:
+        """Whether the closed-form count may replace running the processor: it agreed with the processor's own
+        expansion on the first ``FAST_CHECKS`` distinct image sizes, each additive (not Gemma 3's kind). A
+        dataset with many image sizes (LLaVA-665k) then needs a handful of processor runs, not one a size."""
+        if self.fast_ok is None and len(self.per_size) >= FAST_CHECKS:
+            self.fast_ok = all(
+                self._fast(w, h) == extra and (r is None or _is_special_edge(self.tokenizer, r))
+                for (w, h), (extra, r) in self.per_size.items()
+            )
+        return bool(self.fast_ok)
 
     def count(self, texts: list[str], images: list[tuple]) -> list[int]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = []
-        for row, refs in zip(ids, images, strict=True):
-            n = len(row)
-            for ref in refs:
-                w, h = ref.size()
-                n += self._image_tokens(h, w) - 1
-            out.append(n)
+        for text, row, refs in zip(texts, ids, images, strict=True):
+            probes = [self._probe(*ref.size()) for ref in refs]
+            if all(r is None or _is_special_edge(self.tokenizer, r) for _, r in probes) or (
+                text.count(self.placeholder) != len(refs)
+            ):
+                out.append(len(row) + sum(extra for extra, _ in probes))
+                continue
+            out.append(self._tokens(_expand(text, self.placeholder, [r for _, r in probes])))
         return out
 
-    def _image_tokens(self, h: int, w: int) -> int:
-        if (h, w) not in self.per_size:
-            counted = None
-            fn = getattr(self.processor, "_get_num_multimodal_tokens", None)
-            if fn is not None:
-                try:
-                    counted = fn(image_sizes=[(h, w)])["num_image_tokens"][0]
-                except (KeyError, TypeError, NotImplementedError, AttributeError):
-                    counted = None
-            if counted is None:
-                from PIL import Image
 
-                token = getattr(self.processor, "image_token", "<image>")
-                out = self.processor(text=[token], images=[Image.new("RGB", (w, h))], return_tensors="pt")
-                counted = (
-                    int(out["input_ids"].shape[1])
-                    - len(self.tokenizer(token, add_special_tokens=False)["input_ids"])
-                    + 1
-                )
-            self.per_size[(h, w)] = int(counted)
-        return self.per_size[(h, w)]
+def _expand(text: str, placeholder: str, replacements: list[str]) -> str:
+    """``text`` with its i-th ``placeholder`` replaced by ``replacements[i]`` (as many as there are)."""
+    pieces = text.split(placeholder)
+    return pieces[0] + "".join(r + p for r, p in zip(replacements, pieces[1:], strict=True))
 
 
-def _process(processor: Any, texts: list[str], images: list, padding_side: str) -> dict:
-    tokenizer = tokenizer_of(processor)
-    old = tokenizer.padding_side
-    tokenizer.padding_side = padding_side
-    try:
-        kwargs: dict[str, Any] = {
-            "text": texts,
-            "padding": True,
-            "return_tensors": "pt",
-            "add_special_tokens": False,
-        }
-        if any(images):
-            kwargs["images"] = [img for row in images for img in row]
-        return dict(processor(**kwargs))
-    finally:
-        tokenizer.padding_side = old
+def _learnt(text: str, a: int, b: int, spans: tuple[tuple[int, int], ...]) -> bool:
+    """Whether the characters ``text[a:b]`` share a non-whitespace character with an assistant span."""
+    return any(text[max(a, s) : min(b, e)].strip() for s, e in spans if max(a, s) < min(b, e))
+
+
+def label_mask_by_offsets(
+    row: list[int],
+    length: int,
+    text: str,
+    replacements: list[dict],
+    spans: tuple[tuple[int, int], ...],
+    tokenizer: Any,
+) -> list[bool] | None:
+    """The assistant-token mask of a processor row from the processor's own placeholder replacements: the text
+    it tokenized is ``text`` with each replacement in place; if the tokenizer gives exactly the row's tokens for
+    it, each token's characters are mapped back to ``text`` (tokens touching a replacement are the
+    placeholder's, never learnt). None when the replacements do not describe the row (the processor changed
+    the text otherwise, e.g. PaliGemma's inserted BOS)."""
+    pieces, start, moved = [], 0, []  # moved: (new_start, new_end, shift after it)
+    shift = 0
+    for r in sorted(replacements, key=lambda r: r["span"][0]):
+        a, b = r["span"]
+        if a < start or text[a:b] != r["text"]:
+            return None
+        pieces += [text[start:a], r["replacement"]]
+        new_start = a + shift
+        shift += len(r["replacement"]) - (b - a)
+        moved.append((new_start, new_start + len(r["replacement"]), shift))
+        start = b
+    expanded = "".join(pieces) + text[start:]
+    enc = tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
+    if enc["input_ids"] != row[:length]:
+        return None
+    mask = [False] * len(row)
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        back = 0
+        for new_start, new_end, after in moved:
+            if a < new_end and b > new_start:  # touches the replacement: the placeholder's
+                break
+            if new_end <= a:
+                back = after
+        else:
+            mask[i] = _learnt(text, a - back, b - back, spans)
+    return mask
 
 
 def label_mask(
@@ -343,8 +487,13 @@ def label_mask(
     spans: tuple[tuple[int, int], ...],
     vision: set[int],
 ) -> list[bool]:
-    """Which of the first ``length`` tokens of a processor row are assistant tokens (module doc), from the
-    unexpanded ``text``'s token ``ids`` and character ``offsets``.
+    """Which of the first ``length`` tokens of a processor row are assistant tokens, from the unexpanded
+    ``text``'s token ``ids`` and character ``offsets``: the fallback of ``label_mask_by_offsets``.
+
+    Between placeholders (runs of ``vision`` tokens in ``ids``) the text must tokenize identically in the row;
+    whatever the processor writes where a placeholder stood (image tokens, Idefics3's
+    ``<fake_token_around_image>`` and ``<row_i_col_j>``, a BOS, ...) belongs to the placeholder: each text
+    segment after a placeholder is found in the row at its first exact match (the last one must end the row).
 
     A token is learnt when it shares a non-whitespace character with an assistant span: a token that carries
     the space before a reply ("▁three" / "Ġthree" after "ASSISTANT:") is learnt whether or not its offsets
@@ -354,17 +503,28 @@ def label_mask(
     i = j = 0
     while i < length and j < len(ids):
         if ids[j] in vision:
-            if row[i] not in vision:
-                break
             while j < len(ids) and ids[j] in vision:
                 j += 1
-            while i < length and row[i] in vision:
-                i += 1
+            k = j
+            while k < len(ids) and ids[k] not in vision:
+                k += 1
+            segment = ids[j:k]
+            if k == len(ids):  # the last segment ends the row
+                p = length - len(segment)
+                found = p >= i and row[p:length] == segment
+            else:
+                found = False
+                for p in range(i, length - len(segment) + 1):
+                    if row[p : p + len(segment)] == segment:
+                        found = True
+                        break
+            if not found or p == i:  # a placeholder the processor did not expand
+                break
+            i = p
             continue
         if row[i] != ids[j]:
             break
-        a, b = offsets[j]
-        mask[i] = any(text[max(a, s) : min(b, e)].strip() for s, e in spans if max(a, s) < min(b, e))
+        mask[i] = _learnt(text, *offsets[j], spans)
         i += 1
         j += 1
     if i != length or j != len(ids):
@@ -393,26 +553,39 @@ class ConversationCollator:
         self.ignore_index = ignore_index
         self.vision = set(vision_token_ids(processor))
         self.categories = categories
+        self.call = ProcessorCall(processor)
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         texts = [e.text for e in examples]
         images = [[ref.open() for ref in e.images] for e in examples]
-        batch = _process(self.processor, texts, images, "right")
+        batch = self.call(texts, images, padding_side="right")
+        replacements = batch.pop("text_replacement_offsets", None)
         ids, attention = batch["input_ids"], batch["attention_mask"]
         labels = torch.full_like(ids, self.ignore_index)
-        plain = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         lengths = attention.sum(1).tolist()
+        plain = None
         for b, e in enumerate(examples):
             row = ids[b].tolist()
-            mask = label_mask(
-                row,
-                lengths[b],
-                e.text,
-                plain["input_ids"][b],
-                plain["offset_mapping"][b],
-                e.spans,
-                self.vision,
-            )
+            mask = None
+            if replacements is not None:
+                mask = label_mask_by_offsets(
+                    row, lengths[b], e.text, replacements[b], e.spans, self.tokenizer
+                )
+            if mask is None:
+                if plain is None:
+                    plain = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+                try:
+                    mask = label_mask(
+                        row,
+                        lengths[b],
+                        e.text,
+                        plain["input_ids"][b],
+                        plain["offset_mapping"][b],
+                        e.spans,
+                        self.vision,
+                    )
+                except ValueError as err:
+                    raise DataError(f"record {e.id!r}: {err}") from None
             keep = torch.tensor(mask, dtype=torch.bool)
             labels[b, keep] = ids[b, keep]
         batch["labels"] = labels
@@ -439,6 +612,7 @@ class GenerationCollator:
         self.processor = processor
         self.render = ChatRenderer(processor, chat_template_of(processor, chat_template))
         self.turn_end = turn_end(self.render, set(vision_token_ids(processor)))
+        self.call = ProcessorCall(processor)
 
     def __call__(self, records: list[Record]) -> GenerationBatch:
         texts, images, prompts = [], [], []
@@ -449,7 +623,8 @@ class GenerationCollator:
             images.append([ref.open() for ref in r.images[:n_images]])
             last_user = messages[-1]
             prompts.append("".join(p["text"] for p in last_user["content"] if p["type"] == "text").strip())
-        inputs = _process(self.processor, texts, images, "left")
+        inputs = self.call(texts, images, padding_side="left")
+        inputs.pop("text_replacement_offsets", None)
         return GenerationBatch(
             inputs=inputs,
             ids=[r.id for r in records],

@@ -334,6 +334,7 @@ def train_stage(
     resumes the run).
     """
     from moevl.data import DataError, read_records
+    from moevl.data.dryrun import dry_run
     from moevl.data.processing import ConversationCollator, ConversationDataset
     from moevl.hf import MoETrainer
 
@@ -415,6 +416,7 @@ def train_stage(
         log(f"dropped {dataset.dropped_too_long} record(s) longer than {dataset.max_length} tokens")
     if len(dataset) == 0:
         raise DataError(f"{data_path}: no usable record left (all were dropped or skipped)")
+    dry_run(net, dataset)  # a few real records through the collator and the forward; nothing written yet
     args = training_arguments(cfg, stage, output_dir, seed=seed, progress=progress, max_steps=max_steps)
     output_dir = ensure_writable(output_dir)
     if _is_main_process():
