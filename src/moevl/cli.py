@@ -250,7 +250,8 @@ def diagnose(
             "n/a" if d["persistence"] is None else f"{d['persistence']:.3f} (chance {d['chance']:.3f})"
         )
         typer.echo(
-            f"layer {d['layer']}: conflict ratio {d['conflict_ratio']:.3f} · cosine {d['cosine_mean']:.3f} ± "
+            f"layer {d['layer']}: conflict ratio {d['conflict_ratio']:.3f} (vision {_num(d['vision_conflict_ratio'])}, "
+            f"text {_num(d['text_conflict_ratio'])}) · cosine {d['cosine_mean']:.3f} ± "
             f"{d['cosine_std']:.3f} · below -0.1 {d['clear_conflict_share']:.3f} · persistence {persistence}"
         )
     typer.echo(result["premise"]["verdict"])
@@ -281,6 +282,10 @@ def compare(
     with user_errors():
         cfg = demo_config(config, [*(set_ or []), *extra])
         run_compare(cfg, out, log=_cyan, progress=progress)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _cyan(message: str) -> None:

@@ -12,7 +12,7 @@ from tests.vlm.conftest import TINY
 
 
 def _layer(std, clear, persistence, chance):
-    return LayerDiagnosis(-1, 0.4, 0.0, std, clear, persistence, chance, 0.9, [], [], [])
+    return LayerDiagnosis(-1, 0.4, 0.3, 0.5, 0.0, std, clear, persistence, chance, 0.9, [], [], [])
 
 
 def test_verdict_follows_the_three_thresholds():
@@ -50,6 +50,9 @@ def test_diagnose_measures_without_changing_the_checkpoint(demo, dense, tmp_path
         assert sum(counts) > 0 and all(f <= c for f, c in zip(flagged, counts, strict=True))
         assert layer["conflict_ratio"] == pytest.approx(sum(flagged) / sum(counts))
         assert -1 <= layer["cosine_mean"] <= 1 and 0 <= layer["clear_conflict_share"] <= 1
+        # a weighted mean of its vision and text parts (the demo's records have both)
+        low, high = sorted((layer["vision_conflict_ratio"], layer["text_conflict_ratio"]))
+        assert low <= layer["conflict_ratio"] <= high
     # one layer: its persistence is the overall one
     assert d["overall"]["persistence"] == pytest.approx(d["layers"][0]["persistence"])
     assert d["premise"]["verdict"].startswith("STGC's premise")

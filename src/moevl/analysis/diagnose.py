@@ -9,7 +9,8 @@ measures both on the user's own checkpoint and data without changing the checkpo
 
 * the histogram of token-gradient cosines of every dispatched (token, expert) pair, their mean, standard
   deviation and the share below -0.1 (clear conflicts, not rounding around 0);
-* the conflict ratio (share of pairs flagged at the recipe's threshold);
+* the conflict ratio (share of pairs flagged at the recipe's threshold), also over vision tokens and over
+  text tokens alone (conflicts from a visual task show among the vision tokens, which are outnumbered);
 * flag persistence on the probe batch against chance (``moevl.stgc.flag_persistence``);
 * router health: normalised router entropy and balance loss.
 
@@ -40,6 +41,8 @@ CLEAR_CONFLICT = -0.1
 class LayerDiagnosis:
     layer: int
     conflict_ratio: float
+    vision_conflict_ratio: float | None  # over the pairs of vision tokens (None: no vision token)
+    text_conflict_ratio: float | None
     cosine_mean: float
     cosine_std: float
     clear_conflict_share: float
@@ -58,15 +61,27 @@ def _snapshot(stats: STGCStats) -> STGCStats:
     return STGCStats(**copy)
 
 
+def _share(flags: torch.Tensor) -> float | None:
+    return float(flags.float().mean()) if flags.numel() else None
+
+
 def _summary(
-    name: int, stats: list[STGCStats], entropy: float | None, persistence: tuple[float | None, float | None]
+    name: int,
+    stats: list[STGCStats],
+    vision: list[torch.Tensor],
+    entropy: float | None,
+    persistence: tuple[float | None, float | None],
 ) -> LayerDiagnosis:
+    """``vision``: per step, the (P,) vision flag of each pair's token."""
     cos = torch.cat([s.cosine.float() for s in stats])
     flags = torch.cat([s.conflicts for s in stats])
+    is_vision = torch.cat(vision)
     hist = cosine_histogram(stats)
     return LayerDiagnosis(
         layer=name,
-        conflict_ratio=float(flags.float().mean()) if flags.numel() else 0.0,
+        conflict_ratio=_share(flags) or 0.0,
+        vision_conflict_ratio=_share(flags[is_vision]),
+        text_conflict_ratio=_share(flags[~is_vision]),
         cosine_mean=float(cos.mean()) if cos.numel() else 0.0,
         cosine_std=float(cos.std()) if cos.numel() > 1 else 0.0,
         clear_conflict_share=float((cos < CLEAR_CONFLICT).float().mean()) if cos.numel() else 0.0,
@@ -166,6 +181,9 @@ def diagnose(
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     net.train()
     per_layer: dict[int, list[STGCStats]] = {}
+    pair_vision: dict[
+        int, list[torch.Tensor]
+    ] = {}  # per layer and step: (P,) whether a pair's token is vision
     entropy: dict[int, list[float]] = {}
     balance: list[float] = []
     for _ in tqdm(range(steps), desc="diagnosing", unit="step", disable=not progress):
@@ -174,7 +192,13 @@ def diagnose(
         scalars, _ = routing_statistics(net)
         for layer, rec in sorted(net.moe_context.records.items()):
             if rec.stgc is not None and rec.stgc.ready:
-                per_layer.setdefault(layer, []).append(_snapshot(rec.stgc))
+                stats = _snapshot(rec.stgc)
+                per_layer.setdefault(layer, []).append(stats)
+                vision = rec.vision_mask.detach().cpu() if rec.vision_mask is not None else None
+                on_vision = (
+                    vision[stats.token_ids] if vision is not None else torch.zeros_like(stats.conflicts)
+                )
+                pair_vision.setdefault(layer, []).append(on_vision)
             value = scalars.get(f"router/entropy_normalized/L{layer}")
             if value is not None:
                 entropy.setdefault(layer, []).append(value)
@@ -189,7 +213,13 @@ def diagnose(
 
     persist = {layer: flag_persistence(s) for layer, s in per_layer.items()}
     layers = [
-        _summary(layer, s, mean(entropy.get(layer, [])), (persist[layer].persistence, persist[layer].chance))
+        _summary(
+            layer,
+            s,
+            pair_vision[layer],
+            mean(entropy.get(layer, [])),
+            (persist[layer].persistence, persist[layer].chance),
+        )
         for layer, s in sorted(per_layer.items())
     ]
     # all layers: persistence is per layer (a token id means a position of that layer's batch), so the
@@ -204,7 +234,9 @@ def diagnose(
             for k in ("persistence", "chance")
         )
     every_step = [s for stats in per_layer.values() for s in stats]
-    overall = _summary(-1, every_step, mean([e for values in entropy.values() for e in values]), pooled)
+    every_vision = [v for flags in pair_vision.values() for v in flags]
+    entropies = [e for values in entropy.values() for e in values]
+    overall = _summary(-1, every_step, every_vision, mean(entropies), pooled)
     sentence, met = verdict(overall)
     result = {
         "model": str(model_dir),
