@@ -1,6 +1,8 @@
 """The command line as a user meets it: help, one-line errors, and the main job end to end (tiny)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -94,3 +96,18 @@ def test_compare_then_eval_and_export_end_to_end(tmp_path):
     assert (
         result.exit_code == 0 and "stage 1: reusing" in result.output and "stage 2: reusing" in result.output
     )
+
+
+def test_help_and_argument_errors_answer_before_torch_loads():
+    """`moevl --help` and wrong arguments answer at once: nothing heavy is imported before they are checked."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from moevl.cli import app\n"
+        "runs = [['--help'], ['train', '--help'], ['train', '--stage', '7', '--out', 'x'],\n"
+        "        ['train', '--stage', '2', '--out', 'x', '--model', '/nonexistent/ckpt'],\n"
+        "        ['detect', 'train', '--role', 'king']]\n"
+        "print([CliRunner().invoke(app, args).exit_code for args in runs], 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split("\n")[0] == "[0, 0, 2, 2, 2] False", done.stdout + done.stderr

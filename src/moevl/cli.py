@@ -84,6 +84,28 @@ def _set_progress(enabled: bool) -> bool:
     return False
 
 
+def _check_paths(
+    *, model: Path | None, data: Path | None, image_folder: Path | None, out: Path | None, config: Path | None
+) -> None:
+    """The paths a command was given, checked before torch and transformers load (a second each): the same
+    checks ``train_stage`` makes again, with its messages."""
+    from moevl.vlm.io import CheckpointError, OutputDirError, check_model_dir, check_writable_target
+
+    if config is not None and not config.is_file():
+        raise fail(f"config file not found: {config}")
+    if data is not None and not data.exists():
+        raise fail(f"data file not found: {data}")
+    if image_folder is not None and not image_folder.is_dir():
+        raise fail(f"image folder not found: {image_folder}")
+    try:
+        if model is not None:
+            check_model_dir(model)
+        if out is not None:
+            check_writable_target(out)
+    except (CheckpointError, OutputDirError) as e:
+        raise fail(str(e)) from None
+
+
 def _progress_option() -> Any:
     return typer.Option(
         True, "--progress/--no-progress", help="Progress bars (--no-progress silences all; off when piped)."
@@ -119,6 +141,7 @@ def train(
     progress: bool = _progress_option(),
 ) -> None:
     """Train one stage with the Hugging Face Trainer; torchrun / accelerate / deepspeed launch it as is."""
+    _check_paths(model=model, data=data, image_folder=image_folder, out=out, config=config)
     from moevl.vlm.train import train_stage
 
     extra = []

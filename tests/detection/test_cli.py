@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from moevl.detection import cli
 from moevl.detection.cli import app
 from moevl.detection.model import DetectorConfig, GFLDetector
 from moevl.detection.recipe import STUDENT, DetectionCompareConfig, load_detection_config
@@ -48,8 +47,9 @@ def no_training(monkeypatch):
         calls.append(args)
         raise AssertionError("training started although the command should have failed first")
 
-    monkeypatch.setattr(cli, "train_detector", record)
-    monkeypatch.setattr(cli, "run_comparison", record)
+    # the commands import these when they run (so that --help and option errors never load torch)
+    monkeypatch.setattr("moevl.detection.train.train_detector", record)
+    monkeypatch.setattr("moevl.detection.recipe.run_comparison", record)
     return calls
 
 
@@ -140,7 +140,7 @@ def test_eval_bad_scenes_and_unwritable_json(student_checkpoint, tmp_path, monke
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     evaluated = []
-    monkeypatch.setattr(cli, "evaluate_detector", lambda *a: evaluated.append(a) or {})
+    monkeypatch.setattr("moevl.detection.evaluation.evaluate_detector", lambda *a: evaluated.append(a) or {})
     for target in (blocker / "m.json", tmp_path):  # under a file; an existing directory
         result = runner.invoke(app, ["eval", str(student_checkpoint), "--scenes", "2", "--json", str(target)])
         _one_line_error(result, "--json", str(target))

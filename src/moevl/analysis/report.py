@@ -278,6 +278,11 @@ def write_report(results: dict, out: str | Path) -> Path:
     lines += [
         f"Seeds: {seeds}. Accuracy: exact match of the generated answer, test split, % ({spread}).",
         "",
+        "A run repeats bit for bit on one machine, but float differences between CPUs grow over the stages' "
+        "thousands of steps: on another machine the same command moved every accuracy by several points "
+        "(dense 69.0% on one, 62.7% on another). Compare methods within one report, and seeds "
+        "(`--seeds`) for their spread.",
+        "",
     ]
     lines += ["## Dense model (stages 1-2)", ""]
     lines += ["| | " + " | ".join(families) + " | overall |", "|---" * (len(families) + 2) + "|"]

@@ -6,14 +6,30 @@ its loss; ``losses`` detection and distillation losses as pure functions; ``data
 comparison; ``cli`` the ``moevl detect`` commands.
 """
 
-from moevl.detection.losses import (
-    bckd_classification_loss,
-    bckd_localization_loss,
-    kl_distillation_loss,
-    localization_distillation_loss,
-)
-from moevl.detection.model import DetectorConfig, GFLDetector
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moevl.detection.losses import (
+        bckd_classification_loss,
+        bckd_localization_loss,
+        kl_distillation_loss,
+        localization_distillation_loss,
+    )
+    from moevl.detection.model import DetectorConfig, GFLDetector
+
+# Where each public name lives. NOTE: loaded on first use, so that `moevl --help` and `moevl detect` option
+# errors (the CLI imports moevl.detection.cli) do not pay torch's import.
+_EXPORTS = {
+    "DetectorConfig": "moevl.detection.model",
+    "GFLDetector": "moevl.detection.model",
+    "bckd_classification_loss": "moevl.detection.losses",
+    "bckd_localization_loss": "moevl.detection.losses",
+    "kl_distillation_loss": "moevl.detection.losses",
+    "localization_distillation_loss": "moevl.detection.losses",
+}
 __all__ = [
     "DetectorConfig",
     "GFLDetector",
@@ -22,3 +38,9 @@ __all__ = [
     "kl_distillation_loss",
     "localization_distillation_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moevl.detection' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

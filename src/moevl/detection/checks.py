@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
+from typing import Literal
+
+#: Names the command line checks before anything heavy is imported (``moevl.detection.cli``).
+DistillMethod = Literal["none", "kl", "ld", "bckd"]
+DISTILL_METHODS: tuple[str, ...] = typing.get_args(DistillMethod)
+SPLITS = ("train", "validation", "test")  # the split names of moevl.data too
+ROLES = ("teacher", "student")
 
 __all__ = ["check_fields", "check_number", "check_seed"]
 

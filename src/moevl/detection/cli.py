@@ -8,39 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from moevl.atomic import atomic_write_json, check_writable
 from moevl.cli_errors import fail
 from moevl.config import ConfigError
-from moevl.detection.checks import check_number
-from moevl.detection.data import SPLITS, make_digit_scenes
-from moevl.detection.evaluation import evaluate_detector
-from moevl.detection.model import GFLDetector
-from moevl.detection.recipe import (
-    STUDENT,
-    TEACHER,
-    DetectionDataConfig,
-    load_detection_config,
-    load_scenes,
-    run_comparison,
-)
-from moevl.detection.train import (
-    DISTILL_METHODS,
-    DistillConfig,
-    TrainConfig,
-    check_teacher,
-    checkpoint_sidecar,
-    load_checkpoint,
-    save_checkpoint,
-    teacher_outputs,
-    train_detector,
-)
+from moevl.detection.checks import DISTILL_METHODS, ROLES, SPLITS, check_number
+
+if TYPE_CHECKING:
+    from moevl.detection.model import GFLDetector
+
+# NOTE: torch, the detector and the recipes are imported inside the commands: `moevl --help` and a wrong
+# option answer without loading them.
 
 app = typer.Typer(
     help="Dense object detection: GFL-style detectors on digit scenes and BCKD distillation.",
@@ -48,7 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-ROLES = {"teacher": TEACHER, "student": STUDENT}
 MAX_SEEDS = 1000  # --seeds N runs seeds 0..N-1; a typo must not build a list of a billion
 T = TypeVar("T")
 
@@ -77,11 +58,15 @@ def _check_output(option: str, path: Path, *, directory: bool = False) -> None:
 
 def _check_checkpoint_output(path: Path) -> None:
     """The checkpoint and its JSON sidecar can both be written (checked before training)."""
+    from moevl.detection.train import checkpoint_sidecar
+
     _check_output("--output", path)
     _check_output("--output", checkpoint_sidecar(path))
 
 
 def _load_checkpoint(option: str, path: Path) -> tuple[GFLDetector, dict]:
+    from moevl.detection.train import load_checkpoint
+
     if not path.is_file():
         raise fail(f"{option}: expected an existing checkpoint file, got {str(path)!r}")
     try:
@@ -91,6 +76,8 @@ def _load_checkpoint(option: str, path: Path) -> tuple[GFLDetector, dict]:
 
 
 def _save_checkpoint(path: Path, model: GFLDetector, extra: dict) -> None:
+    from moevl.detection.train import save_checkpoint
+
     try:
         save_checkpoint(path, model, extra=extra)
     except OSError as error:  # the disk filled up or the folder vanished during training
@@ -98,6 +85,8 @@ def _save_checkpoint(path: Path, model: GFLDetector, extra: dict) -> None:
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
+    from rich.table import Table
+
     table = Table(title=title)
     for key in ("mAP", "AP50", "AP75"):
         table.add_column(key)
@@ -117,13 +106,20 @@ def train(
     test_scenes: int = typer.Option(300, help="Test scenes (>= 1)."),
 ) -> None:
     """Train a teacher or a student alone (GFL loss), save it and evaluate it on the test scenes."""
-    _check_choice("--role", role, tuple(ROLES))
+    _check_choice("--role", role, ROLES)
+    import torch
+
+    from moevl.detection.evaluation import evaluate_detector
+    from moevl.detection.model import GFLDetector
+    from moevl.detection.recipe import STUDENT, TEACHER, DetectionDataConfig, load_scenes
+    from moevl.detection.train import TrainConfig, train_detector
+
     config = _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     data = _from_options(DetectionDataConfig, train_scenes=train_scenes, test_scenes=test_scenes)
     _check_checkpoint_output(output)
     train_set, test_set = load_scenes(data)
     torch.manual_seed(seed)
-    model = GFLDetector(ROLES[role])
+    model = GFLDetector({"teacher": TEACHER, "student": STUDENT}[role])
     result = train_detector(model, train_set, config=config, description=role)
     metrics = evaluate_detector(model, test_set)
     extra = {"role": role, "steps": steps, "seed": seed, "train_seconds": result.seconds, **metrics}
@@ -145,6 +141,19 @@ def distill(
 ) -> None:
     """Train the student with a distillation method from a frozen teacher checkpoint."""
     _check_choice("--method", method, DISTILL_METHODS)
+    import torch
+
+    from moevl.detection.evaluation import evaluate_detector
+    from moevl.detection.model import GFLDetector
+    from moevl.detection.recipe import STUDENT, DetectionDataConfig, load_scenes
+    from moevl.detection.train import (
+        DistillConfig,
+        TrainConfig,
+        check_teacher,
+        teacher_outputs,
+        train_detector,
+    )
+
     config = _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     data = _from_options(DetectionDataConfig, train_scenes=train_scenes, test_scenes=test_scenes)
     teacher_model, _ = _load_checkpoint("--teacher", teacher)
@@ -179,6 +188,9 @@ def evaluate(
 ) -> None:
     """COCO mAP / AP50 / AP75 of a checkpoint on digit scenes."""
     _check_choice("--split", split, SPLITS)
+    from moevl.detection.data import make_digit_scenes
+    from moevl.detection.evaluation import evaluate_detector
+
     _from_options(check_number, name="scenes", value=scenes, minimum=1, integer=True)
     if json_out is not None:
         _check_output("--json", json_out)
@@ -213,7 +225,11 @@ def compare(
 
     The step, scene and seed options override the recipe (``--config`` or the defaults).
     """
+    import torch
+
+    from moevl.detection.recipe import load_detection_config, run_comparison
     from moevl.detection.report import write_detection_report
+    from moevl.detection.train import check_teacher
 
     options = {
         "seeds": seeds,

@@ -20,11 +20,11 @@ from torch import Tensor
 from moevl.data.images import load_digits_source
 from moevl.detection.assigner import atss_assign
 from moevl.detection.box_ops import box_iou
+from moevl.detection.checks import SPLITS
 from moevl.detection.model import Anchors
 
 __all__ = ["SPLITS", "DigitScenes", "assign_targets", "digit_pool", "digit_pool_indices", "make_digit_scenes"]
 
-SPLITS = ("train", "validation", "test")  # the split names of moevl.data too
 _SPLIT_FRACTIONS = {"train": (0.0, 0.6), "validation": (0.6, 0.7), "test": (0.7, 1.0)}
 _SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 NUM_CLASSES = 10

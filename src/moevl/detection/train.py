@@ -14,7 +14,6 @@ import json
 import math
 import os
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moevl.atomic import atomic_write_json, atomic_write_to
-from moevl.detection.checks import check_fields, check_seed
+from moevl.detection.checks import DISTILL_METHODS, DistillMethod, check_fields, check_seed
 from moevl.detection.data import DigitScenes, assign_targets
 from moevl.detection.losses import (
     bckd_classification_loss,
@@ -56,9 +55,6 @@ __all__ = [
     "teacher_outputs",
     "train_detector",
 ]
-
-DistillMethod = Literal["none", "kl", "ld", "bckd"]
-DISTILL_METHODS: tuple[str, ...] = typing.get_args(DistillMethod)
 
 
 @dataclass(frozen=True)
