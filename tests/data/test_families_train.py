@@ -92,3 +92,23 @@ def test_a_model_tuned_on_the_stock_llava_template_learns_to_stop(checkpoints, l
     result = run_eval(cfg, model=s2.model_dir, data=llava_file, progress=False)
     for p in result.predictions:  # each answer learnt, then the end: no repetition up to 12 tokens
         assert p.prediction == p.answer, (p.prediction, p.answer)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3"])
+def test_diagnose_on_a_users_checkpoint(checkpoints, llava_file, tmp_path, family):
+    """``moevl diagnose`` on a dense checkpoint of the walk-through's kind (upcycled in memory, unchanged on
+    disk): every layer the recipe makes sparse is measured, vision and text tokens apart."""
+    from moevl.analysis.diagnose import diagnose
+
+    cfg = demo_config(TINY, ["moe.layers=all"])
+    before = {p.name: p.read_bytes() for p in checkpoints[family].glob("*.safetensors")}
+    result = diagnose(
+        cfg, model=checkpoints[family], data=llava_file, steps=3, batch_size=3, out=tmp_path, progress=False
+    )
+    assert result["moe"] == "upcycled" and result["probe_records"] == 3
+    assert len(result["layers"]) == 2  # the tiny decoders have 2 layers, all sparse here
+    for layer in result["layers"]:
+        assert sum(layer["histogram_counts"]) > 0
+        assert layer["vision_conflict_ratio"] is not None and layer["text_conflict_ratio"] is not None
+    assert (tmp_path / "diagnosis.json").is_file() and (tmp_path / "cosines.png").is_file()
+    assert {p.name: p.read_bytes() for p in checkpoints[family].glob("*.safetensors")} == before

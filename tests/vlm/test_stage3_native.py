@@ -224,3 +224,18 @@ def test_the_command_line_adopts_and_refuses_a_different_expert_count(demo, spar
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "'moe.num_experts': 8, but the model is sparse with num_experts=4" in result.output
     assert not (tmp_path / "no").exists()
+
+
+def test_diagnose_adopts_a_native_moe_model_in_memory(demo, sparse, tmp_path):
+    from moevl.analysis.diagnose import diagnose
+
+    model = sparse("mixtral")
+    result = diagnose(
+        demo_config(TINY), model=model, data=demo.files.instruct, image_folder=demo.files.image_folder,
+        steps=2, batch_size=4, progress=False,
+    )  # fmt: skip
+    assert result["moe"] == "adopted"
+    # every layer of the native model is sparse, and each was measured
+    assert [d["layer"] for d in result["layers"]] == list(range(len(result["layers"]))) and len(
+        result["layers"]
+    ) == 3
