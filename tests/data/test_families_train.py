@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 from transformers.utils import is_torchvision_available
 
 from moevl.config import ConfigError
@@ -15,11 +16,11 @@ from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.train import train_stage
 from tests.data.test_processing import STOCK_LLAVA_TEMPLATE
-from tests.hf.checkpoints import FAMILIES
+from tests.hf.checkpoints import FAMILIES, load_processor
 from tests.vlm.conftest import TINY
 
 # The Qwen2-VL family's processors cannot be saved without torchvision's video processor (see
-# ``load_processor``); their model classes go through stage 3 in tests/hf.
+# ``load_processor``); their model classes take a stage-3 step below.
 TRAINABLE_HERE = [
     pytest.param(
         f,
@@ -112,3 +113,30 @@ def test_diagnose_on_a_users_checkpoint(checkpoints, llava_file, tmp_path, famil
         assert layer["vision_conflict_ratio"] is not None and layer["text_conflict_ratio"] is not None
     assert (tmp_path / "diagnosis.json").is_file() and (tmp_path / "cosines.png").is_file()
     assert {p.name: p.read_bytes() for p in checkpoints[family].glob("*.safetensors")} == before
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_stage3_step_on_families_whose_processor_cannot_be_saved_here(checkpoints, llava_file, family):
+    """Qwen2-VL / Qwen2.5-VL: their processors need torchvision's video processor to be saved, so the
+    command-line path cannot run here; the model classes take stage 3 (upcycled with STGC and LTDR, the
+    experts and routers trained) on a batch prepared by the processor's own parts (``load_processor``)."""
+    from moevl.hf import moe_blocks, upcycle
+    from moevl.vlm.config import method_settings
+
+    cfg = demo_config(TINY)
+    processor = load_processor(checkpoints[family])
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
+    upcycle(model, method_settings(cfg.moe, "stgc+ltdr"), freeze_dense=True)
+    dataset = ConversationDataset(read_records(llava_file).records, processor, progress=False)
+    batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
+    model.train()
+    model(**batch).loss.backward()
+    for block in moe_blocks(model):
+        grads = [p.grad for p in block.router_parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(
+            g.abs().sum() > 0 for g in grads
+        )
+    records = model.moe_context.records
+    assert records and all(rec.stgc is not None and rec.stgc.ready for rec in records.values())
+    # the vision positions came from the family's own image token: LTDR saw a long tail among them
+    assert any(rec.tail_mask is not None and rec.tail_mask.any() for rec in records.values())
