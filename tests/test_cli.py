@@ -111,3 +111,9 @@ def test_help_and_argument_errors_answer_before_torch_loads():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.split("\n")[0] == "[0, 0, 2, 2, 2] False", done.stdout + done.stderr
+
+
+def test_help_text_is_whole_when_piped():
+    """Option help is wrapped, never cut to fit a table ("json/jsonl/parque…" before)."""
+    result = CliRunner().invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "json/jsonl/parquet" in result.output and "…" not in result.output

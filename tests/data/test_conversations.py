@@ -191,6 +191,12 @@ def test_malformed_files(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(LLAVA_RECORDS[2]) + "\n{oops\n")
     with pytest.raises(DataError, match=r"b.jsonl:2: not valid JSON"):
         read_records(tmp_path / "b.jsonl")
+    (tmp_path / "d.json").write_text('[{"id": "x', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(tmp_path / "d.json")
+    assert "Unterminated string starting at: line 1 column 9" in str(err.value) and "at at" not in str(
+        err.value
+    )
     (tmp_path / "c.json").write_text('"text"')
     with pytest.raises(DataError, match="expected a JSON list"):
         read_records(tmp_path / "c.json")

@@ -214,6 +214,14 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         assert not (tmp_path / name).exists(), name
 
 
+def test_moe_layers_beyond_the_model_are_one_config_error(demo, dense, tmp_path):
+    _, s2 = dense
+    cfg = demo_config(TINY, ["moe.layers=[5]"])
+    with pytest.raises(ConfigError, match=r"layers must be indices in \[0, 2\), got \[5\]"):
+        run_stage(demo, 3, tmp_path / "out", s2.model_dir, cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_skipped_records_are_named_and_the_saved_recipe_is_the_one_used(demo, tmp_path):
     good = json.loads(demo.files.instruct.read_text())[:8]
     bad = [{"id": f"bad{i}", "conversations": [{"from": "gpt", "value": "a"}]} for i in range(12)]

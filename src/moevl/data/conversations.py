@@ -174,12 +174,12 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
         return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (or JSONL), got {type(data).__name__}")
     for i, raw in enumerate(data):
