@@ -4,6 +4,7 @@ what trains, what is saved, resume, Ctrl-C, non-finite losses and bad input."""
 import json
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -239,6 +240,18 @@ def test_skipped_records_are_named_and_the_saved_recipe_is_the_one_used(demo, tm
     assert line.startswith("skipped 12 bad record(s)") and line.endswith("'bad8', 'bad9' and 2 more")
     recipe = json.loads((result.model_dir / "moevl.json").read_text())["config"]
     assert recipe["model"] == str(demo.init) and recipe["data"]["train"] == str(data)
+
+
+def test_a_recipe_without_deepspeed_gets_no_deepspeed_warning(demo, tmp_path):
+    """DeepSpeed warned on every command that it set its accelerator to the CPU (accelerate imports it)."""
+    cmd = [sys.executable, "-m", "moevl.cli", "train", "--stage", "1", "--model", str(demo.init), "--data",
+           str(demo.files.captions), "--image-folder", str(demo.files.image_folder), "--out", str(tmp_path / "o"),
+           "--config", str(TINY), "--max-steps", "1", "--no-progress"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = run(cmd, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accelerator" not in done.stderr.lower(), done.stderr[-3000:]
+    assert "step 1/1" in done.stdout  # the one step still gets its line
 
 
 def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path):
