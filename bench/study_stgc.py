@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     train_records = read_records(data / "instruct.json", image_folder=data).records
     results: dict[str, Any] = {
-        "config": {"seeds": args.seeds, "arms": {a: ARMS[a] for a in args.arms}},
+        "config": {"seeds": args.seeds, "arms": {a: ARMS[a] for a in args.arms}, "title": args.title},
         "arms": {},
     }
     start = time.perf_counter()
@@ -244,7 +244,7 @@ def _fmt(x: dict | None, pct: bool = False) -> str:
 
 def report(results: dict[str, Any]) -> str:
     lines = [
-        "# STGC / LTDR study (embedded digit benchmark)",
+        f"# STGC / LTDR study ({results['config'].get('title', 'embedded digit benchmark')})",
         "",
         f"Seeds per arm: {results['config']['seeds']}; mean ± 95% interval (t). Router statistics: mean over "
         "MoE layers and the last quarter of stage 3. Accuracy: exact match after VQAv2 normalisation, %.",
@@ -264,8 +264,8 @@ def report(results: dict[str, Any]) -> str:
         "",
         "## Paired with baseline (same seed), difference and verdict",
         "",
-        "| arm | Δ test acc (pp) | Δ conflict ratio | verdict: conflicts | Δ router entropy | verdict: routing | uniform? |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | Δ test acc (pp) | verdict: accuracy | Δ conflict ratio | verdict: conflicts | Δ router entropy | verdict: routing | uniform? |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in results["arms"].items():
         if arm == "baseline":
@@ -273,7 +273,8 @@ def report(results: dict[str, Any]) -> str:
         p = e["paired_vs_baseline"]
         flat = e["router_entropy_normalized"] is not None and e["router_entropy_normalized"] > 0.95
         lines.append(
-            f"| {arm} | {_fmt(p.get('test_accuracy'), True)} | {_fmt(p.get('conflict_ratio'))} | "
+            f"| {arm} | {_fmt(p.get('test_accuracy'), True)} | {verdict(p, 'test_accuracy', 'higher')} | "
+            f"{_fmt(p.get('conflict_ratio'))} | "
             f"{verdict(p, 'conflict_ratio', 'lower')} | {_fmt(p.get('router_entropy_normalized'))} | "
             f"{verdict(p, 'router_entropy_normalized', 'lower')} | {'yes (> 0.95)' if flat else 'no'} |"
         )
@@ -298,6 +299,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/study", help="run directory (models, logs)")
     parser.add_argument("--results", default=str(RESULTS), help="where results.json and report.md go")
     parser.add_argument("--set", action="append", default=[], help="recipe override for every arm")
+    parser.add_argument("--title", default="embedded digit benchmark", help="what the report's title names")
     parser.add_argument(
         "--merge", action="store_true", help="add these arms to the results already in --results"
     )
@@ -315,7 +317,7 @@ def main() -> None:
     if args.combine:
         parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine]
         results = {
-            "config": {"seeds": parts[0]["config"]["seeds"], "arms": {}},
+            "config": {"seeds": parts[0]["config"]["seeds"], "arms": {}, "title": args.title},
             "arms": {},
             "wall_time_s": sum(p.get("wall_time_s", 0.0) for p in parts),  # process time, side by side or not
         }
