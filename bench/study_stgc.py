@@ -350,9 +350,42 @@ def main() -> None:
     _write(dest, results)
 
 
+def plot_paired(results: dict[str, Any], path: Path) -> None:
+    """Per arm, the paired difference to baseline (mean and 95% interval) of test accuracy, conflict ratio and
+    router entropy: one panel each, 0 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moevl.atomic import atomic_write_to
+
+    arms = [a for a in results["arms"] if a != "baseline" and results["arms"][a]["paired_vs_baseline"]]
+    if not arms:
+        return
+    panels = [("test_accuracy", "test accuracy (pp)", 100), ("conflict_ratio", "conflict ratio", 1),
+              ("router_entropy_normalized", "router entropy", 1)]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.5 * len(arms) + 1.5), sharey=True)
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        for i, arm in enumerate(arms):
+            d = results["arms"][arm]["paired_vs_baseline"].get(key)
+            if d:
+                ax.errorbar(
+                    scale * d["mean"], i, xerr=scale * (d["ci95"] or 0), fmt="o", color="k", capsize=3
+                )
+        ax.axvline(0, color="#c44", lw=0.8)
+        ax.set_title(f"Δ {label} vs baseline", fontsize=9)
+    axes[0].set_yticks(range(len(arms)), arms)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    atomic_write_to(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def _write(dest: Path, results: dict[str, Any], quiet: bool = False) -> None:
     atomic_write_json(dest / "results.json", results)
     atomic_write_text(dest / "report.md", report(results))
+    plot_paired(results, dest / "paired.png")
     if not quiet:
         print(report(results))
 
