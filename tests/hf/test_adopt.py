@@ -217,16 +217,23 @@ def test_is_native_moe_and_refusals():
 def test_unknown_router_class_is_named_never_approximated():
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-    class HashRouter(MixtralTopKRouter):  # same structure, semantics moevl does not know
-        pass
+    class HashRouter(MixtralTopKRouter):  # same structure, a rule moevl does not know: the k worst experts
+        def forward(self, hidden_states):
+            logits = super().forward(hidden_states)[0]
+            index = (-logits).topk(self.top_k, dim=-1).indices
+            return logits, logits.softmax(-1).gather(1, index), index
 
     model = _native("mixtral")
     old = model.model.layers[1].mlp.gate
     model.model.layers[1].mlp.gate = HashRouter(model.config)
     model.model.layers[1].mlp.gate.load_state_dict(old.state_dict())
     assert is_native_moe(model)
-    with pytest.raises(ValueError, match="HashRouter"):
+    with pytest.raises(
+        ValueError, match=r"no candidate rule reproduces MixtralSparseMoeBlock \(router HashRouter\)"
+    ):
         adopt(model)
+    # the refused model is left as it was: native blocks, native experts, logits unchanged
+    assert is_native_moe(model) and all(not isinstance(m, AdoptedMoEBlock) for m in model.modules())
 
     class OtherBlock(torch.nn.Module):  # a known router in a block moevl does not know
         def __init__(self, block):
@@ -358,3 +365,17 @@ def test_adopted_model_trains_with_moe_trainer(tmp_path):
     stats = json.loads((tmp_path / "moe_stats.json").read_text())
     assert len(stats["history"]) == 3 and stats["history"][-1]["stgc/conflict_ratio"] > 0
     assert not torch.equal(model.model.layers[0].mlp.gate.weight, before)
+
+
+def test_export_of_an_adopted_model_notes_that_ltdr_changes_inference(tmp_path):
+    from moevl.hf import export
+
+    ltdr = LTDRConfig(tail_top_k=3)
+    model = adopt(tiny_qwen3_vl_moe(), router="ltdr", ltdr=ltdr, balance_coef=0.01)
+    result = export(model, tmp_path / "tail")
+    assert result.format == "moevl"
+    assert any("LTDR changes inference" in n and "only without LTDR" in n for n in result.notes), result.notes
+    # the tail rule off (a == k): the native class is exact again, and nothing claims otherwise
+    same = adopt(tiny_qwen3_vl_moe(), router="ltdr", ltdr=LTDRConfig(tail_top_k=2), balance_coef=0.01)
+    result = export(same, tmp_path / "no_tail")
+    assert result.format == "native" and not any("LTDR changes inference" in n for n in result.notes)

@@ -1,32 +1,50 @@
 """Adopt transformers' native sparse MoE models: keep their weights and routing, add moevl's.
 
-``adopt`` takes a model whose decoder already has transformers' native sparse blocks (Mixtral,
-Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, Qwen3-VL-MoE's text decoder) and replaces each
-block by an ``AdoptedMoEBlock`` that computes exactly what the native block did (the same logits,
-up to float summation order) while adding STGC, LTDR, routing statistics and moevl's balancing
-options.
+``adopt`` takes a model whose decoder has sparse blocks built on transformers' experts interface
+(``use_experts_implementation``: an experts module with stacked 3-D ``gate_up_proj`` / ``up_proj``
+and ``down_proj``, called as ``experts(hidden (N, D), top_k_index (N, K), top_k_weights (N, K))``)
+and puts an ``AdoptedMoEBlock`` in place of each block. The adopted block computes what the native
+block did (the same logits, up to float summation order) while adding STGC, LTDR, routing
+statistics and moevl's balancing options.
 
-How exactness is kept:
+No table of families: the routing rule of a block is derived from its behaviour.
 
-* the native router module is kept as is (``mlp.gate``) and called for the logits, so its dtype
-  rules and transformers' ``OutputRecorder`` hooks (``output_router_logits``, the model's own
-  auxiliary loss) see exactly what they saw before;
-* the decision is ``moevl.moe.TopKRouter.route`` with the family's semantics read from the router
-  (``FAMILIES``: a small explicit table of the known router classes; tested bit-equal to the native
-  routers); a router class not in the table is refused, never approximated;
-* the experts are a ``GroupedExperts`` holding the native ``gate_up_proj`` / ``down_proj``
-  parameters themselves (no copy), and shared experts keep their native modules.
+* The native block's forward still runs, as written, over the very same modules, parameters and
+  buffers (its shared experts and their gates, input jitter, post-norms, output scaling, ...): the
+  native block object is kept as the *forward engine*, and its module, parameter and buffer dicts
+  are the adopted block's own (one dict each). Only the experts module is replaced, by an
+  ``AdoptedExperts`` holding the native experts' tensors under their native names.
+* When the native block hands its tokens to the experts, moevl decides instead: the router
+  module's logits (read by a forward hook on the native router) go through
+  ``moevl.moe.TopKRouter.route`` (or LTDR's rule), and moevl's experts function runs on the
+  decision (its hand-written backward carries STGC).
+* The ``TopKRouter`` options that reproduce the native decision are *searched*: candidates built
+  from the router's and the block's attributes (top-k from the native decision itself; softmax or
+  sigmoid scoring; renormalised or not; a score-correction bias found on the router or the block;
+  group-limited top-k; a routed scaling factor) are checked against the native block's own
+  decisions on random probe inputs, with the router's tensors perturbed so that a rule cannot pass
+  by accident (a zero-initialised router makes every rule look alike). The block is then checked end
+  to end: the adopted block's output must equal the native block's on every probe (max
+  ``|Δ| <= PROBE_TOLERANCE`` in float32). Nothing else is accepted: a block that no rule reproduces
+  is refused with its class, the closest rule and by how much it differs.
 
 Every module keeps its native attribute name, so ``state_dict()`` keys equal the native model's
 (``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``, ``mlp.experts.gate_up_proj``,
 ``mlp.shared_expert.*``, ...) and the native class loads what an adopted model saves.
+
+NOTE: why not register moevl in transformers' ``ExpertsInterface``: that registry is selected by a
+string on the (shared, saved) config for every experts module of the model at once, and the
+experts function it calls sees only ``(hidden, top_k_index, top_k_weights)``: not the router
+logits that moevl's decision, LTDR and STGC's gradient need. Replacing the experts module inside the
+adopted block keeps the choice per block and the logits at hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,176 +61,77 @@ from moevl.hf.runtime import (
     vision_token_ids,
 )
 from moevl.hf.settings import MoESettings, select_layers, settings_from
-from moevl.moe import GroupedExperts, TopKRouter
+from moevl.moe import TopKRouter
+from moevl.moe.activations import Activation
+from moevl.moe.expert_function import ExpertsFunction, dispatch
+from moevl.moe.grouped_mm import can_use_grouped_mm
 from moevl.stgc import STGCConfig
 
-
-@dataclass(frozen=True)
-class NativeFamily:
-    """What moevl knows of one transformers router class.
-
-    Attributes:
-        block: the class name of the sparse block the router is known in (checked).
-        semantics: router module -> ``TopKRouter`` options reproducing its decision.
-        shared_experts: attribute name of the block's shared expert(s), or None.
-        shared_gate: attribute name of the shared expert's sigmoid gate, or None.
-        input_jitter: block attribute holding a multiplicative noise on the block input in
-            training (Mixtral's ``jitter_noise``: router and experts see it), or None.
-    """
-
-    block: str
-    semantics: Callable[[nn.Module], dict[str, Any]]
-    shared_experts: str | None = None
-    shared_gate: str | None = None
-    input_jitter: str | None = None
+#: max |Δ| (float32) between the adopted and the native block, on decisions and outputs.
+PROBE_TOLERANCE = 1e-5
+#: probe inputs per block: (batch, tokens) of random hidden states, each in eval and train mode.
+PROBE_SHAPE = (2, 12)
+PROBE_SEEDS = (0, 1, 2)
 
 
-def _softmax_topk(normalize: bool | None = None) -> Callable[[nn.Module], dict[str, Any]]:
-    """softmax -> top-k -> renormalise (always, or as the router's ``norm_topk_prob`` says)."""
-
-    def semantics(router: nn.Module) -> dict[str, Any]:
-        return {"normalize_weights": bool(router.norm_topk_prob) if normalize is None else normalize}
-
-    return semantics
+# --- finding the native blocks ----------------------------------------------------------------------
 
 
-def _deepseek_v2(router: nn.Module) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "normalize_weights": False,
-        "routed_scaling_factor": float(router.routed_scaling_factor),
-    }
-    if router.topk_method == "group_limited_greedy":
-        options.update(num_groups=router.num_group, topk_groups=router.topk_group, group_score="max")
-    elif router.topk_method != "greedy":
-        raise ValueError(
-            f"adopt: DeepseekV2TopkRouter with topk_method={router.topk_method!r} is not known to moevl "
-            "(known: 'greedy', 'group_limited_greedy')"
-        )
-    return options
+def is_experts_module(module: nn.Module) -> bool:
+    """Experts in transformers' interface: 3-D ``gate_up_proj`` (or ``up_proj``) and ``down_proj``."""
+    if isinstance(module, AdoptedExperts):
+        return False
+    first = getattr(module, "gate_up_proj", None)
+    if not isinstance(first, Tensor):
+        first = getattr(module, "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return isinstance(first, Tensor) and first.dim() == 3 and isinstance(down, Tensor) and down.dim() == 3
 
 
-def _deepseek_v3(router: nn.Module) -> dict[str, Any]:
-    return {
-        "scoring": "sigmoid",
-        "score_bias": True,
-        "num_groups": router.num_group,
-        "topk_groups": router.topk_group,
-        "group_score": "top2_sum",
-        "normalize_weights": bool(router.norm_topk_prob),
-        "routed_scaling_factor": float(router.routed_scaling_factor),
-    }
-
-
-#: Router class name -> family, read from transformers 5's modeling files (``*TopKRouter.forward``).
-FAMILIES: dict[str, NativeFamily] = {
-    "MixtralTopKRouter": NativeFamily(
-        "MixtralSparseMoeBlock", _softmax_topk(True), input_jitter="jitter_noise"
-    ),
-    "Qwen2MoeTopKRouter": NativeFamily(
-        "Qwen2MoeSparseMoeBlock",
-        _softmax_topk(),
-        shared_experts="shared_expert",
-        shared_gate="shared_expert_gate",
-    ),
-    "Qwen3MoeTopKRouter": NativeFamily("Qwen3MoeSparseMoeBlock", _softmax_topk()),
-    "OlmoeTopKRouter": NativeFamily("OlmoeSparseMoeBlock", _softmax_topk()),
-    "Qwen3VLMoeTextTopKRouter": NativeFamily("Qwen3VLMoeTextSparseMoeBlock", _softmax_topk(True)),
-    "DeepseekV2TopkRouter": NativeFamily("DeepseekV2Moe", _deepseek_v2, shared_experts="shared_experts"),
-    "DeepseekV3TopkRouter": NativeFamily("DeepseekV3MoE", _deepseek_v3, shared_experts="shared_experts"),
-}
-
-
-class AdoptedMoEBlock(HFMoEBlock):
-    """An ``HFMoEBlock`` in place of a transformers-native sparse block, under the native names.
-
-    Children: ``gate`` (the native router module, computing the logits), ``experts``
-    (``GroupedExperts`` on the native parameters), the native shared expert(s) and shared gate
-    under their native names, and ``router`` (moevl's decision: no parameters, no buffers).
-    """
-
-    def __init__(
-        self,
-        *,
-        gate: nn.Module,
-        router: TopKRouter,
-        experts: GroupedExperts,
-        layer_index: int,
-        context: RoutingContext,
-        shared: dict[str, nn.Module],
-        shared_names: tuple[str | None, str | None],
-        input_jitter: float = 0.0,
-        stgc: STGCConfig | None = None,
-        stgc_scale: float = 1.0,
-    ) -> None:
-        super().__init__(
-            router=router,
-            experts=experts,
-            layer_index=layer_index,
-            context=context,
-            stgc=stgc,
-            stgc_scale=stgc_scale,
-        )
-        self.gate = gate
-        for name, module in shared.items():
-            setattr(self, name, module)
-        self.shared_names = shared_names
-        self.input_jitter = input_jitter
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # type: ignore[override]
-        if self.training and self.input_jitter > 0:  # Mixtral: router and experts see the noise
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
-            hidden_states = hidden_states * noise
-        return super().forward(hidden_states, *args, **kwargs)
-
-    @property
-    def native_class_name(self) -> str:
-        """The class name of the transformers block this one replaced (``Qwen3MoeSparseMoeBlock``, ...)."""
-        return FAMILIES[type(self.gate).__name__].block
-
-    def router_parameters(self) -> list[nn.Parameter]:
-        # moevl's decision has no parameters: the native router module computes the logits.
-        return list(self.gate.parameters())
-
-    def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        # The native router computes the logits (its dtype rules; transformers' hooks record them
-        # for output_router_logits); its own weights/indices are not used: moevl decides.
-        logits = self.gate(x)[0].float()  # (N, E)
-        bias = self.gate.e_score_correction_bias if self.router.uses_score_bias else None
-        return logits, bias
-
-    def shared_output(self, x: Tensor) -> Tensor | None:
-        experts_name, gate_name = self.shared_names
-        if experts_name is None:
-            return None
-        out = getattr(self, experts_name)(x)
-        if gate_name is not None:
-            out = torch.sigmoid(getattr(self, gate_name)(x)) * out
-        return out
+def _experts_child(module: nn.Module) -> str | None:
+    for name, child in module.named_children():
+        if is_experts_module(child):
+            return name
+    return None
 
 
 def is_native_sparse_block(module: nn.Module) -> bool:
-    """A transformers-style sparse block by structure: a router ``gate`` with a 2-D ``weight`` and
-    an ``experts`` module with 3-D ``gate_up_proj`` and ``down_proj`` (not one moevl built)."""
-    if isinstance(module, HFMoEBlock):
-        return False
-    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-    if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
-        return False
-    weight = getattr(gate, "weight", None)
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    return (
-        isinstance(weight, Tensor)
-        and weight.dim() == 2
-        and isinstance(gate_up, Tensor)
-        and gate_up.dim() == 3
-        and isinstance(down, Tensor)
-        and down.dim() == 3
-    )
+    """A transformers-style sparse block by structure: a module owning an experts module of the
+    experts interface (``is_experts_module``), not one moevl built."""
+    return not isinstance(module, HFMoEBlock) and _experts_child(module) is not None
 
 
-def _native_layers(model: nn.Module) -> tuple[nn.ModuleList, list[int]]:
-    layers = decoder_layers(model)
-    return layers, [i for i, layer in enumerate(layers) if is_native_sparse_block(layer.mlp)]
+def _sparse_owner(layer: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent, attribute) of the module in ``layer`` that owns its experts (``layer.mlp`` for most
+    families; ``(layer, "")`` where the experts live in the decoder layer itself), or None (dense)."""
+    if any(isinstance(m, HFMoEBlock) for m in layer.modules()):
+        return None
+    for name, module in layer.named_modules():
+        if _experts_child(module) is not None:
+            if not name:
+                return layer, ""
+            parent_name, _, attr = name.rpartition(".")
+            return layer.get_submodule(parent_name), attr
+    return None
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list: ``decoder_layers``'s (layers with an ``mlp``), else the first layer
+    list under the decoder holding experts (layers whose sparse block has another name)."""
+    try:
+        return decoder_layers(model)
+    except ValueError:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        for _, module in (decoder if decoder is not None else model).named_modules():
+            if isinstance(module, nn.ModuleList) and any(_sparse_owner(m) for m in module):
+                return module
+        raise
+
+
+def _native_layers(model: nn.Module) -> tuple[nn.ModuleList, dict[int, tuple[nn.Module, str]]]:
+    layers = _decoder_layers(model)
+    owners = {i: _sparse_owner(layer) for i, layer in enumerate(layers)}
+    return layers, {i: o for i, o in owners.items() if o is not None}
 
 
 def is_native_moe(model: nn.Module) -> bool:
@@ -225,51 +144,358 @@ def is_native_moe(model: nn.Module) -> bool:
     return bool(sparse)
 
 
-def family_of(block: nn.Module) -> NativeFamily:
-    """The ``NativeFamily`` of a native sparse block; ``ValueError`` naming an unknown router class."""
-    router_cls = type(block.gate)
-    family = FAMILIES.get(router_cls.__name__)
-    if family is None or not router_cls.__module__.startswith("transformers."):
-        raise ValueError(
-            f"adopt: the router class {router_cls.__module__}.{router_cls.__qualname__} (in "
-            f"{type(block).__name__}) is not one whose routing moevl knows, so it cannot keep the "
-            f"model's semantics exactly; known router classes: {sorted(FAMILIES)}"
-        )
-    if type(block).__name__ != family.block:  # a known router inside a block of another design
-        raise ValueError(
-            f"adopt: {router_cls.__name__} is known inside {family.block}, but this block is "
-            f"{type(block).__module__}.{type(block).__qualname__}; moevl does not know its combine rule"
-        )
-    return family
+# --- the adopted modules ----------------------------------------------------------------------------
 
 
-def _experts_from_native(native: nn.Module, *, activation: Any, implementation: str) -> GroupedExperts:
-    """A ``GroupedExperts`` whose parameters ARE the native experts' (shared, not copied)."""
-    if getattr(native, "is_transposed", False):
-        raise ValueError(f"adopt: {type(native).__name__} stores transposed expert weights; not supported")
-    gate_up, down = native.gate_up_proj, native.down_proj
-    num_experts, two_h, hidden = gate_up.shape
-    gate_up_bias = getattr(native, "gate_up_proj_bias", None)
-    down_bias = getattr(native, "down_proj_bias", None)
-    with torch.device("meta"):  # no throwaway allocation: every tensor is replaced below
-        experts = GroupedExperts(
-            num_experts=num_experts,
-            hidden_size=hidden,
-            intermediate_size=two_h // 2,
-            gated=True,
-            activation=activation,
-            bias=gate_up_bias is not None,
-            implementation=implementation,  # type: ignore[arg-type]
+def _take_state(twin: nn.Module, native: nn.Module) -> None:
+    """Make ``twin`` hold ``native``'s modules, parameters and buffers: the same dicts, so that a
+    device/dtype move, a loaded state dict or a replaced child is seen by both."""
+    twin._modules = native._modules
+    twin._parameters = native._parameters
+    twin._buffers = native._buffers
+    twin._non_persistent_buffers_set = native._non_persistent_buffers_set
+
+
+class AdoptedExperts(nn.Module):
+    """In place of a native experts module: its tensors under their native names; its forward
+    (``experts(hidden, top_k_index, top_k_weights)``, called by the native block) asks the owning
+    ``AdoptedMoEBlock`` for moevl's decision and output instead of using the native decision."""
+
+    def __init__(self, native: nn.Module, block: AdoptedMoEBlock) -> None:
+        super().__init__()
+        _take_state(self, native)
+        self.__dict__["native"] = native  # the native experts object (its attributes, its eager forward)
+        self.__dict__["block"] = block  # not a submodule: the block owns this module
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # the native decision (top_k_index, top_k_weights: the rest of the call) is not used
+        return self.block.routed_output(hidden_states)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.down_proj.shape[0])
+
+    def native_forward(self, hidden: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The native experts' own eager forward (its loop, its gate function) on a decision;
+        unused slots (-1) become expert 0 with weight 0."""
+        unused = indices < 0
+        indices = indices.masked_fill(unused, 0)
+        weights = weights.masked_fill(unused, 0.0)
+        forward = type(self.native).forward
+        forward = getattr(forward, "__wrapped__", forward)  # the class's own, not the interface dispatch
+        return forward(self.native, hidden, indices, weights)  # its tensors are this module's
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            native = self.__dict__.get("native")
+            if native is None:
+                raise
+            return getattr(native, name)  # the native's plain attributes (act_fn's config, flags, ...)
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """The ``TopKRouter`` options reproducing a native router's decision from its logits, and where
+    its score-correction bias lives (a module path under the block and an attribute), if it has one."""
+
+    options: tuple[tuple[str, Any], ...]
+    bias_at: tuple[str, str] | None = None
+
+    def describe(self) -> str:
+        opts = dict(self.options)
+        parts = [opts.get("scoring", "softmax")]
+        parts.append("renormalised" if opts.get("normalize_weights", True) else "not renormalised")
+        if self.bias_at is not None:
+            parts.append(f"score bias {'.'.join(p for p in self.bias_at if p)}")
+        if opts.get("num_groups", 1) > 1:
+            parts.append(f"groups {opts['topk_groups']}/{opts['num_groups']} by {opts['group_score']}")
+        if opts.get("routed_scaling_factor", 1.0) != 1.0:
+            parts.append(f"scaling {opts['routed_scaling_factor']:g}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """How moevl computes a native experts module (``is_transposed`` etc. are the interface's flags).
+
+    ``own_function`` False: the native experts apply a gate function or a post-expert norm moevl's
+    experts function does not compute; their own eager forward runs (exact, but no STGC)."""
+
+    gated: bool
+    transposed: bool
+    concatenated: bool
+    activation: Any
+    own_function: bool
+    reason: str = ""
+
+
+class AdoptedMoEBlock(HFMoEBlock):
+    """An ``HFMoEBlock`` in place of a transformers-native sparse block, under the native names.
+
+    It holds the native block's modules, parameters and buffers (the same dicts as the native block
+    object, kept as ``native``: its forward runs unchanged), with the experts module replaced by an
+    ``AdoptedExperts``. ``router`` is moevl's decision (a ``TopKRouter`` or ``LTDRRouter`` without
+    parameters); the native router module keeps its own name (``gate``, ``router``, ...) and computes
+    the logits.
+    """
+
+    def __init__(
+        self,
+        *,
+        native: nn.Module,
+        experts_name: str,
+        router_name: str,
+        rule: RoutingRule,
+        spec: ExpertsSpec,
+        router: TopKRouter,
+        layer_index: int,
+        context: RoutingContext,
+        implementation: str = "auto",
+        stgc: STGCConfig | None = None,
+        stgc_scale: float = 1.0,
+    ) -> None:
+        # NOTE: MoEFeedForward.__init__ is skipped on purpose: its children are the native block's.
+        nn.Module.__init__(self)
+        self.__dict__["native"] = native
+        native_experts = getattr(native, experts_name)
+        _take_state(self, native)
+        self._modules[experts_name] = AdoptedExperts(native_experts, self)
+        self.__dict__["decision"] = router  # no parameters, no buffers: not part of the state
+        self.__dict__["context"] = context
+        self.experts_name, self.router_name = experts_name, router_name
+        self.rule, self.spec, self.implementation = rule, spec, implementation
+        self.layer_index = layer_index
+        self.stgc = stgc
+        self.stgc_scale = stgc_scale
+        self.__dict__["_logits"] = None
+        self.__dict__["_hook"] = getattr(native, router_name).register_forward_hook(self._capture_logits)
+        self.train(native.training)
+
+    # the names the rest of moevl reads on an HFMoEBlock
+    @property
+    def router(self) -> TopKRouter:  # type: ignore[override]
+        """moevl's decision (the native router module is ``self.<router_name>``)."""
+        return self.decision
+
+    @property
+    def experts(self) -> AdoptedExperts:  # type: ignore[override]
+        return self._modules[self.experts_name]
+
+    @property
+    def native_class_name(self) -> str:
+        """The class name of the transformers block this one replaced (``Qwen3MoeSparseMoeBlock``, ...)."""
+        return type(self.native).__name__
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        # moevl's decision has no parameters: the native router module computes the logits.
+        return list(getattr(self.native, self.router_name).parameters())
+
+    def train(self, mode: bool = True) -> AdoptedMoEBlock:
+        super().train(mode)
+        self.native.training = mode  # the engine reads self.training (e.g. Mixtral's jitter)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.native.forward(*args, **kwargs)
+
+    def release(self) -> None:
+        """Give the native block its experts module back and drop the hook (a refused adoption)."""
+        self._modules[self.experts_name] = self.experts.native
+        self._hook.remove()
+
+    def _capture_logits(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.__dict__["_logits"] = _find_logits(output, self.experts.num_experts)
+
+    def score_bias(self) -> Tensor | None:
+        if self.rule.bias_at is None:
+            return None
+        path, attr = self.rule.bias_at
+        return getattr(self.native.get_submodule(path), attr).reshape(-1)
+
+    def routed_output(self, hidden: Tensor) -> Tensor:
+        """moevl's decision and experts output (N, D) for the tokens hidden (N, D) the native block
+        hands its experts (its own decision is not used)."""
+        logits, self.__dict__["_logits"] = self._logits, None
+        n = hidden.shape[0]
+        if logits is None or logits.shape[0] != n:
+            raise RuntimeError(
+                f"adopt: {self.native_class_name} called its experts without a router call of the same "
+                f"{n} tokens before it; moevl cannot decide for them"
+            )
+        logits = logits.float()  # (N, E)
+        token_mask, vision_mask = self._flat_masks(n)
+        observer = None
+        if self.stgc is not None and self.training and torch.is_grad_enabled():
+            observer = self.stgc.new_observer(scale=self.stgc_scale)
+            logits = self.stgc.guard_logits(logits, observer)
+        record = self.router.route(
+            logits, token_mask=token_mask, vision_mask=vision_mask, score_bias=self.score_bias()
         )
-    experts.gate_up_proj = gate_up
-    experts.down_proj = down
-    if gate_up_bias is not None:
-        experts.gate_up_proj_bias = gate_up_bias
-        experts.down_proj_bias = down_bias
-    left = [n for n, t in [*experts.named_parameters(), *experts.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"adopt: {type(native).__name__} has no native tensor for {left}")
-    return experts
+        if self.spec.own_function and not (self.implementation == "loop" and observer is None):
+            y, anchor = self._moevl_experts(hidden, record.indices, record.weights, observer, logits)
+            if observer is not None:
+                record.stgc, record.cel_anchor = observer.stats, anchor
+        else:
+            y = self.experts.native_forward(hidden, record.indices, record.weights.to(hidden.dtype))
+        # NOTE: setdefault, so that a gradient-checkpointing recompute (during backward) does not
+        # replace the record whose STGC statistics that backward fills.
+        self.context.records.setdefault(self.layer_index, record)
+        return y.to(hidden.dtype)
+
+    def _flat_masks(self, n: int) -> tuple[Tensor | None, Tensor | None]:
+        out = []
+        for m in (self.context.token_mask, self.context.vision_mask):
+            out.append(m.reshape(-1) if m is not None and m.numel() == n else None)
+        return out[0], out[1]
+
+    def expert_weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``w_in`` (E, 2H | H, D) with rows [gate; up], ``w_out`` (E, D, H) and their biases, as
+        moevl's experts function takes them (views of the native tensors: gradients reach them)."""
+        e, s = self.experts, self.spec
+        w_in = e.gate_up_proj if s.gated else e.up_proj
+        b_in = getattr(e, "gate_up_proj_bias" if s.gated else "up_proj_bias", None)
+        w_out, b_out = e.down_proj, getattr(e, "down_proj_bias", None)
+        if s.transposed:
+            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
+        if s.gated and not s.concatenated:  # interleaved [g0, u0, g1, u1, ...] -> [g; u]
+            w_in = torch.cat([w_in[:, 0::2], w_in[:, 1::2]], dim=1)
+            if b_in is not None:
+                b_in = torch.cat([b_in[:, 0::2], b_in[:, 1::2]], dim=1)
+        return w_in, w_out, b_in, b_out
+
+    def _moevl_experts(
+        self, hidden: Tensor, indices: Tensor, weights: Tensor, observer: Any, observed: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """moevl's experts function (grouped matmul, hand-written backward, STGC's observer)."""
+        compute_dtype = hidden.dtype
+        if torch.is_autocast_enabled(hidden.device.type):
+            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+        params = [None if p is None else p.to(compute_dtype) for p in self.expert_weights()]
+        if self.implementation == "grouped" and not can_use_grouped_mm(
+            hidden, *[p for p in params if p is not None]
+        ):
+            raise ValueError(
+                f"implementation='grouped' needs fp32/bf16/fp16 weights and 16-byte aligned sizes; got {compute_dtype}"
+            )
+        d = dispatch(indices, self.experts.num_experts)
+        with torch.autocast(hidden.device.type, enabled=False):
+            y, anchor = ExpertsFunction.apply(
+                hidden.to(compute_dtype),
+                weights.to(compute_dtype),
+                observed if observer is not None else None,
+                observer,
+                d,
+                self.spec.activation,
+                self.spec.gated,
+                *params,
+            )
+        return y, anchor if observer is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            native = self.__dict__.get("native")
+            if native is None:
+                raise
+            return getattr(native, name)  # the native block's plain attributes (top_k, config, ...)
+
+
+def _tolerance(reference: Tensor) -> float:
+    """``PROBE_TOLERANCE`` in float32; in a lower precision a few roundings of the output's magnitude
+    (the native and moevl's experts round at other points)."""
+    scale = max(1.0, float(reference.float().abs().max()))  # relative above 1: rounding scales with it
+    if reference.dtype in (torch.float32, torch.float64):
+        return PROBE_TOLERANCE * scale
+    return 8 * torch.finfo(reference.dtype).eps * scale
+
+
+def _find_logits(output: Any, num_experts: int) -> Tensor | None:
+    """The router logits in a router module's output: its first floating tensor whose last dim is E."""
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    for t in items:
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == num_experts:
+            return t.reshape(-1, num_experts)
+    return None
+
+
+# --- deriving the routing rule -------------------------------------------------------------------------
+
+
+@dataclass
+class _Probe:
+    """What the native block did on one probe input."""
+
+    hidden: Tensor  # the block input
+    training: bool
+    logits: Tensor  # (N, E) the router's
+    index: Tensor  # (N, K) the native decision
+    weights: Tensor  # (N, K)
+    output: Tensor  # the block output (its first tensor)
+
+
+class NotReproduced(ValueError):
+    """A native block no candidate rule reproduces (the message names its class and why)."""
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    for t in output:
+        if isinstance(t, Tensor):
+            return t
+    raise TypeError(f"no tensor in the block output {type(output).__name__}")
+
+
+def _experts_spec(native: nn.Module, config: Any) -> ExpertsSpec:
+    from transformers.integrations.moe import _default_apply_gate
+
+    gated = bool(getattr(native, "has_gate", isinstance(getattr(native, "gate_up_proj", None), Tensor)))
+    spec = dict(
+        gated=gated,
+        transposed=bool(getattr(native, "is_transposed", False)),
+        concatenated=bool(getattr(native, "is_concatenated", True)),
+        activation=None if (act := _activation(native, config)) is None else Activation.resolve(act),
+    )
+    if spec["activation"] is None:
+        return ExpertsSpec(
+            **spec, own_function=False, reason=f"{type(native).__name__} applies its own gate function"
+        )
+    if getattr(native, "has_post_expert_norm", False):
+        return ExpertsSpec(
+            **spec, own_function=False, reason=f"{type(native).__name__} normalises each expert's output"
+        )
+    apply_gate = getattr(type(native), "_apply_gate", _default_apply_gate)
+    if apply_gate is not _default_apply_gate and gated:
+        diff = _gate_difference(native, spec["activation"], spec["concatenated"])
+        if not diff <= PROBE_TOLERANCE:
+            reason = f"{type(native).__name__} applies its own gate function (differs from act(gate)·up by {diff:.3g})"
+            return ExpertsSpec(**spec, own_function=False, reason=reason)
+    return ExpertsSpec(**spec, own_function=True)
+
+
+@torch.no_grad()
+def _gate_difference(native: nn.Module, activation: Activation, concatenated: bool) -> float:
+    """max |Δ| between a native ``_apply_gate`` and ``act(gate) · up`` over gate/up values from
+    0.01 to 1000 in magnitude (a clamp, an offset or another activation shows)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = int(
+        native.down_proj.shape[-1]
+        if not getattr(native, "is_transposed", False)
+        else native.down_proj.shape[1]
+    )
+    scale = torch.logspace(-2, 3, 24)[:, None]
+    gate, up = torch.randn(24, hidden, generator=g) * scale, torch.randn(24, hidden, generator=g) * scale
+    a = torch.cat([gate, up], -1) if concatenated else torch.stack([gate, up], -1).reshape(24, 2 * hidden)
+    param = native.down_proj
+    try:
+        ref = native._apply_gate(a.to(param.device, param.dtype)).float().cpu()
+        ours = (activation(gate) * up).float()
+    except TypeError:  # an activation of another signature (e.g. act_fn(gate, up))
+        return float("inf")
+    return float(((ref - ours).abs() / (1.0 + ours.abs())).max())
 
 
 #: transformers activation names whose ACT2FN function is exactly moevl's function of that name.
@@ -281,10 +507,317 @@ def _activation(native_experts: nn.Module, config: Any) -> Any:
     path), else the native activation module itself."""
     from transformers.activations import ACT2FN
 
-    name = getattr(config, "hidden_act", None)
-    if name in _SAME_ACTIVATIONS and type(native_experts.act_fn) is type(ACT2FN[name]):
-        return name
-    return native_experts.act_fn
+    act = getattr(native_experts, "act_fn", None)
+    if act is None:  # a gate function of its own (e.g. GPT-OSS's clamped, offset SwiGLU)
+        return None
+    names = [getattr(config, "hidden_act", None), *_SAME_ACTIVATIONS]
+    for name in names:
+        if name in _SAME_ACTIVATIONS and type(act) is type(ACT2FN[name]) and vars(act) == vars(ACT2FN[name]):
+            return name
+    return act
+
+
+def _float_attributes(*objects: Any) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for obj in objects:
+        if obj is None:
+            continue
+        for name, value in vars(obj).items():
+            if isinstance(value, float) and not isinstance(value, bool):
+                found.setdefault(name, value)
+    return found
+
+
+def _int_attribute(names: tuple[str, ...], *objects: Any) -> int | None:
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None) if obj is not None else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _bias_candidates(
+    block: nn.Module, router_name: str, experts_name: str, num_experts: int
+) -> list[tuple[str, str]]:
+    """Float tensors of E values ((E,) or (1, E)) on the router (any depth) or the block itself."""
+    out = []
+    for path, module in block.named_modules():
+        if path == experts_name or path.startswith(experts_name + "."):
+            continue
+        if path and path != router_name and not path.startswith(router_name + "."):
+            continue
+        for attr, t in itertools.chain(
+            module.named_parameters(recurse=False), module.named_buffers(recurse=False)
+        ):
+            if t.shape[-1:] == (num_experts,) and t.numel() == num_experts and t.is_floating_point():
+                out.append((path, attr))
+    return out
+
+
+def _candidate_rules(
+    block: nn.Module, router_name: str, experts_name: str, num_experts: int, top_k: int, config: Any
+) -> Iterator[RoutingRule]:
+    """Candidates, the router's own attributes first; each is checked, none is trusted."""
+    router = getattr(block, router_name)
+    floats = _float_attributes(router, block, config)
+    scales = [1.0, *sorted({v for k, v in floats.items() if "scal" in k.lower() and v > 0 and v != 1.0})]
+    n_group = _int_attribute(("num_group", "n_group", "num_groups", "n_groups"), router, block, config)
+    topk_group = _int_attribute(("topk_group", "topk_groups"), router, block, config)
+    groups: list[dict[str, Any]] = [{}]
+    if (
+        n_group
+        and topk_group
+        and 1 < n_group <= num_experts
+        and num_experts % n_group == 0
+        and topk_group < n_group
+    ):
+        groups += [
+            dict(num_groups=n_group, topk_groups=topk_group, group_score=g) for g in ("top2_sum", "max")
+        ]
+    biases: list[tuple[str, str] | None] = [
+        None,
+        *_bias_candidates(block, router_name, experts_name, num_experts),
+    ]
+    for scoring, normalize, bias, group, scale in itertools.product(
+        ("softmax", "sigmoid"), (True, False), biases, groups, scales
+    ):
+        options = dict(
+            scoring=scoring,
+            normalize_weights=normalize,
+            score_bias=bias is not None,
+            routed_scaling_factor=scale,
+            **group,
+        )
+        try:  # options TopKRouter refuses (e.g. top_k above what the groups allow) are no candidates
+            TopKRouter(hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **options)
+        except ValueError:
+            continue
+        yield RoutingRule(tuple(options.items()), bias)
+
+
+def _dense(index: Tensor, weights: Tensor, num_experts: int) -> Tensor:
+    """(N, E) weight of each expert for each token (0 where not chosen)."""
+    used = index >= 0
+    return torch.zeros(index.shape[0], num_experts, dtype=torch.float32).scatter_add_(
+        1, index.clamp_min(0).long(), weights.float() * used
+    )
+
+
+@torch.no_grad()
+def _perturbed(block: nn.Module, router_name: str, bias_tensors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Randomise the router's tensors (and E-sized bias vectors) in place, for probing only; returns
+    (tensor, saved copy) pairs to restore. A trained or zero-initialised router could hide the rule:
+    with equal logits every rule agrees."""
+    g = torch.Generator().manual_seed(1234)
+    saved: list[tuple[Tensor, Tensor]] = []
+    router = getattr(block, router_name)
+    seen: set[int] = set()
+    for t in [*router.parameters(), *router.buffers(), *bias_tensors]:
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        saved.append((t, t.detach().clone()))
+        noise = torch.randn(t.shape, generator=g).to(t.dtype)
+        if t.dim() >= 2:
+            t.copy_(noise * 2.0 / t.shape[-1] ** 0.5)
+        else:
+            t.add_(noise * 0.1)
+    return saved
+
+
+@torch.no_grad()
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    for t, copy in saved:
+        t.copy_(copy)
+
+
+def _run_probes(block: nn.Module, experts_name: str, num_experts: int) -> tuple[str, list[_Probe]]:
+    """Run the native block on random hidden states in eval and train mode, recording each router
+    child's output, the native decision handed to the experts and the block output."""
+    experts = getattr(block, experts_name)
+    calls: list[tuple] = []
+    outputs: dict[str, list[Any]] = {}
+
+    def on_experts(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, index, weights = [*args, *kwargs.values()][:3]  # the interface's order
+        calls.append((hidden, index, weights))
+
+    hooks = [experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
+    for name, child in block.named_children():
+        if name != experts_name:
+            hooks.append(
+                child.register_forward_hook(lambda m, a, o, name=name: outputs.setdefault(name, []).append(o))
+            )
+    dim = int(
+        experts.down_proj.shape[1]
+        if not getattr(experts, "is_transposed", False)
+        else experts.down_proj.shape[2]
+    )
+    param = next(iter(experts.parameters()))
+    training = block.training
+    probes_raw = []
+    try:
+        for seed, mode in itertools.product(PROBE_SEEDS, (False, True)):
+            g = torch.Generator().manual_seed(seed)
+            hidden = torch.randn(*PROBE_SHAPE, dim, generator=g).to(param.device, param.dtype)
+            calls.clear()
+            outputs.clear()
+            block.train(mode)
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                out = _first_tensor(block(hidden))
+            if len(calls) != 1:
+                raise NotReproduced(
+                    f"{type(block).__name__} called its experts {len(calls)} times in one forward"
+                )
+            probes_raw.append((hidden, mode, dict(outputs), calls[0], out))
+    finally:
+        block.train(training)
+        for h in hooks:
+            h.remove()
+    # the router: the child whose output holds (N, E) logits on every probe
+    routers = [
+        name
+        for name in probes_raw[0][2]
+        if all(
+            len(p[2].get(name, [])) == 1
+            and (z := _find_logits(p[2][name][0], num_experts)) is not None
+            and z.shape[0] == p[3][0].shape[0]
+            for p in probes_raw
+        )
+    ]
+    if not routers:
+        raise NotReproduced(
+            f"{type(block).__name__}: no child module returns (tokens, {num_experts}) router logits"
+        )
+    name = next((r for r in routers if r in ("gate", "router")), routers[0])
+    probes = [
+        _Probe(h, mode, _find_logits(outs[name][0], num_experts).float(), call[1], call[2], out)
+        for h, mode, outs, call, out in probes_raw
+    ]
+    return name, probes
+
+
+def derive_rule(block: nn.Module, *, config: Any = None) -> tuple[str, str, RoutingRule, int, ExpertsSpec]:
+    """The routing rule of a native sparse block, checked on probes; ``NotReproduced`` otherwise.
+
+    Returns:
+        (experts child name, router child name, rule, top_k, experts spec).
+    """
+    cls = type(block).__name__
+    experts_name = _experts_child(block)
+    if experts_name is None:
+        raise NotReproduced(f"{cls} has no experts module of transformers' experts interface")
+    experts = getattr(block, experts_name)
+    num_experts = int(experts.down_proj.shape[0])
+    spec = _experts_spec(experts, config)
+    try:
+        router_name, _ = _run_probes(block, experts_name, num_experts)
+        biases = [
+            getattr(block.get_submodule(p), a)
+            for p, a in _bias_candidates(block, router_name, experts_name, num_experts)
+        ]
+        saved = _perturbed(block, router_name, biases)
+        try:
+            router_name, probes = _run_probes(block, experts_name, num_experts)
+            return _fit(block, cls, experts_name, router_name, probes, num_experts, spec, config)
+        finally:
+            _restore(saved)
+    except NotReproduced:
+        raise
+    except Exception as err:  # the block's forward does not run on (batch, tokens, hidden) alone
+        raise NotReproduced(
+            f"{cls} cannot be probed with hidden states alone: {type(err).__name__}: {err}"
+        ) from None
+
+
+def _fit(
+    block: nn.Module,
+    cls: str,
+    experts_name: str,
+    router_name: str,
+    probes: list[_Probe],
+    num_experts: int,
+    spec: ExpertsSpec,
+    config: Any,
+) -> tuple[str, str, RoutingRule, int, ExpertsSpec]:
+    ks = {int(p.index.shape[-1]) for p in probes}
+    if len(ks) != 1:
+        raise NotReproduced(f"{cls} hands its experts a varying number of slots {sorted(ks)}")
+    (top_k,) = ks
+    router_cls = type(getattr(block, router_name)).__name__
+    if any(int(p.index.max()) >= num_experts for p in probes):
+        raise NotReproduced(
+            f"no candidate rule reproduces {cls} (router {router_cls}): it chooses experts beyond its "
+            f"{num_experts} stacked experts (e.g. zero-computation experts)"
+        )
+    natives = [_dense(p.index.reshape(-1, top_k), p.weights.reshape(-1, top_k), num_experts) for p in probes]
+    best: tuple[float, RoutingRule | None] = (float("inf"), None)
+    for rule in _candidate_rules(block, router_name, experts_name, num_experts, top_k, config):
+        router = TopKRouter(
+            hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **dict(rule.options)
+        )
+        bias = (
+            None if rule.bias_at is None else getattr(block.get_submodule(rule.bias_at[0]), rule.bias_at[1])
+        )
+        diff = 0.0
+        for p, ref in zip(probes, natives, strict=True):
+            rec = router.route(p.logits, score_bias=None if bias is None else bias.float().reshape(-1))
+            ours = _dense(rec.indices, rec.weights.to(p.weights.dtype), num_experts)
+            diff = max(diff, float((ours - ref).abs().max()) / _tolerance(p.weights))
+            if diff > best[0]:
+                break
+        if diff < best[0]:
+            best = (diff, rule)
+        if diff <= 1.0:
+            return experts_name, router_name, rule, top_k, spec
+    tolerance = _tolerance(probes[0].weights)
+    closest = "none" if best[1] is None else f"{best[1].describe()} differs by {best[0] * tolerance:.3g}"
+    raise NotReproduced(f"no candidate rule reproduces {cls} (router {router_cls}): closest rule {closest}")
+
+
+@torch.no_grad()
+def _check_end_to_end(adopted: AdoptedMoEBlock, probes_native: list[tuple[Tensor, bool, Tensor]]) -> float:
+    diff = 0.0
+    training = adopted.training
+    records = adopted.context.records
+    try:
+        for hidden, mode, ref in probes_native:
+            adopted.train(mode)
+            torch.manual_seed(0)
+            out = _first_tensor(adopted(hidden.clone()))  # a block may scale its input in place (jitter)
+            diff = max(diff, float((out.float() - ref.float()).abs().max()) / _tolerance(ref))
+    finally:
+        adopted.train(training)
+        records.clear()
+    return diff
+
+
+@torch.no_grad()
+def _native_outputs(block: nn.Module) -> list[tuple[Tensor, bool, Tensor]]:
+    experts = getattr(block, _experts_child(block))
+    dim = int(
+        experts.down_proj.shape[1]
+        if not getattr(experts, "is_transposed", False)
+        else experts.down_proj.shape[2]
+    )
+    param = next(iter(experts.parameters()))
+    training = block.training
+    out = []
+    try:
+        for seed, mode in itertools.product(PROBE_SEEDS, (False, True)):
+            g = torch.Generator().manual_seed(100 + seed)
+            hidden = torch.randn(*PROBE_SHAPE, dim, generator=g).to(param.device, param.dtype)
+            block.train(mode)
+            torch.manual_seed(0)
+            out.append((hidden, mode, _first_tensor(block(hidden.clone())).clone()))
+    finally:
+        block.train(training)
+    return out
+
+
+# --- adopt ------------------------------------------------------------------------------------------
 
 
 def adopt(
@@ -300,7 +833,9 @@ def adopt(
     The adopted model computes the same logits as before (same router logits, same decision, same
     expert weights), and adds STGC, LTDR (tail rule and language-only balancing; image and video
     tokens are vision tokens), routing statistics and moevl's balancing options. Its training loss
-    keeps the model's own auxiliary loss unless ``balance_coef`` asks for moevl's.
+    keeps the model's own auxiliary loss unless ``balance_coef`` asks for moevl's. Each block's
+    routing rule is derived and checked on probes (module doc); a block no rule reproduces is
+    refused with ``ValueError`` naming its class and the closest rule.
 
     Args:
         model: a transformers model whose decoder has native sparse blocks (``is_native_moe``).
@@ -311,41 +846,30 @@ def adopt(
             auxiliary loss (``output_router_logits``/``router_aux_loss_coef``), a number: moevl's
             balancing instead (the model is then called with ``output_router_logits=False``).
         freeze_dense: train only the MoE blocks (routers, experts, shared experts).
-        implementation: experts implementation (``auto``, ``grouped``, ``loop``).
+        implementation: experts implementation (``auto``, ``grouped``, ``loop``: the native
+            experts' own eager loop, no STGC).
     Returns:
         The same model object with ``model.moe_context`` and ``model.moe_settings`` (resolved).
     """
     if getattr(model, "moe_context", None) is not None:
         raise ValueError("adopt: this model is already upcycled or adopted (it has moevl MoE layers)")
     settings = settings_from(settings, kwargs, caller="adopt")
+    if implementation not in ("auto", "grouped", "loop"):
+        raise ValueError(f"implementation must be 'auto', 'grouped' or 'loop', got {implementation!r}")
     layers, sparse = _native_layers(model)
     if not sparse:
         raise ValueError(
             f"adopt: {type(model).__name__} has no transformers-native sparse MoE block in its decoder "
-            "(a router `gate` and 3-D `experts.gate_up_proj`/`down_proj`); a dense model is upcycled"
+            "(a module owning experts with 3-D `gate_up_proj`/`down_proj`); a dense model is upcycled"
         )
-    families = {i: family_of(layers[i].mlp) for i in sparse}
-    num_experts = {layers[i].mlp.experts.gate_up_proj.shape[0] for i in sparse}
-    top_k = {int(layers[i].mlp.gate.top_k) for i in sparse}
-    if len(num_experts) != 1 or len(top_k) != 1:
-        raise ValueError(f"adopt: sparse blocks differ in num_experts {num_experts} or top_k {top_k}")
-    (model_e,), (model_k,) = num_experts, top_k
-    for name, ours, theirs in (
-        ("num_experts", settings.num_experts, model_e),
-        ("top_k", settings.top_k, model_k),
-    ):
-        if ours is not None and ours != theirs:
-            raise ValueError(
-                f"adopt: {name}={ours} but the model's blocks have {theirs}; adopt keeps the model's"
-            )
     if settings.layers is None:
-        chosen = sparse
+        chosen = sorted(sparse)
     else:
         chosen = select_layers(settings.layers, len(layers))
         dense = [i for i in chosen if i not in sparse]
         if dense:
             raise ValueError(
-                f"adopt: layers {dense} are not sparse MoE layers of the model (sparse: {sparse})"
+                f"adopt: layers {dense} are not sparse MoE layers of the model (sparse: {sorted(sparse)})"
             )
     if settings.jitter != 0:
         raise ValueError(
@@ -358,37 +882,91 @@ def adopt(
             "model's own auxiliary loss over all tokens; pass balance_coef (e.g. the model's "
             "router_aux_loss_coef) or LTDRConfig(language_only_balance=False)"
         )
+    text_config = model.config.get_text_config() if hasattr(model, "config") else None
+    derived = {}
+    for i in chosen:
+        parent, attr = sparse[i]
+        if not attr:
+            raise ValueError(
+                f"adopt: layer {i}: {type(parent).__name__} holds its experts and router itself (no sparse "
+                "block of its own that moevl could stand in for)"
+            )
+        native = getattr(parent, attr)
+        try:
+            derived[i] = derive_rule(native, config=text_config)
+        except NotReproduced as err:
+            raise ValueError(f"adopt: layer {i}: {err}") from None
+    num_experts = {
+        int(getattr(sparse[i][0], sparse[i][1]).get_submodule(derived[i][0]).down_proj.shape[0])
+        for i in chosen
+    }
+    top_k = {derived[i][3] for i in chosen}
+    if len(num_experts) != 1 or len(top_k) != 1:
+        raise ValueError(f"adopt: sparse blocks differ in num_experts {num_experts} or top_k {top_k}")
+    (model_e,), (model_k,) = num_experts, top_k
+    for name, ours, theirs in (
+        ("num_experts", settings.num_experts, model_e),
+        ("top_k", settings.top_k, model_k),
+    ):
+        if ours is not None and ours != theirs:
+            raise ValueError(
+                f"adopt: {name}={ours} but the model's blocks have {theirs}; adopt keeps the model's"
+            )
+    if settings.stgc is not None:
+        for i in chosen:
+            spec = derived[i][4]
+            if not spec.own_function or implementation == "loop":
+                why = spec.reason or "implementation='loop' is the native eager loop"
+                raise ValueError(
+                    f"adopt: STGC needs moevl's experts function, but {why} (layer {i}); adopt without stgc"
+                )
     settings = dataclasses.replace(settings, num_experts=model_e, top_k=model_k, layers=tuple(chosen))
     takes_flag = "output_router_logits" in inspect.signature(model.forward).parameters
     context = RoutingContext(
         vision_token_ids=vision_token_ids(getattr(model, "config", None)),
         disable_native_aux_loss=settings.balance_coef is not None and takes_flag,
     )
-    text_config = model.config.get_text_config() if hasattr(model, "config") else None
+    adopted = {}
     for i in chosen:
-        native, family = layers[i].mlp, families[i]
-        router = make_router(
-            settings,
-            hidden_size=native.gate.weight.shape[1],
-            own_weight=False,
-            **family.semantics(native.gate),
-        )
-        experts = _experts_from_native(
-            native.experts, activation=_activation(native.experts, text_config), implementation=implementation
-        )
-        shared = {n: getattr(native, n) for n in (family.shared_experts, family.shared_gate) if n is not None}
-        layers[i].mlp = AdoptedMoEBlock(
-            gate=native.gate,
-            router=router,
-            experts=experts,
+        parent, attr = sparse[i]
+        native = getattr(parent, attr)
+        experts_name, router_name, rule, _, spec = derived[i]
+        biases = [getattr(native.get_submodule(p), a) for p, a in ([rule.bias_at] if rule.bias_at else [])]
+        saved = _perturbed(native, router_name, biases)  # as in the fit: a router that tells rules apart
+        try:
+            reference = _native_outputs(native)
+        finally:
+            _restore(saved)
+        hidden_size = int(reference[0][0].shape[-1])
+        block = AdoptedMoEBlock(
+            native=native,
+            experts_name=experts_name,
+            router_name=router_name,
+            rule=rule,
+            spec=spec,
+            router=make_router(settings, hidden_size=hidden_size, own_weight=False, **dict(rule.options)),
             layer_index=i,
             context=context,
-            shared=shared,
-            shared_names=(family.shared_experts, family.shared_gate),
-            input_jitter=float(getattr(native, family.input_jitter) or 0.0) if family.input_jitter else 0.0,
+            implementation=implementation,
             stgc=settings.stgc,
             stgc_scale=1.0 / len(chosen),
-        ).train(native.training)  # the mode of the block it replaces
+        )
+        saved = _perturbed(native, router_name, biases)
+        try:
+            diff = _check_end_to_end(block, reference)  # in units of the tolerance
+        finally:
+            _restore(saved)
+        if not diff <= 1.0:
+            block.release()
+            for _, _, other in adopted.values():
+                other.release()
+            raise ValueError(
+                f"adopt: layer {i}: the adopted {type(native).__name__} differs from the native block by "
+                f"{diff:.3g} times the tolerance (rule: {rule.describe()}; experts: {'moevl' if spec.own_function else 'native'})"
+            )
+        adopted[i] = (parent, attr, block)
+    for parent, attr, block in adopted.values():
+        setattr(parent, attr, block)
     if freeze_dense:
         freeze_all_but_moe(model)
     attach(model, settings=settings, context=context)

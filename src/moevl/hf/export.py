@@ -230,7 +230,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
             raise NotExact("the model mixes adopted and upcycled MoE layers")
         return _plan_upcycled(model, blocks)
     except NotExact as err:
-        return ExportPlan(None, None, {}, str(err))
+        return ExportPlan(None, None, {}, str(err), _adopted_ltdr_notes(model, blocks))
 
 
 def export(
@@ -528,6 +528,20 @@ def _drop_moevl(config: Any) -> None:
     for c in (config, getattr(config, "text_config", None)):
         if c is not None and hasattr(c, "moevl"):
             delattr(c, "moevl")
+
+
+def _adopted_ltdr_notes(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> tuple[str, ...]:
+    """An adopted model whose LTDR tail rule acts at inference no longer computes the original's logits."""
+    routers = [b.router for _, b in blocks if isinstance(b, AdoptedMoEBlock)]
+    acting = [r for r in routers if isinstance(r, LTDRRouter) and r.vision_tail and r.tail_top_k > r.top_k]
+    if not acting or not model.moe_context.vision_token_ids:
+        return ()
+    r = acting[0]
+    return (
+        f"LTDR changes inference: vision tail tokens get tail_top_k={r.tail_top_k} experts instead of "
+        f"top_k={r.top_k}, so the logits equal the original {type(model).__name__}'s only without LTDR "
+        "(adopt with another router, or LTDRConfig(vision_tail=False), for the original's logits)",
+    )
 
 
 def _training_only_notes(model: nn.Module) -> tuple[str, ...]:

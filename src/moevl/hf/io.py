@@ -263,10 +263,16 @@ def load_moe_model(
         }
         if bad:
             raise ValueError(f"load_moe_model: {directory} does not match {model_class.__name__}: {bad}")
-    apply = adopt if method == "adopt" else upcycle
-    apply(model, settings, implementation=implementation, freeze_dense=freeze_dense)
-    if not native_files:
-        _load_weights_strict(model, directory, stored.weight_files, caller="load_moe_model")
+    if method == "adopt":
+        # NOTE: adopt checks its routing rule against the native block's own outputs on probes, so the
+        # weights are loaded first (an adopted model keeps the native keys): never probes on uninitialised
+        # memory, which may hold NaN
+        if not native_files:
+            _load_weights_strict(model, directory, stored.weight_files, caller="load_moe_model")
+        adopt(model, settings, implementation=implementation, freeze_dense=freeze_dense)
+        return model.eval()
+    upcycle(model, settings, implementation=implementation, freeze_dense=freeze_dense)
+    _load_weights_strict(model, directory, stored.weight_files, caller="load_moe_model")
     return model.eval()
 
 
