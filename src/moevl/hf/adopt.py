@@ -632,6 +632,17 @@ def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
         t.copy_(copy)
 
 
+def _probe_inputs(experts: nn.Module, seed_offset: int = 0) -> Iterator[tuple[int, bool, Tensor]]:
+    """``(seed, training mode, hidden (*PROBE_SHAPE, D))`` for every probe seed in eval and train mode: random
+    block inputs (seeded by ``seed_offset + seed``) in the experts' device and dtype."""
+    transposed = getattr(experts, "is_transposed", False)
+    dim = int(experts.down_proj.shape[2] if transposed else experts.down_proj.shape[1])
+    param = next(iter(experts.parameters()))
+    for seed, mode in itertools.product(PROBE_SEEDS, (False, True)):
+        g = torch.Generator().manual_seed(seed_offset + seed)
+        yield seed, mode, torch.randn(*PROBE_SHAPE, dim, generator=g).to(param.device, param.dtype)
+
+
 def _run_probes(block: nn.Module, experts_name: str, num_experts: int) -> tuple[str, list[_Probe]]:
     """Run the native block on random hidden states in eval and train mode, recording each router
     child's output, the native decision handed to the experts and the block output."""
@@ -649,18 +660,10 @@ def _run_probes(block: nn.Module, experts_name: str, num_experts: int) -> tuple[
             hooks.append(
                 child.register_forward_hook(lambda m, a, o, name=name: outputs.setdefault(name, []).append(o))
             )
-    dim = int(
-        experts.down_proj.shape[1]
-        if not getattr(experts, "is_transposed", False)
-        else experts.down_proj.shape[2]
-    )
-    param = next(iter(experts.parameters()))
     training = block.training
     probes_raw = []
     try:
-        for seed, mode in itertools.product(PROBE_SEEDS, (False, True)):
-            g = torch.Generator().manual_seed(seed)
-            hidden = torch.randn(*PROBE_SHAPE, dim, generator=g).to(param.device, param.dtype)
+        for seed, mode, hidden in _probe_inputs(experts):
             calls.clear()
             outputs.clear()
             block.train(mode)
@@ -797,18 +800,10 @@ def _check_end_to_end(adopted: AdoptedMoEBlock, probes_native: list[tuple[Tensor
 @torch.no_grad()
 def _native_outputs(block: nn.Module) -> list[tuple[Tensor, bool, Tensor]]:
     experts = getattr(block, _experts_child(block))
-    dim = int(
-        experts.down_proj.shape[1]
-        if not getattr(experts, "is_transposed", False)
-        else experts.down_proj.shape[2]
-    )
-    param = next(iter(experts.parameters()))
     training = block.training
     out = []
     try:
-        for seed, mode in itertools.product(PROBE_SEEDS, (False, True)):
-            g = torch.Generator().manual_seed(100 + seed)
-            hidden = torch.randn(*PROBE_SHAPE, dim, generator=g).to(param.device, param.dtype)
+        for _, mode, hidden in _probe_inputs(experts, seed_offset=100):
             block.train(mode)
             torch.manual_seed(0)
             out.append((hidden, mode, _first_tensor(block(hidden.clone())).clone()))
