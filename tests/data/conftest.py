@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.hf.checkpoints import FAMILIES, build_checkpoint
+from moevl.data import read_records
+from tests.hf.checkpoints import FAMILIES, IMAGES_REQUIRED, build_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,18 @@ def llava_file(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(LLAVA_RECORDS))
     return path
+
+
+def records_for(path, family):
+    """The records of ``path`` a family's processor takes: PaliGemma's needs an image in every record."""
+    records = read_records(path).records
+    return [r for r in records if r.images] if family in IMAGES_REQUIRED else records
+
+
+def file_for(path, family, folder):
+    """``path``, or a copy in ``folder`` without the records ``family``'s processor cannot take."""
+    if family not in IMAGES_REQUIRED:
+        return path
+    out = folder / f"{family}.json"
+    out.write_text(json.dumps([r for r in json.loads(path.read_text()) if "image" in r]))
+    return out

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
-from transformers.utils import is_torchvision_available
 
 from moevl.data import ConversationCollator, ConversationDataset, read_records
 from moevl.hf import export
@@ -14,13 +13,14 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.train import train_stage
+from tests.data.conftest import file_for
 from tests.data.test_processing import STOCK_LLAVA_TEMPLATE
-from tests.hf.checkpoints import FAMILIES, load_processor
+from tests.hf.checkpoints import FAMILIES, VIDEO_PROCESSOR, load_processor
 from tests.vlm.conftest import TINY
 
-# The Qwen2-VL family's processors cannot be saved without torchvision's video processor (see
-# ``load_processor``); their model classes take a stage-3 step below.
-TRAINABLE_HERE = [f for f in FAMILIES if is_torchvision_available() or not f.startswith("qwen")]
+# The processors of VIDEO_PROCESSOR's families cannot be built without torchvision's video processor (see
+# ``load_processor``): the command line cannot load them here; their model classes take a stage-3 step below.
+TRAINABLE_HERE = [f for f in FAMILIES if f not in VIDEO_PROCESSOR]
 #: families whose checkpoints are natively sparse: stage 3 adopts them (Aria's decoder is a MoE)
 NATIVE_MOE = ("aria",)
 
@@ -28,6 +28,7 @@ NATIVE_MOE = ("aria",)
 @pytest.mark.parametrize("family", TRAINABLE_HERE)
 def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_path, family):
     cfg = demo_config(TINY, ["stage2.training.max_steps=2", "stage3.training.max_steps=2"])
+    llava_file = file_for(llava_file, family, tmp_path)
     common = dict(data=llava_file, image_folder=llava_file.parent, progress=False, log=lambda *_: None)
     s2 = train_stage(cfg, stage=2, model=checkpoints[family], output_dir=tmp_path / "s2", **common)
     s3 = train_stage(
@@ -44,14 +45,14 @@ def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_
     last = json.loads((tmp_path / "s3" / "moe_stats.json").read_text())["history"][-1]
     # the vision positions came from the family's own image token: LTDR saw a long tail among them
     assert last["ltdr/tail_share"] > 0
-    assert len(result.predictions) == 3
+    records = read_records(llava_file).records
+    assert len(result.predictions) == len(records)
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["overall"] == result.overall
-    assert len(predictions_path(tmp_path / "eval.json").read_text().splitlines()) == 3
+    assert len(predictions_path(tmp_path / "eval.json").read_text().splitlines()) == len(records)
     # `moevl export`'s code path: the exported checkpoint computes what the trained one does
     written = export(model, tmp_path / "export", processor=processor)
     back, back_processor = load_model(tmp_path / "export")
-    records = read_records(llava_file).records
     dataset = ConversationDataset(records, back_processor, progress=False)
     batch = ConversationCollator(back_processor)([dataset[i] for i in range(len(dataset))])
     model.eval(), back.eval()
@@ -105,11 +106,12 @@ def test_diagnose_on_a_users_checkpoint(checkpoints, llava_file, tmp_path, famil
     assert {p.name: p.read_bytes() for p in checkpoints[family].glob("*.safetensors")} == before
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", VIDEO_PROCESSOR)
 def test_stage3_step_on_families_whose_processor_cannot_be_saved_here(checkpoints, llava_file, family):
-    """Qwen2-VL / Qwen2.5-VL: their processors need torchvision's video processor to be saved, so the
-    command-line path cannot run here; the model classes take stage 3 (upcycled with STGC and LTDR, the
-    experts and routers trained) on a batch prepared by the processor's own parts (``load_processor``)."""
+    """Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM: their processors need torchvision's video processor to be
+    built, so the command-line path cannot run here; the model classes take stage 3 (upcycled with STGC and
+    LTDR, the experts and routers trained) on a batch prepared by the processor's own parts
+    (``load_processor``), the labels checked like every other family's (``tests/data/test_processing.py``)."""
     from moevl.hf import moe_blocks, upcycle
     from moevl.vlm.config import method_settings
 

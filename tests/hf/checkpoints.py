@@ -49,7 +49,14 @@ LLAVA_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "aria")
+FAMILIES = (
+    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "aria", "paligemma", "llava_onevision",
+    "smolvlm",
+)  # fmt: skip
+#: families whose processor needs torchvision's video processor to be built (``load_processor``)
+VIDEO_PROCESSOR = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm")
+#: families whose processor needs an image in every record (PaliGemma's raises without one)
+IMAGES_REQUIRED = ("paligemma",)
 
 #: The token each family's template writes after an assistant reply (what the labels must end each turn with).
 END_OF_TURN = {
@@ -58,6 +65,9 @@ END_OF_TURN = {
     "qwen2_vl": "<|im_end|>",
     "qwen2_5_vl": "<|im_end|>",
     "gemma3": "<end_of_turn>",
+    "llava_onevision": "<|im_end|>",
+    "smolvlm": "<end_of_utterance>",
+    "paligemma": "<eos>",
     "idefics3": "<end_of_utterance>",
     "aria": "<|im_end|>",
 }
@@ -90,6 +100,16 @@ GEMMA3_SPECIALS = (
     "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
     "<image_soft_token>",
 )  # fmt: skip
+
+#: PaliGemma's prefix-LM layout ("<image>...<bos>prompt\n" then the answer, as big_vision writes it): the
+#: checkpoints ship no chat template; the user gives one like this, and the processor inserts the BOS after the
+#: images and the "\n" after the text itself. The template ends no turn: moevl appends the EOS.
+PALIGEMMA_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}{{ '\\n' }}{% endif %}"
+    "{% for p in m.content %}{% if p.type == 'image' %}<image>{% else %}{{ p.text | trim }}{% endif %}"
+    "{% endfor %}{% endfor %}"
+)
+PALIGEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
 
 #: Idefics3's layout (HuggingFaceM4/Idefics3-8B-Llama3): "<|begin_of_text|>User:<image>...<end_of_utterance>\n
 #: Assistant: ...<end_of_utterance>\n".
@@ -342,6 +362,37 @@ def _aria(out: Path) -> None:
     _save(out, tf.AriaForConditionalGeneration(config), processor)
 
 
+def _paligemma(out: Path) -> None:
+    """PaliGemma: a SigLIP tower of 16 px images in 8 px patches (4 image tokens) and a Gemma decoder; its
+    processor adds 1152 location/segmentation tokens to the tokenizer."""
+    from tokenizers import decoders, pre_tokenizers
+
+    core = bpe_tokenizer(PALIGEMMA_SPECIALS, "metaspace")
+    core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # Gemma adds no leading "▁"
+    core.decoder = decoders.Metaspace(prepend_scheme="never")
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+    ip = tf.SiglipImageProcessorPil(
+        size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    ip.image_seq_length = 4
+    processor = tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok, chat_template=PALIGEMMA_TEMPLATE)
+    text = tf.GemmaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    vision = _siglip(16, 8)
+    vision.vision_use_head = False
+    config = tf.PaliGemmaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.image_token_id, projection_dim=32,
+        hidden_size=32, vocab_size=len(tok),
+    )  # fmt: skip
+    _save(out, tf.PaliGemmaForConditionalGeneration(config), processor)
+
+
 def _qwen_tokenizer():
     words = (*WORDS, "system", "user", "assistant", "You", "are", "a", "helpful", ".")
     core = bpe_tokenizer(QWEN_SPECIALS, "byte", words)
@@ -359,8 +410,7 @@ def _qwen_tokenizer():
 
 
 def _qwen(out: Path, *, v2_5: bool) -> None:
-    """Qwen2-VL / Qwen2.5-VL. The processor is not saved: without torchvision it cannot be built the
-    normal way (``load_processor``); its parts are."""
+    """Qwen2-VL / Qwen2.5-VL; the processor needs torchvision's video processor (``load_processor``)."""
     tok = _qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text = dict(
@@ -390,45 +440,140 @@ def _qwen(out: Path, *, v2_5: bool) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
-    tok.save_pretrained(out)
-    tf.Qwen2VLImageProcessorPil(
+    ip = tf.Qwen2VLImageProcessorPil(
         patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=16 * 16,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
-    ).save_pretrained(out)  # fmt: skip
+    )  # fmt: skip
+    cls = tf.Qwen2_5_VLProcessor if v2_5 else tf.Qwen2VLProcessor
+    save_without_video_processor(out, cls, tok, ip)
 
 
-def load_processor(path: str | Path):
-    """``AutoProcessor.from_pretrained(path)``; for Qwen2-VL / Qwen2.5-VL without torchvision, the same
-    processor class built from the saved tokenizer and image processor, with no video processor.
+#: LLaVA-OneVision's layout (Qwen2's chat format with "<image>" placeholders)
+ONEVISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% for p in m.content %}{% if p.type == 'image' %}<image>\n{% else %}{{ p.text }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-    NOTE: ``ProcessorMixin.__init__`` checks the class of every declared part, ``video_processor``
-    included even when it is None, against a mapping that is a placeholder raising when torchvision is
-    missing (``Qwen2VLVideoProcessor`` is torchvision-only; torchvision's only build here is a CUDA one
-    that does not import with CPU torch). Only that check of a None video processor is skipped here;
-    everything the processor does with images is its own code. With torchvision installed,
-    ``moevl train`` loads these checkpoints with ``AutoProcessor`` like any other.
-    """
+
+def _llava_onevision(out: Path) -> None:
+    """LLaVA-OneVision (SigLIP + Qwen2): 16 px images in 8 px patches, one 16x16 grid cell plus the base image
+    (``image_grid_pinpoints=[[16, 16]]``); its processor needs torchvision's video processor (``load_processor``)."""
+    core = bpe_tokenizer((*QWEN_SPECIALS, "<image>", "<video>"), "byte", (*WORDS, "user", "assistant"))
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tok.chat_template = ONEVISION_TEMPLATE
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=16, patch_size=8)  # fmt: skip
+    text = tf.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    config = tf.LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+        video_token_index=tok.video_token_id, image_grid_pinpoints=[[16, 16]], vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )  # fmt: skip
+    ip = tf.LlavaOnevisionImageProcessorPil(
+        size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16]],
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )  # fmt: skip
+    model = tf.LlavaOnevisionForConditionalGeneration(config)
+    for k in ("pad_token_id", "eos_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    model.save_pretrained(out)
+    save_without_video_processor(
+        out, tf.LlavaOnevisionProcessor, tok, ip, num_image_tokens=4, vision_feature_select_strategy="full"
+    )
+
+
+def _smolvlm(out: Path) -> None:
+    """SmolVLM: Idefics3's layout (image tiles of 16 px, 4 image tokens each) with its own classes; its
+    processor needs torchvision's video processor (``load_processor``) and ``num2words``."""
+    core = bpe_tokenizer(IDEFICS3_SPECIALS, "byte", (*WORDS, "User:", "Assistant:"))
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|end_of_text|>", eos_token="<|end_of_text|>",
+        bos_token="<|begin_of_text|>", unk_token="<unk>",
+        additional_special_tokens=[t for t in IDEFICS3_SPECIALS if t.startswith(("<row", "<global", "<fake", "<image", "<end_of_u"))],
+    )  # fmt: skip
+    tok.chat_template = IDEFICS3_TEMPLATE
+    text = _llama_text(
+        len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
+    config = tf.SmolVLMConfig(
+        text_config=text,
+        vision_config=_siglip(16, 4, tf.SmolVLMVisionConfig),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    ip = tf.SmolVLMImageProcessorPil(
+        size={"longest_edge": 32},
+        max_image_size={"longest_edge": 16},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    model = tf.SmolVLMForConditionalGeneration(config)
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    model.save_pretrained(out)
+    save_without_video_processor(out, tf.SmolVLMProcessor, tok, ip, image_seq_len=4)
+
+
+#: the file beside a checkpoint naming its processor class and init arguments, where the processor cannot be
+#: saved here (``save_without_video_processor``)
+PARTS = "processor_parts.json"
+
+
+def _no_video_check():
+    """``ProcessorMixin.__init__`` checks the class of every declared part, ``video_processor`` included even
+    when it is None, against a mapping that is a placeholder raising when torchvision is missing (the video
+    processors of Qwen2-VL, LLaVA-OneVision and SmolVLM are torchvision-only; torchvision's only build here is a
+    CUDA one that does not import with CPU torch). Only that check of a None video processor is skipped."""
     from unittest import mock
 
     from transformers.processing_utils import ProcessorMixin
-    from transformers.utils import is_torchvision_available
 
-    model_type = tf.AutoConfig.from_pretrained(path).model_type
-    if is_torchvision_available() or model_type not in ("qwen2_vl", "qwen2_5_vl"):
-        return tf.AutoProcessor.from_pretrained(path)
-    cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor}[model_type]
     check = ProcessorMixin.check_argument_for_proper_class
 
     def check_unless_no_video(self, name, arg):
         return None if name == "video_processor" and arg is None else check(self, name, arg)
 
+    return mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_unless_no_video)
+
+
+def save_without_video_processor(out: Path, cls, tok, image_processor, **kwargs) -> None:
+    """Saves the parts of a ``cls`` processor (tokenizer, image processor, init arguments) for ``load_processor``."""
+    import json
+
+    tok.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / PARTS).write_text(json.dumps({"class": cls.__name__, "kwargs": kwargs}))
+
+
+def load_processor(path: str | Path):
+    """``AutoProcessor.from_pretrained(path)``; for the families whose processor needs torchvision's video
+    processor (``VIDEO_PROCESSOR``), the same processor class built from its saved parts with no video
+    processor (``_no_video_check``): everything the processor does with images is its own code. (A real
+    checkpoint of these families holds its whole processor, which ``moevl train`` loads with ``AutoProcessor``
+    where torchvision is installed.)"""
+    import json
+
+    parts = Path(path) / PARTS
+    if not parts.exists():
+        return tf.AutoProcessor.from_pretrained(path)
+    spec = json.loads(parts.read_text())
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
-    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_unless_no_video):
-        return cls(
+    with _no_video_check():
+        return getattr(tf, spec["class"])(
             image_processor=tf.AutoImageProcessor.from_pretrained(path),
             tokenizer=tokenizer,
             video_processor=None,
             chat_template=tokenizer.chat_template,
+            **spec["kwargs"],
         )
 
 
@@ -448,6 +593,12 @@ def build_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
         _idefics3(out)
     elif family == "aria":
         _aria(out)
+    elif family == "paligemma":
+        _paligemma(out)
+    elif family == "llava_onevision":
+        _llava_onevision(out)
+    elif family == "smolvlm":
+        _smolvlm(out)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return out

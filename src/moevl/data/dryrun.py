@@ -19,14 +19,18 @@ from moevl.data.processing import ConversationCollator, ConversationDataset
 CPU_FORWARD_LIMIT = 2_000_000_000
 
 
-def dry_run_indices(lengths: list[int]) -> list[int]:
-    """The records a dry run takes: the first two and the longest (each once)."""
+def dry_run_indices(lengths: list[int], with_images: list[bool] | None = None) -> list[int]:
+    """The records a dry run takes: the first two, the longest, and (given ``with_images``, whether each record
+    has images) the first record with images and the first without, each once: a processor may take only one
+    kind (PaliGemma's needs an image in every sample)."""
     picked = list(range(min(2, len(lengths))))
     if lengths:
-        longest = max(range(len(lengths)), key=lambda i: lengths[i])
-        if longest not in picked:
-            picked.append(longest)
-    return picked
+        picked.append(max(range(len(lengths)), key=lengths.__getitem__))
+    for kind in (True, False):
+        first = next((i for i, has in enumerate(with_images or ()) if has == kind), None)
+        if first is not None:
+            picked.append(first)
+    return list(dict.fromkeys(picked))
 
 
 def _one_line(error: BaseException) -> str:
@@ -55,7 +59,8 @@ def dry_run(
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None) or type(model).__name__
     collator = collator or ConversationCollator(dataset.processor)
-    picked = dry_run_indices(dataset.lengths) if indices is None else indices
+    with_images = [bool(e.images) for e in dataset.examples]
+    picked = dry_run_indices(dataset.lengths, with_images) if indices is None else indices
     examples = [dataset[i] for i in picked]
     batches = [([i], [e]) for i, e in zip(picked, examples, strict=True)]
     if len(examples) > 1:

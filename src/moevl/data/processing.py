@@ -12,12 +12,16 @@
   The mask comes from the tokenizer's character offsets on the *unexpanded* text, aligned with the
   processor's row, where a run of image (or video) tokens stands for one placeholder; if the other tokens
   do not match exactly the collator raises, never guesses.
+  A prefix-LM processor (PaliGemma's, which takes the answer as a ``suffix``) gets ``token_type_ids`` 0 on the
+  prompt (attended both ways) and 1 from the first learnt token on (causal), as its own suffix call makes them.
 * ``GenerationCollator`` builds left-padded generation inputs: the conversation up to its last assistant
   turn with the generation prompt, and the reference answers.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,6 +292,8 @@ class ProcessorCall:
         self.tokenizer = tokenizer_of(processor)
         self.nested: bool | None = None  # None: not known yet
         self.offsets: bool | None = None  # False: the processor failed when asked for them
+        # a prefix-LM processor (PaliGemma's) takes the answer as a ``suffix`` and marks it in token_type_ids
+        self.prefix_lm = "suffix" in inspect.signature(processor.__call__).parameters
 
     def __call__(self, texts: list[str], images: list[list], *, padding_side: str = "right") -> dict:
         """The processor's batch (tensors), plus ``text_replacement_offsets`` when the processor gives them
@@ -354,8 +360,11 @@ class _TokenCounter:
     replacement it writes for the placeholder (``ProcessorCall``) is the record's expansion. Where that
     replacement starts and ends with special tokens the count is additive (text tokens + replacement tokens -
     placeholder tokens); otherwise (Gemma 3's ``\n\n<start_of_image>...<end_of_image>\n\n`` can merge with the
-    newlines around it) the record's expanded text is tokenized. A processor that gives no replacements is
-    counted additively from the length of its row for the placeholder alone.
+    newlines around it) the record's expanded text is tokenized. Tokens the processor writes once per sample
+    beside its replacement (PaliGemma's BOS after the images and "\n" after the text) are counted once per record
+    with images. A processor that gives no replacements is counted additively from the length of its row for
+    the placeholder alone. A record with several images is counted from one processor run on blank images of
+    its sizes together (cached per tuple of sizes).
     """
 
     def __init__(self, processor: Any, call: ProcessorCall | None = None) -> None:
@@ -364,6 +373,8 @@ class _TokenCounter:
         self.call = call or ProcessorCall(processor)
         self.placeholder = getattr(processor, "image_token", None) or "<image>"
         self.fast_ok: bool | None = None  # None: not checked yet (``_fast_agrees``)
+        self.per_sample = 0  # tokens the processor writes once per sample with images, beside the images
+        self.together: dict[tuple[tuple[int, int], ...], int] = {}  # images of a sample -> extra tokens
         self.per_size: dict[
             tuple[int, int], tuple[int, str | None]
         ] = {}  # (w, h) -> (extra tokens, replacement)
@@ -379,13 +390,17 @@ class _TokenCounter:
 
             out = self.call([self.placeholder], [[Image.new("RGB", (w, h))]])
             row = int(out["attention_mask"][0].sum())
-            replacement = None
+            replacement, per_sample = None, 0
             offsets = out.get("text_replacement_offsets")
             if offsets and len(offsets[0]) == 1 and offsets[0][0].get("span") == (0, len(self.placeholder)):
                 candidate = offsets[0][0]["replacement"]
-                if self._tokens(candidate) == row:  # the processor tokenized exactly the replacement
+                n = self._tokens(candidate)
+                if n == row:  # the processor tokenized exactly the replacement
                     replacement = candidate
-            extra = row - self._tokens(self.placeholder)
+                elif n < row:  # and wrote tokens of its own once a sample (PaliGemma's BOS and "\n")
+                    per_sample = row - n
+            self.per_sample = max(self.per_sample, per_sample)
+            extra = row - per_sample - self._tokens(self.placeholder)
             self.per_size[(w, h)] = (extra, replacement)
         return self.per_size[(w, h)]
 
@@ -412,6 +427,18 @@ class _TokenCounter:
             )
         return bool(self.fast_ok)
 
+    def _together(self, sizes: tuple[tuple[int, int], ...]) -> int:
+        """Extra tokens of a sample holding images of ``sizes`` together: the processor run on them (cached).
+        A processor may expand an image differently beside others (LLaVA-OneVision drops the high-resolution
+        crops of an image that is not alone)."""
+        if sizes not in self.together:
+            from PIL import Image
+
+            text = self.placeholder * len(sizes)
+            out = self.call([text], [[Image.new("RGB", size) for size in sizes]])
+            self.together[sizes] = int(out["attention_mask"][0].sum()) - self._tokens(text)
+        return self.together[sizes]
+
     def count(self, texts: list[str], images: list[tuple]) -> list[int]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = []
@@ -420,7 +447,11 @@ class _TokenCounter:
             if all(r is None or _is_special_edge(self.tokenizer, r) for _, r in probes) or (
                 text.count(self.placeholder) != len(refs)
             ):
-                out.append(len(row) + sum(extra for extra, _ in probes))
+                if len(refs) > 1:
+                    extra = self._together(tuple(ref.size() for ref in refs))
+                else:
+                    extra = sum(extra for extra, _ in probes) + (self.per_sample if refs else 0)
+                out.append(len(row) + extra)
                 continue
             out.append(self._tokens(_expand(text, self.placeholder, [r for _, r in probes])))
         return out
@@ -486,14 +517,17 @@ def label_mask(
     offsets: list[tuple[int, int]],
     spans: tuple[tuple[int, int], ...],
     vision: set[int],
+    blank: Callable[[list[int]], bool] = lambda tokens: not tokens,
 ) -> list[bool]:
     """Which of the first ``length`` tokens of a processor row are assistant tokens, from the unexpanded
     ``text``'s token ``ids`` and character ``offsets``: the fallback of ``label_mask_by_offsets``.
 
     Between placeholders (runs of ``vision`` tokens in ``ids``) the text must tokenize identically in the row;
     whatever the processor writes where a placeholder stood (image tokens, Idefics3's
-    ``<fake_token_around_image>`` and ``<row_i_col_j>``, a BOS, ...) belongs to the placeholder: each text
-    segment after a placeholder is found in the row at its first exact match (the last one must end the row).
+    ``<fake_token_around_image>`` and ``<row_i_col_j>``, PaliGemma's BOS, ...) belongs to the placeholder: each
+    text segment after a placeholder is found in the row at its first exact match. The last one ends the row,
+    or is followed only by tokens ``blank`` accepts (PaliGemma's processor writes a "\n" after the text:
+    ``blank`` of the collator accepts whitespace), never learnt.
 
     A token is learnt when it shares a non-whitespace character with an assistant span: a token that carries
     the space before a reply ("▁three" / "Ġthree" after "ASSISTANT:") is learnt whether or not its offsets
@@ -509,15 +543,14 @@ def label_mask(
             while k < len(ids) and ids[k] not in vision:
                 k += 1
             segment = ids[j:k]
-            if k == len(ids):  # the last segment ends the row
-                p = length - len(segment)
-                found = p >= i and row[p:length] == segment
-            else:
-                found = False
-                for p in range(i, length - len(segment) + 1):
-                    if row[p : p + len(segment)] == segment:
-                        found = True
-                        break
+            last = k == len(ids)  # the last segment ends the row, or only blank tokens follow it
+            found = False
+            for p in range(i, length - len(segment) + 1):
+                if row[p : p + len(segment)] == segment and (
+                    not last or blank(row[p + len(segment) : length])
+                ):
+                    found = True
+                    break
             if not found or p == i:  # a placeholder the processor did not expand
                 break
             i = p
@@ -527,6 +560,8 @@ def label_mask(
         mask[i] = _learnt(text, *offsets[j], spans)
         i += 1
         j += 1
+    if j == len(ids) and blank(row[i:length]):
+        i = length
     if i != length or j != len(ids):
         raise ValueError(
             f"the processor's tokens differ from the tokenizer's at token {i} of the batch row (expected "
@@ -554,6 +589,10 @@ class ConversationCollator:
         self.vision = set(vision_token_ids(processor))
         self.categories = categories
         self.call = ProcessorCall(processor)
+
+    def _blank(self, tokens: list[int]) -> bool:
+        """Whether ``tokens`` (what a processor wrote after the text) are whitespace only."""
+        return not self.tokenizer.decode(tokens, skip_special_tokens=False).strip()
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         texts = [e.text for e in examples]
@@ -583,11 +622,17 @@ class ConversationCollator:
                         plain["offset_mapping"][b],
                         e.spans,
                         self.vision,
+                        self._blank,
                     )
                 except ValueError as err:
                     raise DataError(f"record {e.id!r}: {err}") from None
             keep = torch.tensor(mask, dtype=torch.bool)
             labels[b, keep] = ids[b, keep]
+        if self.call.prefix_lm and "token_type_ids" in batch:
+            # the processor marks no answer in a text it got whole: all 0 would let the prompt and the
+            # answer attend to each other both ways. The prefix is what comes before the first learnt token.
+            first = torch.where(labels != self.ignore_index, torch.arange(ids.shape[1]), ids.shape[1]).amin(1)
+            batch["token_type_ids"] = (torch.arange(ids.shape[1]) >= first[:, None]).to(ids.dtype)
         batch["labels"] = labels
         if self.categories is not None:
             ids_of = torch.tensor([self.categories.get(e.category, -1) for e in examples])  # (B,)
