@@ -103,6 +103,25 @@ def test_inverted_questions_read_every_class_as_nine_minus_it():
     assert families == set(FAMILIES)
 
 
+def test_negated_exists_questions_have_the_opposite_answer_and_leave_other_families_alone():
+    config = BenchmarkConfig(**{**SMALL.__dict__, "negated_share": 0.3})
+    negated = build_benchmark(config)
+    vocab = set(vocabulary(negated.source, config.grid))
+    share = []
+    for examples in negated.questions.values():
+        exists = [e for e in examples if e.question.family == "exists"]
+        flags = [e.question.text.startswith("is there no ") for e in exists]
+        share += flags
+        for e, flag in zip(exists, flags, strict=True):
+            c = int(e.question.text.split()[-1])
+            present = bool((e.scene.labels == c).any())
+            assert e.question.answer == ("no" if present == flag else "yes"), e.question
+        for e in examples:
+            assert set(e.question.text.split()) | {e.question.answer} <= vocab
+            assert " no " not in f" {e.question.text} " or e.question.family == "exists"
+    assert 0.2 < sum(share) / len(share) < 0.4  # of the "exists" questions of every split
+
+
 def test_families_balanced_and_vocabulary_covers_everything(bench):
     fams = [e.question.family for e in bench.questions["train"]]
     weights = dict(zip(FAMILIES, bench.config.family_weights, strict=True))

@@ -72,6 +72,9 @@ class BenchmarkConfig:
     # Share of the questions (every split) asked "inverted": answered as if each class c were 9 - c
     # (moevl.data.scenes). 0.5 makes the conflict-rich variant (``CONFLICT_BENCHMARK``).
     inverted_share: float = 0.0
+    # Share of the "exists" questions (every split) asked negated: "is there no 7", the answer the
+    # opposite (moevl.data.scenes): opposite gradients on the same image tokens (``NEGATION_BENCHMARK``).
+    negated_share: float = 0.0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # of the digit images
     train_scenes: int = 4000
     validation_scenes: int = 200
@@ -83,6 +86,8 @@ class BenchmarkConfig:
 
 #: The conflict-rich variant: half the questions inverted (``demo.benchmark.inverted_share``).
 CONFLICT_BENCHMARK = ["demo.benchmark.inverted_share=0.5"]
+#: The negation variant: "exists" questions only, 30% of them negated (``demo.benchmark.negated_share``).
+NEGATION_BENCHMARK = ["demo.benchmark.families=[exists]", "demo.benchmark.negated_share=0.3"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,18 @@ def build_benchmark(config: BenchmarkConfig, source: ImageSource | None = None) 
                 k += 1
                 # NOTE: no draw when the share is 0, so the plain benchmark's files stay as they were
                 inverted = config.inverted_share > 0 and rng.random() < config.inverted_share
-                question = ask(rng, scene, family, source, balance=config.balance_answers, inverted=inverted)
+                negated = (
+                    config.negated_share > 0 and family == "exists" and rng.random() < config.negated_share
+                )
+                question = ask(
+                    rng,
+                    scene,
+                    family,
+                    source,
+                    balance=config.balance_answers,
+                    inverted=inverted,
+                    negated=negated,
+                )
                 examples.append(Example(scene, question))
         bench.questions[split] = examples
     rng = np.random.default_rng([config.seed, len(SPLITS)])

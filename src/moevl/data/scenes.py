@@ -14,6 +14,13 @@ Questions end with their last content word, no "?": with the image before the qu
 layout) the answer is predicted at that word, so for "count" and "exists" the class word's own query
 can look for matching image tokens (one attention hop instead of copying it to a later token first).
 
+A *negated* "exists" question (``ask(..., negated=True)``) is "is there no 3", answered the opposite way:
+its answer token's gradient is the exact opposite of the plain question's (two answers: raising "no" is
+lowering "yes"), reaching the same image tokens through the same read-out until the model learns the negation.
+Where plain questions are the majority, the negated ones' gradients point against their expert's mean: STGC's
+premise by construction, the answers being binary (the inverted questions' are not: 9 - c and c are two of
+ten classes, whose gradients are near orthogonal, not opposite).
+
 Captions (projector pre-training) list the cells in reading order: "7 none 2 0 ...".
 
 An *inverted* question (``ask(..., inverted=True)``) starts with the word "inverted" and is answered as if
@@ -31,6 +38,7 @@ import numpy as np
 from moevl.data.images import CELL, ImageSource
 
 FAMILIES = ("position", "count", "sum", "exists", "compare")
+NEGATION = {"yes": "no", "no": "yes"}
 NUMERIC_FAMILIES = ("sum", "compare")
 
 ROW_WORDS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
@@ -125,9 +133,13 @@ def ask(
     *,
     balance: bool = True,
     inverted: bool = False,
+    negated: bool = False,
 ) -> Question:
     """One question of ``family`` about ``scene``; answer-balancing choices use ``rng``. ``inverted``: the
     question of the scene whose classes are ``9 - c`` (module doc), its text prefixed with "inverted".
+
+    ``negated``: an "exists" question is asked "is there no 7", its answer the opposite (other families are
+    asked as usual).
 
     ``balance``: "count" draws its answer uniformly from the counts the scene offers (0 and the count
     of each present class), then a class with that count, so no count dominates; otherwise it asks
@@ -135,8 +147,11 @@ def ask(
     """
     if inverted:
         flipped = Scene(labels=np.where(scene.labels >= 0, 9 - scene.labels, -1), image_ids=scene.image_ids)
-        q = ask(rng, flipped, family, source, balance=balance)
+        q = ask(rng, flipped, family, source, balance=balance, negated=negated)
         return Question(family, f"inverted {q.text}", q.answer)
+    if negated and family == "exists":
+        q = ask(rng, scene, family, source, balance=balance)
+        return Question(family, q.text.replace("is there a ", "is there no ", 1), NEGATION[q.answer])
     g, words = scene.grid, source.class_words
     noun = "digit" if source.numeric else "item"
     present = sorted({int(v) for v in scene.labels.ravel() if v >= 0})

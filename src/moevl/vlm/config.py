@@ -283,6 +283,7 @@ def _validate_benchmark(d: BenchmarkConfig, p: str) -> None:
     require(d.grid in (2, 3), f"{p}.grid", "2 or 3", d.grid)
     require(0.0 <= d.empty_prob < 1.0, f"{p}.empty_prob", "a probability in [0, 1)", d.empty_prob)
     require(0.0 <= d.inverted_share <= 1.0, f"{p}.inverted_share", "a share in [0, 1]", d.inverted_share)
+    require(0.0 <= d.negated_share <= 1.0, f"{p}.negated_share", "a share in [0, 1]", d.negated_share)
     require(len(d.families) > 0, f"{p}.families", f"a non-empty list of {FAMILIES}", d.families)
     for i, f in enumerate(d.families):
         require(f in FAMILIES, f"{p}.families[{i}]", f"one of {FAMILIES}", f)
