@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moevl import observability as metrics
 from moevl.atomic import atomic_write_json, atomic_write_text
 from moevl.vlm.compare import demo_config
 
@@ -78,14 +79,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "ltdr_a3": ("ltdr", ["moe.ltdr.tail_top_k=3"]),  # "ltdr" is a = 4 (every expert, E = 4)
 }
 HEALTH = {
-    "router_entropy_normalized": "router/entropy_normalized",
-    "router_top1_prob": "router/top1_prob",
-    "router_logit_std": "router/logit_std",
-    "conflict_ratio": "stgc/conflict_ratio",
-    "negative_cosine_share": "stgc/negative_share",  # the conflict ratio at tau = 0, whatever the arm's tau
-    "experts_per_token": "moe/experts_per_token",
-    "cel_grad_ratio": "stgc/cel_grad_ratio",
-    "balance_loss": "moe/balance_loss",  # 1.0 = perfectly balanced expert load (MoE-LLaVA's E * sum f_i P_i)  # the CEL's gradient on the router logits over the rest of it
+    "router_entropy_normalized": metrics.ROUTER_ENTROPY,
+    "router_top1_prob": metrics.ROUTER_TOP1,
+    "router_logit_std": metrics.ROUTER_LOGIT_STD,
+    "conflict_ratio": metrics.CONFLICT_RATIO,
+    "negative_cosine_share": metrics.NEGATIVE_SHARE,
+    "experts_per_token": metrics.EXPERTS_PER_TOKEN,
+    "cel_grad_ratio": metrics.CEL_GRAD_RATIO,
+    "balance_loss": metrics.BALANCE_LOSS,
 }
 # two-sided 95% Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from moevl import observability as metrics
 from moevl.stgc import STGCStats, cosine_histogram, flag_persistence
 
 #: What "the premise holds" means here [our choice]: cosines spread with std >= 0.15, at least 10% of the
@@ -199,10 +200,10 @@ def diagnose(
                     vision[stats.token_ids] if vision is not None else torch.zeros_like(stats.conflicts)
                 )
                 pair_vision.setdefault(layer, []).append(on_vision)
-            value = scalars.get(f"router/entropy_normalized/L{layer}")
+            value = scalars.get(metrics.per_layer(metrics.ROUTER_ENTROPY, layer))
             if value is not None:
                 entropy.setdefault(layer, []).append(value)
-        balance.append(scalars.get("moe/balance_loss", float("nan")))
+        balance.append(scalars.get(metrics.BALANCE_LOSS, float("nan")))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if not per_layer:

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from moevl import observability as metrics
 from moevl.analysis.display import MeanStd, format_mean_std, mean_std, method_color
 from moevl.atomic import atomic_savefig, atomic_write_json, atomic_write_text
 
@@ -37,16 +38,16 @@ __all__ = [
 ]
 
 HISTORY_KEYS = {
-    "conflict_ratio": "stgc/conflict_ratio",
-    "cosine_mean": "stgc/cosine_mean",
-    "cel": "stgc/cel",
-    "tail_share": "ltdr/tail_share",
-    "experts_per_token": "moe/experts_per_token",
-    "balance_loss": "moe/balance_loss",
-    "router_entropy": "router/entropy_normalized",
-    "router_top1": "router/top1_prob",
-    "router_logit_std": "router/logit_std",
-    "router_mi_modality": "router/mi_modality_normalized",
+    "conflict_ratio": metrics.CONFLICT_RATIO,
+    "cosine_mean": metrics.COSINE_MEAN,
+    "cel": metrics.CEL,
+    "tail_share": metrics.TAIL_SHARE,
+    "experts_per_token": metrics.EXPERTS_PER_TOKEN,
+    "balance_loss": metrics.BALANCE_LOSS,
+    "router_entropy": metrics.ROUTER_ENTROPY,
+    "router_top1": metrics.ROUTER_TOP1,
+    "router_logit_std": metrics.ROUTER_LOGIT_STD,
+    "router_mi_modality": metrics.ROUTER_MI_MODALITY,
 }
 #: curve figures of the report: (file stem, [(panel title, HISTORY_KEYS name)], figure title)
 CURVE_PLOTS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moevl import observability as metrics
 from moevl.hf.routing_health import (
     contingency_table,
     mutual_information,
@@ -47,14 +48,14 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
 
     def put(key: str, layer: int, value: float) -> None:
         per_key.setdefault(key, []).append(value)
-        per_key.setdefault(f"{key}/L{layer}", []).append(value)
+        per_key.setdefault(metrics.per_layer(key, layer), []).append(value)
 
     for layer, rec in sorted(context.records.items()):
         valid = rec.token_mask
-        put("moe/balance_loss", layer, float(rec.balance_loss.detach()))
-        put("moe/z_loss", layer, float(rec.z_loss.detach()))
+        put(metrics.BALANCE_LOSS, layer, float(rec.balance_loss.detach()))
+        put(metrics.Z_LOSS, layer, float(rec.z_loss.detach()))
         n_exp = rec.experts_per_token[valid].float()
-        put("moe/experts_per_token", layer, float(n_exp.mean()) if n_exp.numel() else 0.0)
+        put(metrics.EXPERTS_PER_TOKEN, layer, float(n_exp.mean()) if n_exp.numel() else 0.0)
         vision = rec.vision_mask & valid if rec.vision_mask is not None else torch.zeros_like(valid)
         e = rec.probs.shape[1]
         loads[layer] = {}
@@ -64,12 +65,12 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
         for key, value in _router_health(rec, vision, context.category_ids).items():
             put(key, layer, value)
         if rec.tail_mask is not None and vision.any():
-            put("ltdr/tail_share", layer, float(rec.tail_mask[vision].float().mean()))
+            put(metrics.TAIL_SHARE, layer, float(rec.tail_mask[vision].float().mean()))
         if rec.stgc is not None and rec.stgc.ready:
             for k, v in rec.stgc.summary().items():
-                put(f"stgc/{k}", layer, v)
+                put(metrics.stgc(k), layer, v)
             for j, v in enumerate(rec.stgc.conflict_ratio_per_expert.tolist()):
-                per_key.setdefault(f"stgc/conflict_ratio/L{layer}/e{j}", []).append(v)
+                per_key.setdefault(metrics.per_expert(metrics.CONFLICT_RATIO, layer, j), []).append(v)
     return {k: sum(v) / len(v) for k, v in per_key.items()}, loads
 
 
@@ -80,9 +81,9 @@ def _router_health(rec, vision: Tensor, category_ids: Tensor | None) -> dict[str
     if not bool(valid.any()):
         return out
     probs = rec.probs.detach()[valid]  # (M, E)
-    out["router/entropy_normalized"] = float(normalized_entropy(probs).mean())
-    out["router/top1_prob"] = float(probs.max(-1).values.float().mean())
-    out["router/logit_std"] = float(rec.logits.detach()[valid].float().std(-1, unbiased=False).mean())
+    out[metrics.ROUTER_ENTROPY] = float(normalized_entropy(probs).mean())
+    out[metrics.ROUTER_TOP1] = float(probs.max(-1).values.float().mean())
+    out[metrics.ROUTER_LOGIT_STD] = float(rec.logits.detach()[valid].float().std(-1, unbiased=False).mean())
     num_experts = rec.probs.shape[1]
     first = rec.indices[:, 0]  # (N,) first-choice expert, -1 if none
     chosen = valid & (first >= 0)
@@ -98,6 +99,6 @@ def _router_health(rec, vision: Tensor, category_ids: Tensor | None) -> dict[str
         table = contingency_table(
             first[keep], lab[keep], num_a=num_experts, num_b=max(2, int(lab[keep].max()) + 1)
         )
-        out[f"router/mi_{name}"] = float(mutual_information(table))
-        out[f"router/mi_{name}_normalized"] = float(normalized_mutual_information(table))
+        out[metrics.router_mi(name)] = float(mutual_information(table))
+        out[metrics.router_mi(name, normalized=True)] = float(normalized_mutual_information(table))
     return out

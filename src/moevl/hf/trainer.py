@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from moevl import observability as metrics
 from moevl.atomic import atomic_write_json
 from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
 from moevl.hf.routing_health import UniformRoutingMonitor
@@ -26,11 +27,11 @@ STATS_FILE = "moe_stats.json"
 # moe_stats.json).
 CONSOLE_KEYS = {
     "loss": "loss",
-    "moe/balance_loss": "balance",
-    "stgc/conflict_ratio": "conflicts",
-    "moe/experts_per_token": "experts/token",
-    "ltdr/tail_share": "tail",
-    "router/entropy_normalized": "entropy",
+    metrics.BALANCE_LOSS: "balance",
+    metrics.CONFLICT_RATIO: "conflicts",
+    metrics.EXPERTS_PER_TOKEN: "experts/token",
+    metrics.TAIL_SHARE: "tail",
+    metrics.ROUTER_ENTROPY: "entropy",
     "grad_norm": "grad norm",
     "learning_rate": "lr",
 }
