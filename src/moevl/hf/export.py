@@ -243,6 +243,7 @@ def export(
 ) -> ExportResult:
     """Write ``model`` as a native transformers checkpoint when a class computes exactly what it
     computes, else in the moevl format (module doc); atomically (``moevl.hf.io.staged_directory``).
+    LoRA adapters (``moevl.hf.lora``) are merged into the weights of a copy first.
 
     Args:
         model: an upcycled or adopted model.
@@ -253,7 +254,15 @@ def export(
     Returns:
         ``ExportResult``: the format, the class that loads it, and why.
     """
+    lora = getattr(getattr(model, "moe_settings", None), "lora", None)
+    if lora is not None:  # the adapters are folded into a copy: the caller's model keeps them
+        from moevl.hf.lora import merge_lora
+
+        model = merge_lora(copy.deepcopy(model))
     plan = plan_export(model)
+    if lora is not None:
+        merged = f"LoRA adapters (r={lora.r}, alpha={lora.alpha:g}, on {', '.join(lora.targets)}) merged into the weights"
+        plan = dataclasses.replace(plan, notes=(merged, *plan.notes))
     directory = Path(directory)
     if plan.native_class is None:
         if require_native:

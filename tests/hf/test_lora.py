@@ -1,0 +1,151 @@
+"""LoRA on upcycled and adopted models (moevl.hf.lora): B = 0 changes nothing, the adapters alone train,
+merging gives the adapter model's logits with the original keys, checkpoints reload, export merges."""
+
+import pytest
+import torch
+
+from moevl.hf import adopt, moe_blocks, upcycle
+from moevl.hf.export import export
+from moevl.hf.io import load_moe_model, save_moe_model
+from moevl.hf.lora import apply_lora, is_lora_parameter, merge_lora
+from moevl.moe.lora import LoRAConfig
+from tests.hf.tiny import causal_lm, llava_batch, native_moe, tiny_llava
+from tests.hf.tiny_export import make_routing_matter, text_batch
+
+ALL = ("experts", "routers", "attention")
+
+
+def _with(model, lora):
+    return model if lora is None else apply_lora(model, lora)
+
+
+def _upcycled_llama(lora=None):
+    model = make_routing_matter(upcycle(causal_lm("llama"), num_experts=4, top_k=2, layers="all"))
+    return _with(model, lora).eval()
+
+
+def _upcycled_llava(lora=None):
+    return _with(make_routing_matter(upcycle(tiny_llava(), num_experts=4, top_k=2)), lora).eval()
+
+
+def _adopted(family):
+    return lambda lora=None: _with(adopt(native_moe(family)), lora).eval()
+
+
+# name: (builder taking lora=, batch builder)
+MODELS = {
+    "llama_upcycled": (_upcycled_llama, text_batch),
+    "llava_upcycled": (_upcycled_llava, lambda: llava_batch((1, 2), pad_side="left")),
+    "mixtral_adopted": (_adopted("mixtral"), text_batch),
+    "qwen2_moe_adopted": (_adopted("qwen2_moe"), text_batch),
+    "deepseek_v3_adopted": (_adopted("deepseek_v3"), text_batch),
+}
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+def _train_adapters(model, seed=0):
+    """Stand-in for training: every B (and A) moved off its initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_lora_parameter(name):
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.2)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_b_zero_changes_nothing_and_merge_keeps_the_adapter_models_logits(name):
+    build, batch_of = MODELS[name]
+    batch = batch_of()
+    plain = build()
+    model = build(lora=LoRAConfig(r=4, alpha=8.0, targets=ALL))
+    keys = set(plain.state_dict())
+    adapter_keys = set(model.state_dict()) - keys
+    assert any("experts" in k for k in adapter_keys) and any(
+        "lora" in k and "attn" in k for k in adapter_keys
+    )
+    assert any(".router.lora." in k or ".gate.lora." in k for k in adapter_keys)
+    assert torch.equal(_logits(model, batch), _logits(plain, batch))  # B = 0: exactly the same model
+
+    _train_adapters(model)
+    adapted = _logits(model, batch)
+    assert not torch.allclose(adapted, _logits(plain, batch), atol=1e-3)  # the adapters act
+    merge_lora(model)
+    assert model.moe_settings.lora is None and model.config.moevl["lora"] is None
+    state = model.state_dict()
+    assert set(state) == keys  # the original names and nothing else
+    torch.testing.assert_close(_logits(model, batch), adapted, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_upcycled", "mixtral_adopted"])
+def test_only_the_adapters_and_untargeted_parts_get_gradients(name):
+    build, batch_of = MODELS[name]
+    model = build(lora=LoRAConfig(r=4, targets=("experts", "attention"))).train()
+    _train_adapters(model)
+    batch = batch_of()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for n, p in model.named_parameters():
+        if is_lora_parameter(n):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+        elif ".experts." in n or ".base_layer." in n:
+            assert not p.requires_grad and p.grad is None, n
+    routers = [p for b in moe_blocks(model) for p in b.router_parameters()]
+    assert all(p.requires_grad for p in routers)  # not targeted: the router weights keep training
+
+
+@pytest.mark.parametrize("name", ["llava_upcycled", "qwen2_moe_adopted"])
+def test_checkpoint_with_adapters_reloads_exactly(name, tmp_path):
+    build, batch_of = MODELS[name]
+    model = build(lora=LoRAConfig(r=4, alpha=4.0, targets=ALL))
+    _train_adapters(model)
+    save_moe_model(model, tmp_path / "ckpt")
+    loaded = load_moe_model(tmp_path / "ckpt")
+    assert loaded.moe_settings.lora == model.moe_settings.lora
+    batch = batch_of()
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama_upcycled", "mixtral_adopted"])
+def test_export_merges_the_adapters_into_a_native_checkpoint(name, tmp_path):
+    import transformers
+
+    build, batch_of = MODELS[name]
+    model = build(lora=LoRAConfig(r=4, targets=ALL))
+    _train_adapters(model)
+    batch = batch_of()
+    expected = _logits(model, batch)
+    result = export(model, tmp_path / "out", require_native=True)
+    assert result.format == "native"
+    assert model.moe_settings.lora is not None  # export merged a copy, not the caller's model
+    native = getattr(transformers, result.model_class).from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(native, batch), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_transposed_native_experts_merge_exactly():
+    from tests.hf.test_families import tiny_model
+
+    model = adopt(tiny_model("aria_text"), lora=LoRAConfig(r=4, targets=("experts",))).eval()
+    assert moe_blocks(model)[0].spec.transposed  # native (E, in, out) tensors, adapters in (E, out, in)
+    assert model.moe_settings.lora.targets == ("experts",)  # adopt(..., lora=) applies them
+    _train_adapters(model)
+    batch = text_batch()
+    adapted = _logits(model, batch)
+    merge_lora(model)
+    torch.testing.assert_close(_logits(model, batch), adapted, atol=2e-5, rtol=1e-5)
+
+
+def test_experts_moevl_does_not_compute_are_refused_by_name():
+    from tests.hf.test_families import tiny_model
+
+    with pytest.raises(ValueError, match=r"GptOssExperts applies its own gate function.*leave 'experts' out"):
+        adopt(tiny_model("gpt_oss"), lora=LoRAConfig(targets=("experts",)))
+
+
+def test_bad_targets_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"lora.targets\[0\] must be one of"):
+        LoRAConfig(targets=("mlp",))
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        merge_lora(_upcycled_llama())
