@@ -28,6 +28,12 @@ def _upcycled_llava(lora=None):
     return _with(make_routing_matter(upcycle(tiny_llava(), num_experts=4, top_k=2)), lora).eval()
 
 
+def _upcycled_llava_all(lora=None):
+    return _with(
+        make_routing_matter(upcycle(tiny_llava(), num_experts=4, top_k=2, layers="all")), lora
+    ).eval()
+
+
 def _adopted(family):
     return lambda lora=None: _with(adopt(native_moe(family)), lora).eval()
 
@@ -149,3 +155,30 @@ def test_bad_targets_are_refused_by_name():
         LoRAConfig(targets=("mlp",))
     with pytest.raises(ValueError, match="has no LoRA adapters"):
         merge_lora(_upcycled_llama())
+
+
+@pytest.mark.parametrize("name", ["llama_upcycled", "llava_upcycled_all", "mixtral_adopted"])
+def test_adapter_export_in_peft_format_loads_into_the_native_base(name, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    build, batch_of = {**MODELS, "llava_upcycled_all": (_upcycled_llava_all, MODELS["llava_upcycled"][1])}[
+        name
+    ]
+    model = build(lora=LoRAConfig(r=4, targets=ALL))
+    _train_adapters(model)
+    batch = batch_of()
+    expected = _logits(model, batch)
+    result = export(model, tmp_path / "out", lora="adapter")
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    base = getattr(transformers, result.model_class).from_pretrained(tmp_path / "out").eval()
+    plain = _logits(base, batch)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the base alone is the model before the adapters
+    served = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    torch.testing.assert_close(_logits(served, batch), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_adapter_export_without_a_native_class_is_refused_with_the_reason(tmp_path):
+    model = _upcycled_llava(lora=LoRAConfig(r=4))  # alternate layers: no native class
+    with pytest.raises(ValueError, match="PEFT adapters need a native class to load into, and Mixtral has no dense layers"):
+        export(model, tmp_path / "out", lora="adapter")

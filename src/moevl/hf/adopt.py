@@ -433,8 +433,9 @@ class AdoptedMoEBlock(HFMoEBlock):
         self.experts.__dict__["lora"] = config
 
     @torch.no_grad()
-    def merge_experts_lora(self) -> None:
-        """Fold the experts' adapters into the native tensors (their own layout) and remove them."""
+    def merge_experts_lora(self, *, fold: bool = True) -> None:
+        """Fold the experts' adapters into the native tensors (their own layout) and remove them
+        (``fold=False``: remove them only)."""
         experts, config = self.experts, self.experts.lora
         a_in, b_in, a_out, b_out = (experts._parameters[n] for n in self.lora_parameter_names())
         first = "gate_up_proj" if self.spec.gated else "up_proj"
@@ -450,7 +451,8 @@ class AdoptedMoEBlock(HFMoEBlock):
             if self.spec.transposed:
                 delta = delta.transpose(1, 2)
             w = experts._parameters[name]
-            w.copy_((w.float() + delta).to(w.dtype))
+            if fold:
+                w.copy_((w.float() + delta).to(w.dtype))
         for n in self.lora_parameter_names():
             del experts._parameters[n]
         experts.__dict__["lora"] = None

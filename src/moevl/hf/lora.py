@@ -89,29 +89,38 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (``W += (alpha / r) · B A``, in float32) and remove it, in place;
     ``model.moe_settings.lora`` becomes None. The merged model computes what the adapter model computed (at
     inference: no dropout) up to float rounding."""
+    return _remove_lora(model, merge=True, caller="merge_lora")
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging it, in place: the base model the adapters were trained on (what
+    ``export(..., lora="adapter")`` writes beside the adapter)."""
+    return _remove_lora(model, merge=False, caller="unload_lora")
+
+
+def _remove_lora(model: nn.Module, *, merge: bool, caller: str) -> nn.Module:
     from moevl.hf.adopt import AdoptedMoEBlock
 
     settings = getattr(model, "moe_settings", None)
     if settings is None or settings.lora is None:
-        raise ValueError(
-            f"merge_lora: {type(model).__name__} has no LoRA adapters (moe_settings.lora is None)"
-        )
+        raise ValueError(f"{caller}: {type(model).__name__} has no LoRA adapters (moe_settings.lora is None)")
     for block in moe_blocks(model):
         if block.experts.lora is not None:
             if isinstance(block, AdoptedMoEBlock):
-                block.merge_experts_lora()
+                block.merge_experts_lora(fold=merge)
             else:
-                block.experts.merge_lora()
+                block.experts.merge_lora(fold=merge)
         router = _router_module(block)
         lora = router._modules.get("lora")
         if lora is not None:
-            with torch.no_grad():
-                router.weight.copy_((router.weight.float() + lora.delta_weight()).to(router.weight.dtype))
+            if merge:
+                with torch.no_grad():
+                    router.weight.copy_((router.weight.float() + lora.delta_weight()).to(router.weight.dtype))
             if isinstance(block, AdoptedMoEBlock):
                 del router._modules["lora"]  # a native module: leave it as it was
             else:
                 router.lora = None
-    _merge_peft(model)
+    _remove_peft(model, merge=merge)
     _set_settings(model, dataclasses.replace(settings, lora=None))
     return model
 
@@ -188,12 +197,13 @@ def _add_attention_lora(model: nn.Module, config: LoRAConfig) -> None:
     model._modules.pop("peft_config", None)
 
 
-def _merge_peft(model: nn.Module) -> None:
+def _remove_peft(model: nn.Module, *, merge: bool) -> None:
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
+            if merge:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())

@@ -111,18 +111,21 @@ class GroupedExperts(nn.Module):
         return a_in, b_in, a_out, b_out
 
     @torch.no_grad()
-    def merge_lora(self) -> None:
-        """``W += (alpha / r) · B A`` for both layers (in float32, then the weight's dtype); the adapters go."""
+    def merge_lora(self, *, fold: bool = True) -> None:
+        """``W += (alpha / r) · B A`` for both layers (in float32, then the weight's dtype); the adapters go.
+        ``fold=False`` removes them without changing ``W``."""
         if self.lora is None:
             raise ValueError("these experts have no LoRA adapters to merge")
         for layer in (self.in_name, "down_proj"):
             name_a, name_b = lora_names(layer)
             w = getattr(self, layer)
-            w.copy_(
-                (w.float() + merged_delta(getattr(self, name_a), getattr(self, name_b), self.lora.scale)).to(
-                    w.dtype
+            if fold:
+                w.copy_(
+                    (
+                        w.float()
+                        + merged_delta(getattr(self, name_a), getattr(self, name_b), self.lora.scale)
+                    ).to(w.dtype)
                 )
-            )
             delattr(self, name_a)
             delattr(self, name_b)
         self.lora = None

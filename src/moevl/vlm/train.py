@@ -390,7 +390,9 @@ def train_stage(
         "method": method if stage == 3 else None,
     }
     if stage == 3:
-        identity |= {f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers", "lora")}
+        identity |= {
+            f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers", "lora")
+        }
     resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite)
     on_bad = "skip" if cfg.data.skip_bad_records else "error"
     records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
