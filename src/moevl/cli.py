@@ -242,7 +242,9 @@ def export(
             if lora not in ("merge", "adapter"):
                 raise fail(f"--lora: expected 'merge' or 'adapter', got {lora!r}")
             if lora == "adapter" and getattr(net.moe_settings, "lora", None) is None:
-                raise fail(f"--lora adapter: the model in {model} has no LoRA adapters (moe.lora was not set)")
+                raise fail(
+                    f"--lora adapter: the model in {model} has no LoRA adapters (moe.lora was not set)"
+                )
             result = export_model(net, out, processor=processor, require_native=require_native, lora=lora)
         except ValueError as e:
             raise fail(str(e)) from None

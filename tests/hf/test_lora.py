@@ -180,5 +180,7 @@ def test_adapter_export_in_peft_format_loads_into_the_native_base(name, tmp_path
 
 def test_adapter_export_without_a_native_class_is_refused_with_the_reason(tmp_path):
     model = _upcycled_llava(lora=LoRAConfig(r=4))  # alternate layers: no native class
-    with pytest.raises(ValueError, match="PEFT adapters need a native class to load into, and Mixtral has no dense layers"):
+    with pytest.raises(
+        ValueError, match="PEFT adapters need a native class to load into, and Mixtral has no dense layers"
+    ):
         export(model, tmp_path / "out", lora="adapter")

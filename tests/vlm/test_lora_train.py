@@ -61,6 +61,10 @@ def test_stage3_with_lora_trains_the_adapters_only_reloads_and_exports_merged(de
     checkpoint, _ = load_model(out / "checkpoint-4")  # a Trainer checkpoint reloads with its adapters
     assert checkpoint.moe_settings.lora == model.moe_settings.lora
 
+    # the adapter alone needs a native class to load into: the demo's alternate layers have none
+    refused = run([sys.executable, "-m", "moevl.cli", "export", "--model", str(out), "--out", str(tmp_path / "a"),
+                   "--lora", "adapter"], timeout=300, cwd=ROOT)  # fmt: skip
+    assert refused.returncode != 0 and "PEFT adapters need a native class" in refused.stderr + refused.stdout
     _moevl("export", "--model", str(out), "--out", str(tmp_path / "exported"))
     exported, processor = load_model(tmp_path / "exported")
     assert exported.moe_settings.lora is None

@@ -330,7 +330,9 @@ def export_adapter(
                     f"export_adapter: {name}: interleaved gate/up experts have no PEFT layout here"
                 )
             gated = block.spec.gated if isinstance(block, AdoptedMoEBlock) else block.experts.gated
-            experts = f"{name}.{block.experts_name}" if isinstance(block, AdoptedMoEBlock) else f"{name}.experts"
+            experts = (
+                f"{name}.{block.experts_name}" if isinstance(block, AdoptedMoEBlock) else f"{name}.experts"
+            )
             targets += [f"{experts}.{'gate_up_proj' if gated else 'up_proj'}", f"{experts}.down_proj"]
         if "routers" in config.targets:
             ours = f"{name}.{block.router_name}" if isinstance(block, AdoptedMoEBlock) else f"{name}.router"
