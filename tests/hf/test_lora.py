@@ -1,6 +1,8 @@
 """LoRA on upcycled and adopted models (moevl.hf.lora): B = 0 changes nothing, the adapters alone train,
 merging gives the adapter model's logits with the original keys, checkpoints reload, export merges."""
 
+import json
+
 import pytest
 import torch
 
@@ -170,7 +172,8 @@ def test_adapter_export_in_peft_format_loads_into_the_native_base(name, tmp_path
     batch = batch_of()
     expected = _logits(model, batch)
     result = export(model, tmp_path / "out", lora="adapter")
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    adapter_config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "out").resolve())
     base = getattr(transformers, result.model_class).from_pretrained(tmp_path / "out").eval()
     plain = _logits(base, batch)
     assert not torch.allclose(plain, expected, atol=1e-3)  # the base alone is the model before the adapters
@@ -184,3 +187,25 @@ def test_adapter_export_without_a_native_class_is_refused_with_the_reason(tmp_pa
         ValueError, match="PEFT adapters need a native class to load into, and Mixtral has no dense layers"
     ):
         export(model, tmp_path / "out", lora="adapter")
+
+
+def test_stgc_runs_on_the_adapters_and_its_cel_reaches_the_router_adapter():
+    from moevl.stgc import STGCConfig
+
+    model = make_routing_matter(
+        upcycle(causal_lm("llama"), num_experts=4, top_k=2, layers="all", stgc=STGCConfig.paper(weight=1.0))
+    )
+    apply_lora(model, LoRAConfig(r=4, targets=("experts", "routers")))
+    _train_adapters(model)
+    model.train()
+    batch = text_batch()
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    records = model.moe_context.records
+    assert records and all(r.stgc.ready and r.stgc.cosine.numel() > 0 for r in records.values())
+    assert any(r.stgc.conflicts.any() for r in records.values())  # the CEL has something to push
+    router_lora = [p for n, p in model.named_parameters() if ".router.lora." in n]
+    assert router_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router_lora)
+    assert all(
+        p.grad is None for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))
+    )

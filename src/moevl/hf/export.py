@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -353,8 +354,12 @@ def export_adapter(
             processor.save_pretrained(str(tmp))
         peft_model = get_peft_model(native, peft_config)
         _copy_adapters(model, peft_model.base_model.model, renamed_modules)
-        peft_model.peft_config["default"].base_model_name_or_path = str(directory.resolve())
+        peft_model.peft_config["default"].base_model_name_or_path = str(tmp)  # PEFT reads the base's config
         peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+        adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
+        data = json.loads(adapter_config.read_text())
+        data["base_model_name_or_path"] = str(directory.resolve())  # where the base is once committed
+        adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     reason = f"{plan.reason}; LoRA adapters (r={config.r}) in PEFT's format in {ADAPTER_DIR}/"
     return ExportResult("native", directory, plan.native_class.__name__, reason, plan.notes)
 

@@ -43,9 +43,11 @@ class LoRAConfig:
         r: the rank (>= 1).
         alpha: the scale numerator; adapters are scaled by ``alpha / r`` (> 0).
         dropout: dropout on each adapter's input in training, in ``[0, 1)``.
-        targets: which parts get adapters, among ``LORA_TARGETS``. A targeted part's own weights are
-            frozen; what a stage's ``trainable`` lists and LoRA does not target trains fully (stage 3's
-            default ``[experts, routers]`` with ``targets: [experts]``: expert adapters and full routers).
+        targets: which parts get adapters, among ``LORA_TARGETS``: ``experts`` (the routed experts' stacked
+            weights), ``routers`` (the router weight), ``attention`` (the linear layers of each decoder layer's
+            attention). A targeted part's own weights are frozen; what a stage's ``trainable`` lists and LoRA
+            does not target trains fully (stage 3's default ``[experts, routers]`` with ``targets: [experts]``:
+            expert adapters and full routers; shared experts, part of ``experts`` but not routed, train fully).
     """
 
     r: int = 8
