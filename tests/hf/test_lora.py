@@ -209,3 +209,24 @@ def test_stgc_runs_on_the_adapters_and_its_cel_reaches_the_router_adapter():
     assert all(
         p.grad is None for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))
     )
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("concatenated", [False, True])
+@pytest.mark.parametrize("first", [False, True])
+def test_a_merged_update_lands_where_moevls_view_of_the_native_tensor_reads_it(
+    transposed, concatenated, first
+):
+    """Every native layout (transposed, interleaved gate/up): the update put back in native layout is read
+    by moevl's view as the update itself (the interleaved layout has no family that adopts with LoRA here)."""
+    from moevl.hf.adopt import ExpertsSpec, to_moevl_layout, to_native_layout
+
+    spec = ExpertsSpec(
+        gated=True, transposed=transposed, concatenated=concatenated, activation=None, own_function=True
+    )
+    out, inp = (2 * 6, 5) if first else (5, 6)  # (E, out, in) in moevl's layout
+    g = torch.Generator().manual_seed(0)
+    native = torch.randn((3, inp, out) if transposed else (3, out, inp), generator=g)
+    delta = torch.randn(3, out, inp, generator=g)
+    seen = to_moevl_layout(native + to_native_layout(delta, spec, first=first), spec, first=first)
+    torch.testing.assert_close(seen, to_moevl_layout(native, spec, first=first) + delta, atol=0, rtol=0)

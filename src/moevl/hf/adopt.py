@@ -233,6 +233,24 @@ class ExpertsSpec:
     reason: str = ""
 
 
+def to_moevl_layout(w: Tensor, spec: ExpertsSpec, *, first: bool) -> Tensor:
+    """A native stacked expert weight in moevl's layout: (E, out, in), a gated first layer's rows
+    ``[gate; up]`` (a view where no interleaving is undone)."""
+    if spec.transposed:
+        w = w.transpose(1, 2)
+    if first and spec.gated and not spec.concatenated:  # interleaved [g0, u0, g1, u1, ...] -> [g; u]
+        w = torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
+    return w
+
+
+def to_native_layout(w: Tensor, spec: ExpertsSpec, *, first: bool) -> Tensor:
+    """The inverse of ``to_moevl_layout`` (a merged LoRA update back in the native tensor's layout)."""
+    if first and spec.gated and not spec.concatenated:  # [g; u] -> [g0, u0, g1, u1, ...]
+        g, u = w.chunk(2, dim=1)
+        w = torch.stack([g, u], dim=2).flatten(1, 2)
+    return w.transpose(1, 2) if spec.transposed else w
+
+
 class AdoptedMoEBlock(HFMoEBlock):
     """An ``HFMoEBlock`` in place of a transformers-native sparse block, under the native names.
 
@@ -366,12 +384,9 @@ class AdoptedMoEBlock(HFMoEBlock):
         w_in = e.gate_up_proj if s.gated else e.up_proj
         b_in = getattr(e, "gate_up_proj_bias" if s.gated else "up_proj_bias", None)
         w_out, b_out = e.down_proj, getattr(e, "down_proj_bias", None)
-        if s.transposed:
-            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
-        if s.gated and not s.concatenated:  # interleaved [g0, u0, g1, u1, ...] -> [g; u]
-            w_in = torch.cat([w_in[:, 0::2], w_in[:, 1::2]], dim=1)
-            if b_in is not None:
-                b_in = torch.cat([b_in[:, 0::2], b_in[:, 1::2]], dim=1)
+        w_in, w_out = to_moevl_layout(w_in, s, first=True), to_moevl_layout(w_out, s, first=False)
+        if s.gated and not s.concatenated and b_in is not None:  # interleaved -> [g; u]
+            b_in = torch.cat([b_in[:, 0::2], b_in[:, 1::2]], dim=1)
         return w_in, w_out, b_in, b_out
 
     def _moevl_experts(
@@ -443,13 +458,7 @@ class AdoptedMoEBlock(HFMoEBlock):
             (first, merged_delta(a_in, b_in, config.scale)),
             ("down_proj", merged_delta(a_out, b_out, config.scale)),
         ):
-            if (
-                name != "down_proj" and self.spec.gated and not self.spec.concatenated
-            ):  # [g; u] -> [g0, u0, g1, ...]
-                g, u = delta.chunk(2, dim=1)
-                delta = torch.stack([g, u], dim=2).flatten(1, 2)
-            if self.spec.transposed:
-                delta = delta.transpose(1, 2)
+            delta = to_native_layout(delta, self.spec, first=name != "down_proj")
             w = experts._parameters[name]
             if fold:
                 w.copy_((w.float() + delta).to(w.dtype))
