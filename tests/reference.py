@@ -17,6 +17,9 @@ def expert_forward(experts: GroupedExperts, e: int, x: Tensor) -> Tensor:
         w = getattr(experts, name)[e]
         b = getattr(experts, f"{name}_bias")
         out = inp @ w.t()
+        if experts.lora is not None:  # W x + (alpha / r) B A x, written out
+            a_, b_ = getattr(experts, f"{name}_lora_A")[e], getattr(experts, f"{name}_lora_B")[e]
+            out = out + experts.lora.alpha / experts.lora.r * (inp @ a_.t() @ b_.t())
         return out if b is None else out + b[e]
 
     if experts.gated:

@@ -219,10 +219,16 @@ def export(
         False,
         help="Fail (with the reason) instead of writing the moevl format when no native class is exact.",
     ),
+    lora: str = typer.Option(
+        "merge",
+        help="A model with LoRA adapters: 'merge' folds them into the weights; 'adapter' writes the base model "
+        "(native) and the adapters alone in PEFT's format in OUT/adapter.",
+    ),
     progress: bool = _progress_option(),
 ) -> None:
     """Write a checkpoint plain transformers loads (native MoE class) where one exists exactly; otherwise
-    the moevl format, which only moevl loads (never silently wrong)."""
+    the moevl format, which only moevl loads (never silently wrong). LoRA adapters are merged (or, with
+    --lora adapter, written in PEFT's format beside the base)."""
     from moevl.hf import export as export_model
     from moevl.vlm.io import check_writable_target, load_model
 
@@ -233,7 +239,13 @@ def export(
         if not hasattr(net, "moe_settings"):
             raise fail(f"--model {model}: a dense model; export is for MoE models (save it as it is)")
         try:
-            result = export_model(net, out, processor=processor, require_native=require_native)
+            if lora not in ("merge", "adapter"):
+                raise fail(f"--lora: expected 'merge' or 'adapter', got {lora!r}")
+            if lora == "adapter" and getattr(net.moe_settings, "lora", None) is None:
+                raise fail(
+                    f"--lora adapter: the model in {model} has no LoRA adapters (moe.lora was not set)"
+                )
+            result = export_model(net, out, processor=processor, require_native=require_native, lora=lora)
         except ValueError as e:
             raise fail(str(e)) from None
     typer.echo(f"{result.format}: {out} ({result.reason})")

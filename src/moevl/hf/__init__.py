@@ -3,6 +3,7 @@
 from moevl.hf.adopt import adopt, is_native_moe
 from moevl.hf.export import ExportResult, export
 from moevl.hf.io import is_moevl_checkpoint, load_moe_model, load_upcycled, save_moe_model, save_upcycled
+from moevl.hf.lora import apply_lora, merge_lora
 from moevl.hf.moe_llava import load_moe_llava
 from moevl.hf.routing_health import UniformRoutingMonitor
 from moevl.hf.runtime import RoutingContext, aux_loss, moe_blocks
@@ -19,6 +20,7 @@ __all__ = [
     "RoutingContext",
     "UniformRoutingMonitor",
     "adopt",
+    "apply_lora",
     "aux_loss",
     "export",
     "is_moevl_checkpoint",
@@ -26,6 +28,7 @@ __all__ = [
     "load_moe_llava",
     "load_moe_model",
     "load_upcycled",
+    "merge_lora",
     "moe_blocks",
     "routing_statistics",
     "save_moe_model",

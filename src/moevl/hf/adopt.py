@@ -65,6 +65,7 @@ from moevl.moe import TopKRouter
 from moevl.moe.activations import Activation
 from moevl.moe.expert_function import ExpertsFunction, dispatch
 from moevl.moe.grouped_mm import can_use_grouped_mm
+from moevl.moe.lora import LoRAConfig, add_expert_lora, lora_inputs, lora_names, merged_delta
 from moevl.stgc import STGCConfig
 
 #: max |Δ| (float32) between the adopted and the native block, on decisions and outputs.
@@ -166,6 +167,7 @@ class AdoptedExperts(nn.Module):
         _take_state(self, native)
         self.__dict__["native"] = native  # the native experts object (its attributes, its eager forward)
         self.__dict__["block"] = block  # not a submodule: the block owns this module
+        self.__dict__["lora"] = None  # LoRAConfig once moevl.hf.lora gave it adapters (moevl's layout)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # the native decision (top_k_index, top_k_weights: the rest of the call) is not used
@@ -229,6 +231,24 @@ class ExpertsSpec:
     activation: Any
     own_function: bool
     reason: str = ""
+
+
+def to_moevl_layout(w: Tensor, spec: ExpertsSpec, *, first: bool) -> Tensor:
+    """A native stacked expert weight in moevl's layout: (E, out, in), a gated first layer's rows
+    ``[gate; up]`` (a view where no interleaving is undone)."""
+    if spec.transposed:
+        w = w.transpose(1, 2)
+    if first and spec.gated and not spec.concatenated:  # interleaved [g0, u0, g1, u1, ...] -> [g; u]
+        w = torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
+    return w
+
+
+def to_native_layout(w: Tensor, spec: ExpertsSpec, *, first: bool) -> Tensor:
+    """The inverse of ``to_moevl_layout`` (a merged LoRA update back in the native tensor's layout)."""
+    if first and spec.gated and not spec.concatenated:  # [g; u] -> [g0, u0, g1, u1, ...]
+        g, u = w.chunk(2, dim=1)
+        w = torch.stack([g, u], dim=2).flatten(1, 2)
+    return w.transpose(1, 2) if spec.transposed else w
 
 
 class AdoptedMoEBlock(HFMoEBlock):
@@ -306,7 +326,14 @@ class AdoptedMoEBlock(HFMoEBlock):
         self._hook.remove()
 
     def _capture_logits(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.__dict__["_logits"] = _find_logits(output, self.experts.num_experts)
+        logits = _find_logits(output, self.experts.num_experts)
+        lora = module._modules.get("lora")
+        if lora is not None and logits is not None:
+            # LoRA on the native router (moevl.hf.lora): moevl's decision reads s · B A x on top of its logits
+            if not args:
+                raise RuntimeError(f"adopt: {type(module).__name__} was called without a positional input")
+            logits = logits + lora(args[0].reshape(logits.shape[0], -1)).to(logits.dtype)
+        self.__dict__["_logits"] = logits
 
     def score_bias(self) -> Tensor | None:
         if self.rule.bias_at is None:
@@ -357,12 +384,9 @@ class AdoptedMoEBlock(HFMoEBlock):
         w_in = e.gate_up_proj if s.gated else e.up_proj
         b_in = getattr(e, "gate_up_proj_bias" if s.gated else "up_proj_bias", None)
         w_out, b_out = e.down_proj, getattr(e, "down_proj_bias", None)
-        if s.transposed:
-            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
-        if s.gated and not s.concatenated:  # interleaved [g0, u0, g1, u1, ...] -> [g; u]
-            w_in = torch.cat([w_in[:, 0::2], w_in[:, 1::2]], dim=1)
-            if b_in is not None:
-                b_in = torch.cat([b_in[:, 0::2], b_in[:, 1::2]], dim=1)
+        w_in, w_out = to_moevl_layout(w_in, s, first=True), to_moevl_layout(w_out, s, first=False)
+        if s.gated and not s.concatenated and b_in is not None:  # interleaved -> [g; u]
+            b_in = torch.cat([b_in[:, 0::2], b_in[:, 1::2]], dim=1)
         return w_in, w_out, b_in, b_out
 
     def _moevl_experts(
@@ -373,6 +397,13 @@ class AdoptedMoEBlock(HFMoEBlock):
         if torch.is_autocast_enabled(hidden.device.type):
             compute_dtype = torch.get_autocast_dtype(hidden.device.type)
         params = [None if p is None else p.to(compute_dtype) for p in self.expert_weights()]
+        experts, lora = self.experts, None
+        adapters: list[Tensor | None] = [None] * 4
+        if experts.lora is not None:
+            lora = lora_inputs(
+                experts.lora, indices.numel(), hidden.shape[-1], params[1].shape[-1], hidden, self.training
+            )
+            adapters = [experts._parameters[n].to(compute_dtype) for n in self.lora_parameter_names()]
         if self.implementation == "grouped" and not can_use_grouped_mm(
             hidden, *[p for p in params if p is not None]
         ):
@@ -390,8 +421,50 @@ class AdoptedMoEBlock(HFMoEBlock):
                 self.spec.activation,
                 self.spec.gated,
                 *params,
+                lora,
+                *adapters,
             )
         return y, anchor if observer is not None else None
+
+    def lora_parameter_names(self) -> list[str]:
+        """The experts' LoRA factors ``A_in, B_in, A_out, B_out`` (moevl's layout: (out, in), rows ``[gate; up]``)."""
+        first = "gate_up_proj" if self.spec.gated else "up_proj"
+        return [*lora_names(first), *lora_names("down_proj")]
+
+    def add_experts_lora(self, config: LoRAConfig) -> None:
+        """LoRA adapters on the native experts, run by moevl's experts function (``moevl.moe.lora``)."""
+        if not self.spec.own_function or self.implementation == "loop":
+            why = self.spec.reason or "implementation='loop' runs the native eager loop"
+            raise ValueError(
+                f"LoRA on the experts needs moevl's experts function, but {why} ({self.native_class_name}); "
+                "leave 'experts' out of lora.targets"
+            )
+        w_in, w_out, _, _ = self.expert_weights()
+        first = "gate_up_proj" if self.spec.gated else "up_proj"
+        layers = {first: tuple(w_in.shape[1:]), "down_proj": tuple(w_out.shape[1:])}
+        add_expert_lora(
+            self.experts, layers=layers, num_experts=self.experts.num_experts, config=config, like=w_out
+        )
+        self.experts.__dict__["lora"] = config
+
+    @torch.no_grad()
+    def merge_experts_lora(self, *, fold: bool = True) -> None:
+        """Fold the experts' adapters into the native tensors (their own layout) and remove them
+        (``fold=False``: remove them only)."""
+        experts, config = self.experts, self.experts.lora
+        a_in, b_in, a_out, b_out = (experts._parameters[n] for n in self.lora_parameter_names())
+        first = "gate_up_proj" if self.spec.gated else "up_proj"
+        for name, delta in (
+            (first, merged_delta(a_in, b_in, config.scale)),
+            ("down_proj", merged_delta(a_out, b_out, config.scale)),
+        ):
+            delta = to_native_layout(delta, self.spec, first=name != "down_proj")
+            w = experts._parameters[name]
+            if fold:
+                w.copy_((w.float() + delta).to(w.dtype))
+        for n in self.lora_parameter_names():
+            del experts._parameters[n]
+        experts.__dict__["lora"] = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -915,6 +988,15 @@ def adopt(
                 raise ValueError(
                     f"adopt: STGC needs moevl's experts function, but {why} (layer {i}); adopt without stgc"
                 )
+    if settings.lora is not None and "experts" in settings.lora.targets:
+        for i in chosen:
+            spec = derived[i][4]
+            if not spec.own_function or implementation == "loop":
+                why = spec.reason or "implementation='loop' is the native eager loop"
+                raise ValueError(
+                    f"adopt: LoRA on the experts needs moevl's experts function, but {why} (layer {i}); "
+                    "leave 'experts' out of lora.targets"
+                )
     settings = dataclasses.replace(settings, num_experts=model_e, top_k=model_k, layers=tuple(chosen))
     takes_flag = "output_router_logits" in inspect.signature(model.forward).parameters
     context = RoutingContext(
@@ -965,4 +1047,8 @@ def adopt(
     if freeze_dense:
         freeze_all_but_moe(model)
     attach(model, settings=settings, context=context)
+    if settings.lora is not None:
+        from moevl.hf.lora import apply_lora
+
+        apply_lora(model, settings.lora)
     return model

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,10 +266,27 @@ def load_moe_model(
     if method == "adopt":
         # NOTE: adopt checks its routing rule against the native block's own outputs on probes, so the
         # weights are loaded first (an adopted model keeps the native keys): never probes on uninitialised
-        # memory, which may hold NaN
+        # memory, which may hold NaN. LoRA adapters come after adopt: the native tensors load first (under
+        # their names before PEFT's ``base_layer``), then every tensor, adapters included.
         if not native_files:
+            _load_weights_strict(
+                model,
+                directory,
+                stored.weight_files,
+                caller="load_moe_model",
+                transform=None if settings.lora is None else _without_lora,
+            )
+        adopt(
+            model,
+            dataclasses.replace(settings, lora=None),
+            implementation=implementation,
+            freeze_dense=freeze_dense,
+        )
+        if settings.lora is not None:
+            from moevl.hf.lora import apply_lora
+
+            apply_lora(model, settings.lora)
             _load_weights_strict(model, directory, stored.weight_files, caller="load_moe_model")
-        adopt(model, settings, implementation=implementation, freeze_dense=freeze_dense)
         return model.eval()
     upcycle(model, settings, implementation=implementation, freeze_dense=freeze_dense)
     _load_weights_strict(model, directory, stored.weight_files, caller="load_moe_model")
@@ -417,9 +434,24 @@ def _weight_files(directory: Path, name: str) -> tuple[Path, ...]:
     return files
 
 
-def _load_weights_strict(model: nn.Module, directory: Path, files: tuple[Path, ...], *, caller: str) -> None:
-    """Copy the tensors of ``files`` into ``model``: every key known, every shape equal, every
-    model tensor present (tied copies aside); else ``ValueError`` naming the keys."""
+def _without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint with LoRA adapters as the model had them before ``apply_lora``: no adapter
+    factors, PEFT's ``base_layer`` names back to the layer's own."""
+    from moevl.hf.lora import is_lora_parameter
+
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not is_lora_parameter(k)}
+
+
+def _load_weights_strict(
+    model: nn.Module,
+    directory: Path,
+    files: tuple[Path, ...],
+    *,
+    caller: str,
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Copy the tensors of ``files`` (through ``transform``, if given) into ``model``: every key known,
+    every shape equal, every model tensor present (tied copies aside); else ``ValueError`` naming the keys."""
     from safetensors import safe_open
 
     expected = model.state_dict(keep_vars=True)
@@ -434,6 +466,8 @@ def _load_weights_strict(model: nn.Module, directory: Path, files: tuple[Path, .
             raise ValueError(
                 f"{caller}: {file} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from None
+        if transform is not None:
+            state = transform(state)
         if not set(state) <= set(expected):
             state = _to_model_key_names(model, state)
         for key, value in state.items():

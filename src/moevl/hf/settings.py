@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moevl.moe.checks import check_choice, check_float, check_int
+from moevl.moe.lora import LoRAConfig
 from moevl.moe.ltdr import LTDRConfig
 from moevl.stgc import STGCConfig
 
@@ -50,6 +51,9 @@ class MoESettings:
         capacity_factor: None (dropless) or the capacity factor (> 0).
         jitter: Switch-style multiplicative router input noise in training, in ``[0, 1)``
             (upcycled routers; an adopted model keeps its own ``router_jitter_noise``).
+        lora: LoRA adapters (``moevl.moe.lora.LoRAConfig``: ``r``, ``alpha``, ``dropout``, ``targets``
+            among experts, routers, attention), or None for full-weight tuning. Structural: the adapters'
+            tensors are part of the checkpoint (``moevl.hf.lora.merge_lora`` / ``export`` fold them in).
     """
 
     num_experts: int | None = None
@@ -62,6 +66,7 @@ class MoESettings:
     balance_from: Literal["top1", "topk"] = "top1"
     capacity_factor: float | None = None
     jitter: float = 0.0
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts is not None:
@@ -89,6 +94,10 @@ class MoESettings:
         if self.capacity_factor is not None:
             check_float("capacity_factor", self.capacity_factor, minimum=0.0, exclusive_minimum=True)
         check_float("jitter", self.jitter, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        if self.lora is not None:
+            if not isinstance(self.lora, LoRAConfig):
+                raise ValueError(f"lora must be a LoRAConfig or None, got {self.lora!r}")
+            self.lora.__post_init__()  # every field valid (a replace() or a hand-built object included)
 
     @property
     def router(self) -> str:
@@ -116,8 +125,9 @@ class MoESettings:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, STGCConfig | LTDRConfig):
+            if isinstance(value, STGCConfig | LTDRConfig | LoRAConfig):
                 value = dataclasses.asdict(value)
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -142,7 +152,7 @@ class MoESettings:
             )
         if isinstance(data.get("stgc"), Mapping):
             data["stgc"] = {**_STGC_BEFORE_WEIGHT_MODE, **data["stgc"]}
-        for key, config_cls in (("stgc", STGCConfig), ("ltdr", LTDRConfig)):
+        for key, config_cls in (("stgc", STGCConfig), ("ltdr", LTDRConfig), ("lora", LoRAConfig)):
             if data.get(key) is not None:
                 data[key] = _nested(key, data[key], config_cls)
         if router is not None:

@@ -51,7 +51,7 @@ def upcycle(
             ``"alternate"``; ``balance_coef`` None means MoE-LLaVA's 0.01), or None and the same
             fields as keyword arguments: ``num_experts``, ``top_k``, ``layers``, ``router``
             (``"topk"`` | ``"ltdr"``), ``ltdr``, ``stgc``, ``balance_coef``, ``z_loss_coef``,
-            ``balance_from``, ``capacity_factor``, ``jitter``. Not both.
+            ``balance_from``, ``capacity_factor``, ``jitter``, ``lora`` (``moevl.hf.lora``). Not both.
         freeze_dense: train only experts and routers (MoE-LLaVA stage 3).
         implementation: experts implementation (``auto``, ``grouped``, ``loop``).
     Returns:
@@ -96,4 +96,8 @@ def upcycle(
     if freeze_dense:
         freeze_all_but_moe(model)
     attach(model, settings=settings, context=context)
+    if settings.lora is not None:
+        from moevl.hf.lora import apply_lora
+
+        apply_lora(model, settings.lora)
     return model

@@ -6,6 +6,7 @@ slots per token, ``D`` model dim, ``H`` expert hidden dim.
 
 from moevl.moe.experts import GroupedExperts
 from moevl.moe.layer import MoEFeedForward, MoEOutput
+from moevl.moe.lora import LoRAConfig, RouterLoRA
 from moevl.moe.ltdr import LTDRConfig, LTDRRouter, ltdr_tail_mask
 from moevl.moe.routing import RoutingRecord, TopKRouter, balance_loss, router_z_loss
 
@@ -13,8 +14,10 @@ __all__ = [
     "GroupedExperts",
     "LTDRConfig",
     "LTDRRouter",
+    "LoRAConfig",
     "MoEFeedForward",
     "MoEOutput",
+    "RouterLoRA",
     "RoutingRecord",
     "TopKRouter",
     "balance_loss",

@@ -67,6 +67,13 @@ class ExpertGrads:
         anchor_grad: gradient of the loss w.r.t. the observer's zero-valued anchor, None if the
             anchor is not part of the loss.
         observed: the observed tensor's value (detached), e.g. the router logits (N, E).
+        output_layers: how many of ``layers`` (at the end) belong to the expert's output projection:
+            1 for the projection itself; 2 for its LoRA factors ``A``, ``B`` (``moevl.moe.lora``).
+
+    Which layers are listed: those whose parameters train. Full weights train: ``in`` and ``out``;
+    LoRA on frozen weights: the four adapter factors (each token's gradient on a factor is again an
+    outer product, ``LinearGrads``' doc); nothing in the experts trains: the full weights (the
+    gradient they would get).
     """
 
     layers: list[LinearGrads]
@@ -76,6 +83,7 @@ class ExpertGrads:
     offsets: Tensor
     anchor_grad: Tensor | None
     observed: Tensor | None
+    output_layers: int = 1
 
 
 class ExpertGradientObserver(Protocol):
@@ -152,16 +160,64 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, d: Dispatch) 
 
 
 def linear_backward(
-    x: Tensor, dy: Tensor, weight: Tensor, bias: Tensor | None, d: Dispatch, *, input_grad: bool = True
-) -> tuple[Tensor | None, LinearGrads]:
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    d: Dispatch,
+    *,
+    input_grad: bool = True,
+    param_grads: bool = True,
+) -> tuple[Tensor | None, LinearGrads | None]:
     """Backward of ``linear_forward``: the input gradient (P, d_in) (None unless ``input_grad``;
-    garbage in unused rows) and the layer's ``LinearGrads``. ``dy`` may hold garbage in unused rows."""
+    garbage in unused rows) and the layer's ``LinearGrads`` (None unless ``param_grads``: a frozen
+    weight under LoRA costs no (E, d_out, d_in) gradient). ``dy`` may hold garbage in unused rows."""
+    dx = grouped_matmul(dy, weight, d.offsets) if input_grad else None
+    if not param_grads:
+        return dx, None
     dw = grouped_weight_grad(dy, x, d.offsets)  # (E, d_out, d_in); unused rows are not read
     db = None
     if bias is not None:  # unused rows land in the extra row E, dropped
         db = dy.new_zeros(d.num_experts + 1, dy.shape[1]).index_add_(0, d.expert_ids, dy)[:-1]
-    dx = grouped_matmul(dy, weight, d.offsets) if input_grad else None
     return dx, LinearGrads(x, dy, dw, db)
+
+
+@dataclass(frozen=True)
+class LoRAInputs:
+    """The non-parameter inputs of the experts' LoRA adapters (``moevl.moe.lora``).
+
+    Attributes:
+        scale: ``alpha / r``.
+        in_mask, out_mask: (P, D) and (P, H) dropout masks of the two adapters' inputs, rows in
+            the dispatch order (already scaled by ``1 / (1 - p)``), or None without dropout.
+    """
+
+    scale: float
+    in_mask: Tensor | None = None
+    out_mask: Tensor | None = None
+
+
+def lora_forward(x: Tensor, a: Tensor, b: Tensor, scale: float, d: Dispatch) -> tuple[Tensor, Tensor]:
+    """``scale · B_e A_e x`` of each row: x (P, d_in) (dropout applied), a (E, r, d_in), b (E, d_out, r)
+    -> (delta (P, d_out), u = A_e x (P, r), kept for the backward)."""
+    u = grouped_matmul(x, a.transpose(1, 2), d.offsets)  # (P, r)
+    delta = grouped_matmul(u, b.transpose(1, 2), d.offsets)  # (P, d_out)
+    return delta.mul_(scale), u
+
+
+def lora_backward(
+    x: Tensor, u: Tensor, dy: Tensor, a: Tensor, b: Tensor, scale: float, d: Dispatch, *, input_grad: bool
+) -> tuple[Tensor | None, LinearGrads, LinearGrads]:
+    """Backward of ``lora_forward`` for the output gradient dy (P, d_out): the gradient of its input x
+    (P, d_in, before the dropout mask; None unless ``input_grad``) and the two factors as linear layers:
+    ``B`` with inputs ``u`` and output gradients ``scale · δ``, ``A`` with inputs ``x`` and output
+    gradients ``scale · Bᵀ δ``. Each token's gradient on a factor is the outer product of the two."""
+    dy_b = dy * scale  # (P, d_out) the gradient at B's output
+    db = grouped_weight_grad(dy_b, u, d.offsets)  # (E, d_out, r)
+    du = grouped_matmul(dy_b, b, d.offsets)  # (P, r) the gradient at A's output
+    da = grouped_weight_grad(du, x, d.offsets)  # (E, r, d_in)
+    dx = grouped_matmul(du, a, d.offsets) if input_grad else None
+    return dx, LinearGrads(x, du, da, None), LinearGrads(u, dy_b, db, None)
 
 
 def _hidden(a: Tensor, act: Activation, gated: bool) -> Tensor:
@@ -201,20 +257,36 @@ class ExpertsFunction(torch.autograd.Function):
 
     Inputs: hidden (N, D), weights (N, K) combine weights, observed (N, E) or None, the observer or
     None, the ``Dispatch``, the activation, ``gated``, then ``w_in`` (E, 2H | H, D), ``w_out``
-    (E, D, H), ``b_in``, ``b_out`` (E, out) or None; everything in one dtype.
+    (E, D, H), ``b_in``, ``b_out`` (E, out) or None; then the LoRA adapters (``moevl.moe.lora``):
+    ``LoRAInputs`` or None, and ``A_in`` (E, r, D), ``B_in`` (E, 2H | H, r), ``A_out`` (E, r, H),
+    ``B_out`` (E, D, r) or four None. With adapters each linear layer is ``W x + b + s · B A x̃``
+    (``x̃`` the dropout-masked input); everything in one dtype.
     Outputs: y (N, D) and a zero scalar anchor (its gradient reaches the observer).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weights, observed, observer, d, act, gated, w_in, w_out, b_in, b_out):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden, weights, observed, observer, d, act, gated, w_in, w_out, b_in, b_out,
+        lora=None, a_in=None, bb_in=None, a_out=None, bb_out=None,
+    ):  # fmt: skip
         w_rows = weights.reshape(-1).index_select(0, d.order)  # (P,)
         xs = hidden.index_select(0, d.token_ids)  # (P, D) in expert order
         a = linear_forward(xs, w_in, b_in, d)  # (P, 2H) or (P, H)
-        ys = linear_forward(_hidden(a, act, gated), w_out, b_out, d)  # (P, D)
+        u_in = u_out = None
+        if lora is not None:
+            delta, u_in = lora_forward(_masked(xs, lora.in_mask), a_in, bb_in, lora.scale, d)
+            a += delta
+        h = _hidden(a, act, gated)
+        ys = linear_forward(h, w_out, b_out, d)  # (P, D)
+        if lora is not None:
+            delta, u_out = lora_forward(_masked(h, lora.out_mask), a_out, bb_out, lora.scale, d)
+            ys += delta
         zero_unused_rows_(ys.mul_(w_rows[:, None]), d)
         y = ys.new_zeros(hidden.shape).index_add_(0, d.token_ids, ys)
-        ctx.save_for_backward(xs, a, w_rows, w_in, w_out, b_in, b_out)
-        ctx.d, ctx.act, ctx.gated, ctx.observer = d, act, gated, observer
+        ctx.save_for_backward(
+            xs, a, w_rows, w_in, w_out, b_in, b_out, u_in, u_out, a_in, bb_in, a_out, bb_out
+        )
+        ctx.d, ctx.act, ctx.gated, ctx.observer, ctx.lora = d, act, gated, observer, lora
         ctx.observed = None if observed is None else observed.detach()
         ctx.weights_shape = weights.shape
         ctx.set_materialize_grads(False)
@@ -222,46 +294,109 @@ class ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_anchor):  # type: ignore[override]
-        xs, a, w_rows, w_in, w_out, b_in, b_out = ctx.saved_tensors
+        xs, a, w_rows, w_in, w_out, b_in, b_out, u_in, u_out, a_in, bb_in, a_out, bb_out = ctx.saved_tensors
         if grad_y is None:
-            return (None,) * 11
+            return (None,) * 16
         d: Dispatch = ctx.d
-        observer = ctx.observer
+        observer, lora = ctx.observer, ctx.lora
+        needs = ctx.needs_input_grad
+        base_trains = any(needs[7:11])
+        lora_trains = lora is not None and any(needs[12:16])
+        # the observer sees the layers whose parameters train (ExpertGrads' doc)
+        base_grads = base_trains or (observer is not None and not lora_trains)
         g_rows = grad_y.index_select(0, d.token_ids)  # (P, D) ∂L/∂y of each row's token
         h, s = _hidden_with_act(a, ctx.act, ctx.gated)  # recomputed: cheaper than keeping them
         dh = grouped_matmul(g_rows, w_out, d.offsets)  # (P, H), before the combine weight
 
-        # ∂L/∂w_{t,s} = <g_t, W_e h + b_e> = <g_t W_e, h> + <g_t, b_e>
+        # ∂L/∂w_{t,s} = <g_t, W_e h + b_e + s B_e u_t> = <g_t W_e, h> + <g_t, b_e> + s <g_t B_e, u_t>
         dw_rows = None
-        if ctx.needs_input_grad[1] and b_out is not None:
+        if needs[1] and b_out is not None:
             dw_rows = (g_rows @ b_out.t()).gather(1, d.expert_ids.clamp(max=d.num_experts - 1)[:, None])[:, 0]
+        if needs[1] and lora is not None:
+            lora_w = (grouped_matmul(g_rows, bb_out, d.offsets) * u_out).sum(-1).mul_(lora.scale)
+            dw_rows = lora_w if dw_rows is None else dw_rows + lora_w
         dy = g_rows.mul_(w_rows[:, None])  # (P, D) ∂L/∂(expert output) of each row
-        _, out_layer = linear_backward(h, dy, w_out, b_out, d, input_grad=False)
+        out_layers: list[LinearGrads] = []
+        dh_lora = None
+        if lora is not None:
+            h_in = _masked(h, lora.out_mask)
+            dh_lora, out_a, out_b = lora_backward(
+                h_in, u_out, dy, a_out, bb_out, lora.scale, d, input_grad=True
+            )
+            dh_lora = _masked(dh_lora, lora.out_mask)
+            out_layers = [out_a, out_b] if lora_trains else []
+        _, out_layer = linear_backward(h, dy, w_out, b_out, d, input_grad=False, param_grads=base_grads)
         grad_weights = None
-        if ctx.needs_input_grad[1]:
-            # h is not needed any more unless the observer reads it
-            hdh = (h * dh if observer is not None else h.mul_(dh)).sum(-1)
+        if needs[1]:
+            # h is not needed any more unless the observer or the adapter reads it
+            keep_h = observer is not None or lora is not None
+            hdh = (h * dh if keep_h else h.mul_(dh)).sum(-1)
             dw_rows = hdh if dw_rows is None else dw_rows + hdh
             zero_unused_rows_(dw_rows, d)
             grad_weights = torch.empty_like(dw_rows).index_copy_(0, d.order, dw_rows).view(ctx.weights_shape)
 
-        da = _hidden_backward(a, s, dh.mul_(w_rows[:, None]), ctx.act, ctx.gated)
-        dxs, in_layer = linear_backward(xs, da, w_in, b_in, d, input_grad=ctx.needs_input_grad[0])
+        dh = dh.mul_(w_rows[:, None])
+        if dh_lora is not None:
+            dh += dh_lora
+        da = _hidden_backward(a, s, dh, ctx.act, ctx.gated)
+        in_layers: list[LinearGrads] = []
+        dxs_lora = None
+        if lora is not None:
+            x_in = _masked(xs, lora.in_mask)
+            dxs_lora, in_a, in_b = lora_backward(
+                x_in, u_in, da, a_in, bb_in, lora.scale, d, input_grad=needs[0]
+            )
+            dxs_lora = _masked(dxs_lora, lora.in_mask)
+            in_layers = [in_a, in_b] if lora_trains else []
+        dxs, in_layer = linear_backward(xs, da, w_in, b_in, d, input_grad=needs[0], param_grads=base_grads)
         grad_hidden = None
         if dxs is not None:
+            if dxs_lora is not None:
+                dxs += dxs_lora
             grad_hidden = dxs.new_zeros(grad_y.shape).index_add_(0, d.token_ids, zero_unused_rows_(dxs, d))
 
         grad_observed = None
         if observer is not None:
-            grad_observed = observer.backward(_used_rows(d, [in_layer, out_layer], grad_anchor, ctx.observed))
+            layers = [*([in_layer] if base_grads else []), *in_layers]
+            output_layers = len(out_layers) + (1 if base_grads else 0)
+            layers += [*([out_layer] if base_grads else []), *out_layers]
+            grad_observed = observer.backward(_used_rows(d, layers, grad_anchor, ctx.observed, output_layers))
             if ctx.observed is None:
                 grad_observed = None
-        grads = (in_layer.weight_grad, out_layer.weight_grad, in_layer.bias_grad, out_layer.bias_grad)
-        param_grads = tuple(g if ctx.needs_input_grad[7 + i] else None for i, g in enumerate(grads))
-        return (grad_hidden, grad_weights, grad_observed, None, None, None, None, *param_grads)
+        base = (None,) * 4
+        if base_trains:
+            base = (in_layer.weight_grad, out_layer.weight_grad, in_layer.bias_grad, out_layer.bias_grad)
+        adapters = (None,) * 4
+        if lora is not None:
+            adapters = (in_a.weight_grad, in_b.weight_grad, out_a.weight_grad, out_b.weight_grad)
+        param_grads = tuple(g if needs[7 + i] else None for i, g in enumerate(base))
+        lora_grads = tuple(g if needs[12 + i] else None for i, g in enumerate(adapters))
+        return (
+            grad_hidden,
+            grad_weights,
+            grad_observed,
+            None,
+            None,
+            None,
+            None,
+            *param_grads,
+            None,
+            *lora_grads,
+        )
 
 
-def _used_rows(d: Dispatch, layers: list[LinearGrads], anchor_grad: Tensor | None, observed: Tensor | None):
+def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
+    """``t · mask`` (a fresh tensor), or ``t`` itself without a mask."""
+    return t if mask is None else t * mask
+
+
+def _used_rows(
+    d: Dispatch,
+    layers: list[LinearGrads],
+    anchor_grad: Tensor | None,
+    observed: Tensor | None,
+    output_layers: int = 1,
+):
     """The observer's view: the used rows only (reads their number on the host: backward only)."""
     p = int(d.offsets[-1])
     return ExpertGrads(
@@ -272,4 +407,5 @@ def _used_rows(d: Dispatch, layers: list[LinearGrads], anchor_grad: Tensor | Non
         offsets=d.offsets,
         anchor_grad=anchor_grad,
         observed=observed,
+        output_layers=output_layers,
     )

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moevl.moe.activations import Activation
-from moevl.moe.expert_function import Dispatch, ExpertGradientObserver, ExpertsFunction, dispatch
+from moevl.moe.expert_function import Dispatch, ExpertGradientObserver, ExpertsFunction, LoRAInputs, dispatch
 from moevl.moe.grouped_mm import can_use_grouped_mm
+from moevl.moe.lora import LoRAConfig, add_expert_lora, lora_inputs, lora_names, merged_delta
 
 Implementation = Literal["auto", "grouped", "loop"]
 
@@ -46,6 +47,9 @@ class GroupedExperts(nn.Module):
         implementation: ``auto`` (grouped matmul where it can run, else a per-expert loop, with the
             hand-written backward), ``grouped`` (the same, grouped matmul required), ``loop``
             (plain autograd per expert; reference, no gradient observer).
+
+    ``add_lora`` gives each layer LoRA adapters (``moevl.moe.lora``): ``{layer}_lora_A`` (E, r, in) and
+    ``{layer}_lora_B`` (E, out, r); ``merge_lora`` folds them into the weights and removes them.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class GroupedExperts(nn.Module):
         self.gated = gated
         self.activation = Activation.resolve(activation)
         self.implementation: Implementation = implementation
+        self.lora: LoRAConfig | None = None
         e, d, h = num_experts, hidden_size, intermediate_size
         self.in_name = "gate_up_proj" if gated else "up_proj"
         in_rows = 2 * h if gated else h
@@ -86,6 +91,44 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(w, std=w.shape[-1] ** -0.5)
             if b is not None:
                 nn.init.zeros_(b)
+
+    def add_lora(self, config: LoRAConfig) -> None:
+        """LoRA adapters on both layers (``B = 0``: the experts compute what they did)."""
+        if self.lora is not None:
+            raise ValueError("these experts already have LoRA adapters")
+        rows = self.in_proj.shape[1]
+        layers = {
+            self.in_name: (rows, self.hidden_size),
+            "down_proj": (self.hidden_size, self.intermediate_size),
+        }
+        add_expert_lora(self, layers=layers, num_experts=self.num_experts, config=config, like=self.down_proj)
+        self.lora = config
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(A_in, B_in, A_out, B_out)``."""
+        a_in, b_in = (getattr(self, n) for n in lora_names(self.in_name))
+        a_out, b_out = (getattr(self, n) for n in lora_names("down_proj"))
+        return a_in, b_in, a_out, b_out
+
+    @torch.no_grad()
+    def merge_lora(self, *, fold: bool = True) -> None:
+        """``W += (alpha / r) · B A`` for both layers (in float32, then the weight's dtype); the adapters go.
+        ``fold=False`` removes them without changing ``W``."""
+        if self.lora is None:
+            raise ValueError("these experts have no LoRA adapters to merge")
+        for layer in (self.in_name, "down_proj"):
+            name_a, name_b = lora_names(layer)
+            w = getattr(self, layer)
+            if fold:
+                w.copy_(
+                    (
+                        w.float()
+                        + merged_delta(getattr(self, name_a), getattr(self, name_b), self.lora.scale)
+                    ).to(w.dtype)
+                )
+            delattr(self, name_a)
+            delattr(self, name_b)
+        self.lora = None
 
     @property
     def in_proj(self) -> Tensor:
@@ -103,16 +146,27 @@ class GroupedExperts(nn.Module):
             f"activation={self.activation.name}, implementation={self.implementation}"
         )
 
-    def expert_mlp(self, x: Tensor, e: int) -> Tensor:
-        """Expert ``e`` applied to x (M, D) with plain autograd ops (the reference)."""
+    def expert_mlp(
+        self, x: Tensor, e: int, *, in_mask: Tensor | None = None, out_mask: Tensor | None = None
+    ) -> Tensor:
+        """Expert ``e`` applied to x (M, D) with plain autograd ops (the reference); with LoRA adapters,
+        ``in_mask`` (M, D) / ``out_mask`` (M, H) are their dropout masks (None: no dropout)."""
         b_in, b_out = self.in_proj_bias, self.down_proj_bias
         a = F.linear(x, self.in_proj[e], None if b_in is None else b_in[e])
+        if self.lora is not None:
+            a_in, bb_in, a_out, bb_out = self.lora_factors()
+            x_in = x if in_mask is None else x * in_mask
+            a = a + self.lora.scale * F.linear(F.linear(x_in, a_in[e]), bb_in[e])
         if self.gated:
             gate, up = a.chunk(2, dim=-1)
             hid = self.activation(gate) * up
         else:
             hid = self.activation(a)
-        return F.linear(hid, self.down_proj[e], None if b_out is None else b_out[e])
+        y = F.linear(hid, self.down_proj[e], None if b_out is None else b_out[e])
+        if self.lora is not None:
+            h_in = hid if out_mask is None else hid * out_mask
+            y = y + self.lora.scale * F.linear(F.linear(h_in, a_out[e]), bb_out[e])
+        return y
 
     def forward(
         self,
@@ -151,13 +205,20 @@ class GroupedExperts(nn.Module):
             compute_dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
         d = dispatch(indices, self.num_experts)
+        lora = None
+        if self.lora is not None:
+            rows = indices.numel()
+            lora = lora_inputs(
+                self.lora, rows, self.hidden_size, self.intermediate_size, hidden, self.training
+            )
         if self.implementation == "loop":
-            return self._loop_forward(hidden, weights, d), None
+            return self._loop_forward(hidden, weights, d, lora), None
 
         params = [
             None if p is None else p.to(compute_dtype)
             for p in (self.in_proj, self.down_proj, self.in_proj_bias, self.down_proj_bias)
         ]
+        adapters = [None] * 4 if lora is None else [p.to(compute_dtype) for p in self.lora_factors()]
         if self.implementation == "grouped" and not can_use_grouped_mm(
             hidden, *[p for p in params if p is not None]
         ):
@@ -169,19 +230,31 @@ class GroupedExperts(nn.Module):
         observed = observed if observer is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             y, anchor = ExpertsFunction.apply(
-                hidden, weights, observed, observer, d, self.activation, self.gated, *params
+                hidden, weights, observed, observer, d, self.activation, self.gated, *params, lora, *adapters
             )
         return y, anchor if observer is not None else None
 
-    def _loop_forward(self, hidden: Tensor, weights: Tensor, d: Dispatch) -> Tensor:
-        """The plain-autograd reference: one ``expert_mlp`` call per expert on its used rows."""
+    def _loop_forward(
+        self, hidden: Tensor, weights: Tensor, d: Dispatch, lora: LoRAInputs | None = None
+    ) -> Tensor:
+        """The plain-autograd reference: one ``expert_mlp`` call per expert on its used rows (the LoRA
+        dropout masks' rows are the dispatch order's, as in the grouped path)."""
         ends = d.offsets.tolist()
         used = slice(0, ends[-1])
         xs = hidden.index_select(0, d.token_ids[used])  # (P, D) sorted by expert
         starts = [0, *ends[:-1]]
+        in_mask = None if lora is None else lora.in_mask
+        out_mask = None if lora is None else lora.out_mask
+
+        def rows(mask: Tensor | None, s: int, t: int) -> Tensor | None:
+            return None if mask is None else mask[s:t]
+
         ys = torch.cat(
             [xs[:0]]
-            + [self.expert_mlp(xs[s:t], e) for e, (s, t) in enumerate(zip(starts, ends, strict=True))]
+            + [
+                self.expert_mlp(xs[s:t], e, in_mask=rows(in_mask, s, t), out_mask=rows(out_mask, s, t))
+                for e, (s, t) in enumerate(zip(starts, ends, strict=True))
+            ]
         )
         ys = ys * weights.reshape(-1)[d.order[used]][:, None]
         return ys.new_zeros(hidden.shape).index_add(0, d.token_ids[used], ys)

@@ -330,6 +330,7 @@ class TopKRouter(nn.Module):
         self.jitter = jitter
         self.router_dtype = dtype
         self.own_weight = own_weight
+        self.lora: nn.Module | None = None  # a moevl.moe.lora.RouterLoRA: s · B A x added to the logits
         if own_weight:
             self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
             nn.init.normal_(self.weight, std=0.02)
@@ -370,7 +371,10 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(hidden).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             hidden = hidden * noise
-        return F.linear(hidden.to(self.router_dtype), self.weight.to(self.router_dtype))
+        logits = F.linear(hidden.to(self.router_dtype), self.weight.to(self.router_dtype))
+        if self.lora is not None:
+            logits = logits + self.lora(hidden).to(self.router_dtype)
+        return logits
 
     def forward(
         self, hidden: Tensor, *, token_mask: Tensor | None = None, vision_mask: Tensor | None = None

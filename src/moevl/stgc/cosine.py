@@ -66,7 +66,8 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
 
     Args:
         grads: the experts' backward view (rows sorted by expert).
-        scope: ``all`` (every linear layer), ``last`` (the output projection), ``delta`` (cosine of
+        scope: ``all`` (every linear layer), ``last`` (the output projection: its LoRA factors under
+            LoRA, ``grads.output_layers``), ``delta`` (cosine of
             the output gradient ``δ_t`` against the expert's mean ``δ``: a cheap proxy).
     Returns:
         (P,) float32 cosine of each dispatched (token, expert) pair.
@@ -77,7 +78,7 @@ def grouped_token_gradient_cosine(grads: ExpertGrads, scope: str) -> Tensor:
         d = grads.layers[-1].out_grads.float()
         mean = d.new_zeros(counts.shape[0], d.shape[1]).index_add_(0, e_ids, d) / counts[:, None]
         return _safe_cosine(torch.linalg.vecdot(d, mean[e_ids]), _sqnorm(d, -1), _sqnorm(mean, -1)[e_ids])
-    layers = grads.layers if scope == "all" else grads.layers[-1:]
+    layers = grads.layers if scope == "all" else grads.layers[-grads.output_layers :]
     p = e_ids.shape[0]
     inner = torch.zeros(p, dtype=torch.float32, device=e_ids.device)
     token_norm2 = torch.zeros_like(inner)

@@ -65,7 +65,11 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
 
 
 def set_trainable(model: nn.Module, parts: Iterable[str]) -> int:
-    """Train only ``parts`` (names from ``PARTS``); returns the number of trainable parameters."""
+    """Train only ``parts`` (names from ``PARTS``); returns the number of trainable parameters.
+
+    With LoRA adapters (``moe.lora``): every adapter trains, the weights they adapt never do, and the other
+    parameters of ``parts`` train fully (stage 3's ``[experts, routers]`` with ``targets: [experts]``: the
+    experts' adapters and the routers)."""
     parts = set(parts)
     unknown = parts - set(PARTS)
     if unknown:
@@ -75,6 +79,9 @@ def set_trainable(model: nn.Module, parts: Iterable[str]) -> int:
     missing = parts - present
     if missing & {"experts", "routers"}:
         raise ValueError(f"parts {sorted(missing)} were asked to train, but the model has no MoE layers")
+    from moevl.hf.lora import is_lora_parameter, lora_frozen_parameters
+
+    frozen = lora_frozen_parameters(model)  # the weights LoRA adapts (moevl.hf.lora): never trained
     for name, p in model.named_parameters():
-        p.requires_grad_(by_name[name] in parts)
+        p.requires_grad_(is_lora_parameter(name) or (by_name[name] in parts and id(p) not in frozen))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -239,6 +239,23 @@ def prepare_moe(model: torch.nn.Module, settings) -> str:
         raise ConfigError(f"stage 3: {e}") from None
 
 
+def _reconcile_lora(model: torch.nn.Module, lora) -> None:
+    """A sparse checkpoint keeps its LoRA adapters (a recipe without ``moe.lora`` trains them on); one without
+    adapters takes the recipe's ``moe.lora``.
+    ``ConfigError`` when the recipe asks for other adapters than the checkpoint has."""
+    own = model.moe_settings.lora
+    if own is None and lora is not None:
+        from moevl.hf.lora import apply_lora
+
+        apply_lora(model, lora)
+    elif lora is not None and own != lora:
+        have = to_plain(own)
+        raise ConfigError(
+            f"config key 'moe.lora': {to_plain(lora)!r}, but the model's adapters are {have!r}, fixed by its weights "
+            "(give the same moe.lora, or merge them first with `moevl export`)"
+        )
+
+
 def describe_moe(model: torch.nn.Module, how: str) -> str:
     """One line naming the MoE layers of ``model`` and how stage 3 got them, e.g.
     ``adopted 2 MoE layers [0, 1] (E=8, top-2) of Qwen3MoeSparseMoeBlock``."""
@@ -252,6 +269,8 @@ def describe_moe(model: torch.nn.Module, how: str) -> str:
         line += f" of {', '.join(sorted(native))}"
     if how == "reconfigured":
         line += ": experts and routers kept, the method's options applied"
+    if s.lora is not None:
+        line += f"; LoRA r={s.lora.r} alpha={s.lora.alpha:g} on {', '.join(s.lora.targets)}"
     return line
 
 
@@ -371,7 +390,9 @@ def train_stage(
         "method": method if stage == 3 else None,
     }
     if stage == 3:
-        identity |= {f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers")}
+        identity |= {
+            f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers", "lora")
+        }
     resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite)
     on_bad = "skip" if cfg.data.skip_bad_records else "error"
     records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
@@ -395,6 +416,7 @@ def train_stage(
     if settings is not None:
         if sparse_already:
             meta["moe"] = "reconfigured"  # keeps its experts and routers, takes the method's options
+            _reconcile_lora(net, settings.lora)
         else:
             set_seed(seed)  # the routers' initialisation depends on the seed, not on what ran before
             meta["moe"] = prepare_moe(net, settings)
