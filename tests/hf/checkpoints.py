@@ -301,10 +301,10 @@ def _gemma3(out: Path) -> None:
     _save(out, tf.Gemma3ForConditionalGeneration(config), processor)
 
 
-def _idefics3(out: Path) -> None:
-    """Idefics3: each image is split into up to 2x2 tiles of 16 px plus the whole image, each 4 image tokens,
-    written as ``<fake_token_around_image><row_1_col_1><image>*4...\n\n<fake_token_around_image><global-img>
-    <image>*4<fake_token_around_image>`` by the processor."""
+def _idefics3_parts(config_cls, vision_cls, image_processor_cls):
+    """The tokenizer, config and image processor of Idefics3's layout (SmolVLM's too): each image split into up
+    to 2x2 tiles of 16 px plus the whole image, each 4 image tokens, written as ``<fake_token_around_image>
+    <row_1_col_1><image>*4...\n\n<fake_token_around_image><global-img><image>*4<fake_token_around_image>``."""
     core = bpe_tokenizer(IDEFICS3_SPECIALS, "byte", (*WORDS, "User:", "Assistant:"))
     tok = tf.PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<|end_of_text|>", eos_token="<|end_of_text|>",
@@ -315,17 +315,24 @@ def _idefics3(out: Path) -> None:
     text = _llama_text(
         len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
     )
-    config = tf.Idefics3Config(
+    config = config_cls(
         text_config=text,
-        vision_config=_siglip(16, 4, tf.Idefics3VisionConfig),
+        vision_config=_siglip(16, 4, vision_cls),
         scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
-    ip = tf.Idefics3ImageProcessorPil(
+    ip = image_processor_cls(
         size={"longest_edge": 32},
         max_image_size={"longest_edge": 16},
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
+    )
+    return tok, config, ip
+
+
+def _idefics3(out: Path) -> None:
+    tok, config, ip = _idefics3_parts(
+        tf.Idefics3Config, tf.Idefics3VisionConfig, tf.Idefics3ImageProcessorPil
     )
     processor = tf.Idefics3Processor(
         image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
@@ -492,30 +499,9 @@ def _llava_onevision(out: Path) -> None:
 
 
 def _smolvlm(out: Path) -> None:
-    """SmolVLM: Idefics3's layout (image tiles of 16 px, 4 image tokens each) with its own classes; its
-    processor needs torchvision's video processor (``load_processor``) and ``num2words``."""
-    core = bpe_tokenizer(IDEFICS3_SPECIALS, "byte", (*WORDS, "User:", "Assistant:"))
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<|end_of_text|>", eos_token="<|end_of_text|>",
-        bos_token="<|begin_of_text|>", unk_token="<unk>",
-        additional_special_tokens=[t for t in IDEFICS3_SPECIALS if t.startswith(("<row", "<global", "<fake", "<image", "<end_of_u"))],
-    )  # fmt: skip
-    tok.chat_template = IDEFICS3_TEMPLATE
-    text = _llama_text(
-        len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
-    )
-    config = tf.SmolVLMConfig(
-        text_config=text,
-        vision_config=_siglip(16, 4, tf.SmolVLMVisionConfig),
-        scale_factor=2,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-    )
-    ip = tf.SmolVLMImageProcessorPil(
-        size={"longest_edge": 32},
-        max_image_size={"longest_edge": 16},
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
+    """SmolVLM: Idefics3's layout with its own classes; its processor needs torchvision's video processor
+    (``load_processor``) and ``num2words``."""
+    tok, config, ip = _idefics3_parts(tf.SmolVLMConfig, tf.SmolVLMVisionConfig, tf.SmolVLMImageProcessorPil)
     model = tf.SmolVLMForConditionalGeneration(config)
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.generation_config, k, getattr(tok, k))
