@@ -213,7 +213,8 @@ class RoutingRule:
         parts.append(opts.get("scoring", "softmax"))
         parts.append("renormalised" if opts.get("normalize_weights", True) else "not renormalised")
         if self.bias_at is not None:
-            parts.append(f"score bias {'.'.join(p for p in self.bias_at if p)}")
+            on = " on the logits" if opts.get("bias_on") == "logits" else ""
+            parts.append(f"score bias {'.'.join(p for p in self.bias_at if p)}{on}")
         if opts.get("num_groups", 1) > 1:
             parts.append(f"groups {opts['topk_groups']}/{opts['num_groups']} by {opts['group_score']}")
         if opts.get("routed_scaling_factor", 1.0) != 1.0:
@@ -615,15 +616,18 @@ def _candidate_rules(
         None,
         *_bias_candidates(block, router_name, experts_name, num_experts),
     ]
-    for log_p, scoring, normalize, bias, group, scale, expert_scale in itertools.product(
+    for log_p, scoring, normalize, bias, bias_on, group, scale, expert_scale in itertools.product(
         (False, True) if probabilities else (False,),
         ("softmax", "sigmoid"),
         (True, False),
         biases,
+        ("scores", "logits"),
         groups,
         scales,
         biases,
     ):
+        if bias is None and bias_on == "logits":
+            continue  # the same rule as on the scores
         options = dict(
             scoring=scoring,
             normalize_weights=normalize,
@@ -631,6 +635,8 @@ def _candidate_rules(
             routed_scaling_factor=scale,
             **group,
         )
+        if bias_on == "logits":
+            options["bias_on"] = "logits"
         try:  # options TopKRouter refuses (e.g. top_k above what the groups allow) are no candidates
             TopKRouter(hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **options)
         except ValueError:
