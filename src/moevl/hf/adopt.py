@@ -591,14 +591,17 @@ def _candidate_rules(
     top_k: int,
     config: Any,
     probabilities: bool = False,
+    weight_sums: tuple[float, ...] = (),
 ) -> Iterator[RoutingRule]:
     """Candidates, the router's own attributes first; each is checked, none is trusted. E-sized tensors
     are tried as a choice bias and as a per-expert factor on the weights; routing from the log of the
     router's output is tried where that output is ``probabilities`` (rows of non-negative values
-    summing to 1)."""
+    summing to 1). ``weight_sums``: the constant sums of the native weights per token, if they are
+    constant (a scaling the router applies without naming it, e.g. ``/ top_k``), tried as scalings."""
     router = getattr(block, router_name)
     floats = _float_attributes(router, block, config)
-    scales = [1.0, *sorted({v for k, v in floats.items() if "scal" in k.lower() and v > 0 and v != 1.0})]
+    named = {v for k, v in floats.items() if "scal" in k.lower() and v > 0}
+    scales = [1.0, *sorted((named | set(weight_sums)) - {1.0})]
     n_group = _int_attribute(("num_group", "n_group", "num_groups", "n_groups"), router, block, config)
     topk_group = _int_attribute(("topk_group", "topk_groups"), router, block, config)
     groups: list[dict[str, Any]] = [{}]
@@ -808,7 +811,18 @@ def _fit(
         bool((p.logits >= 0).all()) and float((p.logits.sum(-1) - 1).abs().max()) <= 1e-5 for p in probes
     )
     best: tuple[float, RoutingRule | None] = (float("inf"), None)
-    candidates = _candidate_rules(block, router_name, experts_name, num_experts, top_k, config, probabilities)
+    sums = torch.cat([p.weights.reshape(-1, top_k).float().sum(-1) for p in probes])
+    constant = float(sums[0]) if float((sums - sums[0]).abs().max()) <= 1e-6 and float(sums[0]) > 0 else None
+    candidates = _candidate_rules(
+        block,
+        router_name,
+        experts_name,
+        num_experts,
+        top_k,
+        config,
+        probabilities,
+        (constant,) if constant else (),
+    )
     for rule in candidates:
         router = TopKRouter(
             hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **dict(rule.options)
