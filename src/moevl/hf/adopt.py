@@ -495,6 +495,10 @@ def _experts_spec(native: nn.Module, config: Any) -> ExpertsSpec:
         return ExpertsSpec(
             **spec, own_function=False, reason=f"{type(native).__name__} normalises each expert's output"
         )
+    learned = [name for name, child in native.named_children() if any(True for _ in child.parameters())]
+    if learned:  # e.g. a per-expert norm of each route's output (Ergo): moevl's function has no place for it
+        reason = f"{type(native).__name__} computes with modules of its own ({', '.join(learned)})"
+        return ExpertsSpec(**spec, own_function=False, reason=reason)
     apply_gate = getattr(type(native), "_apply_gate", _default_apply_gate)
     if apply_gate is not _default_apply_gate and gated:
         diff = _gate_difference(native, spec["activation"], spec["concatenated"])
