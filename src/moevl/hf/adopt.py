@@ -746,8 +746,24 @@ def _run_probes(block: nn.Module, experts_name: str, num_experts: int) -> tuple[
         )
     ]
     if not routers:
+        n = probes_raw[0][3][0].shape[0]
+        wider = {  # a router scoring more classes than stacked experts: skip or zero-computation experts
+            name: t.shape[-1]
+            for name, outs in probes_raw[0][2].items()
+            for t in (outs[0] if isinstance(outs[0], (tuple, list)) else (outs[0],))
+            if isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dim() == 2
+            and t.shape[0] == n
+            and t.shape[-1] > num_experts
+        }
+        why = "".join(
+            f"; its {name} scores {e} choices for {num_experts} stacked experts (skip or zero-computation "
+            "experts moevl's experts do not have)"
+            for name, e in wider.items()
+        )
         raise NotReproduced(
-            f"{type(block).__name__}: no child module returns (tokens, {num_experts}) router logits"
+            f"{type(block).__name__}: no child module returns (tokens, {num_experts}) router logits{why}"
         )
     name = next((r for r in routers if r in ("gate", "router")), routers[0])
     probes = [
