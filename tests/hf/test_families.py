@@ -11,9 +11,11 @@ its vision/audio towers tiny too), built from the config class's defaults with t
   refusal of STGC names the class, and a plain step is checked instead);
 * ``moevl.hf.export`` writes a native checkpoint that plain transformers reloads with equal logits;
 
-or ``adopt`` refuses the family, naming its block class and why. The families whose tiny config cannot be
-built offline yet are listed (``NOT_BUILT``) and checked to still fail to build. ``python -m
-tests.hf.test_families`` prints the table.
+or ``adopt`` refuses the family, naming its block class and why. The shrinking keeps one decoder layer of
+each kind (attention type, sparse or dense MLP), renumbers layer-index lists and tables, shrinks widths that
+must match a hidden size with it, and tests a composite whose top class has no forward (Qwen3-Omni) through
+its thinker. Families whose tiny config cannot be built offline would be listed in ``NOT_BUILT`` and checked
+to still fail to build (none with transformers 5.25). ``python -m tests.hf.test_families`` prints the table.
 """
 
 from __future__ import annotations
@@ -96,10 +98,13 @@ TOWER = dict(
     downsample_hidden_size=32,
 )
 
-#: keys a family needs beyond the shrunk defaults (per config, or per sub-config name)
+#: keys a family needs beyond the shrunk defaults (per config, or per sub-config name), each for a reason
+#: the shrinking cannot know
 OVERRIDES: dict[str, dict] = {
-    "glm5_next": {"text_config": {"num_key_value_heads": 4}},
-    "dots3_note": {"text_config": {"head_dim": 16}},  # its sliding-window layers: qk_nope + qk_rope head dims
+    # layer kinds or MoE left unset (None) or off in the default config
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["sparse", "sparse"]}},
+    "gemma4": {"text_config": {"enable_moe_block": True}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},
     # all-Mamba by default, which transformers' own mask creation refuses: one attention layer
     "granitemoehybrid": {
         "mamba_n_heads": 8,
@@ -107,11 +112,15 @@ OVERRIDES: dict[str, dict] = {
         "layer_types": ["linear_attention", "full_attention"],
     },
     # attention every 8th layer from layer 4: layer 0 attention, layer 1 Mamba with experts
-    # multimodal RoPE sections not in the default config (the modeling file's defaults fit head_dim 128)
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0},
+    # multimodal RoPE sections the modeling file defaults for head_dim 128 (Ernie: h = w sections)
     "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_theta": 5e5, "mrope_section": [1, 1, 2]}}},
     "glm4v_moe": {"text_config": {"rope_parameters": {"rope_theta": 1e4, "mrope_section": [1, 1, 0]}}},
+    # head dims tied to other dims by the architecture
+    "dots3_note": {"text_config": {"head_dim": 16}},  # sliding-window layers: qk_nope + qk_rope
     "mistral4": {"head_dim": 16},  # its rotary half (head_dim x 0.5) is qk_rope_head_dim
-    # its indexed-attention layers need the indexer's sizes, which the default config leaves unset
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 2},  # keys/values rounded to NVFP4 in blocks of 16
+    # the indexed-attention layers need the indexer's sizes, which the default config leaves unset
     "qwen4_exp": {
         "text_config": dict(
             indexer_n_heads=2,
@@ -123,13 +132,6 @@ OVERRIDES: dict[str, dict] = {
     },
     # the thinker's position ids read a token id that only the released checkpoints' thinker config carries
     "qwen3_omni_moe": {"thinker_config": {"vision_start_token_id": 151652}},
-    "gemma4": {"text_config": {"enable_moe_block": True}},  # its MoE block is off by default
-    "kolibri1_1": {"head_dim": 16, "index_num_heads": 2},  # keys and values rounded to NVFP4 in blocks of 16
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0},
-    # layer kinds not set by default (None)
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},
-    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["sparse", "sparse"]}},
-    "inkling2": {"vision_config": {"text_hidden_size": 32}},
     "zaya": {"num_experts_per_tok": 1},
     "step3p7": {"text_config": {"sliding_window": 16}},
 }
