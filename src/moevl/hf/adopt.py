@@ -848,7 +848,7 @@ def _fit(
             hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **dict(rule.options)
         )
         bias, scale = (
-            None if at is None else getattr(block.get_submodule(at[0]), at[1]).float().reshape(-1)
+            None if at is None else getattr(block.get_submodule(at[0]), at[1]).detach().float().reshape(-1)
             for at in (rule.bias_at, rule.expert_scale_at)
         )
         diff = 0.0
