@@ -298,6 +298,33 @@ def test_score_bias_moves_the_choice_not_the_weights():
     assert rec.weights.item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
 
 
+def test_bias_on_logits_moves_the_choice_as_a_logit_offset():
+    # sigmoid(1) + 0.5 > sigmoid(2) + 0: on the scores the bias picks expert 1; on the logits 1 + 0.5 < 2
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    bias = torch.tensor([0.0, 0.5, 0.0])
+    on_scores, on_logits = (
+        TopKRouter(hidden_size=2, num_experts=3, top_k=1, scoring="sigmoid", score_bias=True, bias_on=on)
+        for on in ("scores", "logits")
+    )
+    for router in (on_scores, on_logits):
+        router.e_score_correction_bias.copy_(bias)
+    assert on_scores.route(logits).indices.tolist() == [[1]]
+    assert on_logits.route(logits).indices.tolist() == [[0]]
+    # against a loop: topk(z + b), weights sigmoid(z) of the chosen, renormalised (Kolibri's router)
+    torch.manual_seed(0)
+    z, b = torch.randn(20, 6), torch.randn(6)
+    router = TopKRouter(
+        hidden_size=2, num_experts=6, top_k=2, scoring="sigmoid", score_bias=True, bias_on="logits"
+    )
+    router.e_score_correction_bias.copy_(b)
+    rec = router.route(z)
+    for n in range(20):
+        idx = (z[n] + b).topk(2).indices
+        w = z[n][idx].sigmoid()
+        assert rec.indices[n].tolist() == idx.tolist()
+        torch.testing.assert_close(rec.weights[n], w / w.sum())
+
+
 def test_sigmoid_router_probs_are_normalised_scores():
     router = TopKRouter(hidden_size=8, num_experts=5, top_k=2, scoring="sigmoid")
     rec = router(torch.randn(9, 8))

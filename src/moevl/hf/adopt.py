@@ -204,17 +204,25 @@ class RoutingRule:
 
     options: tuple[tuple[str, Any], ...]
     bias_at: tuple[str, str] | None = None
+    #: a per-expert factor (E,) on the chosen experts' weights (Gemma 4's ``per_expert_scale``)
+    expert_scale_at: tuple[str, str] | None = None
+    #: the router module returns probabilities, not logits: moevl routes from their log
+    log_probabilities: bool = False
 
     def describe(self) -> str:
         opts = dict(self.options)
-        parts = [opts.get("scoring", "softmax")]
+        parts = ["log of its probabilities"] if self.log_probabilities else []
+        parts.append(opts.get("scoring", "softmax"))
         parts.append("renormalised" if opts.get("normalize_weights", True) else "not renormalised")
         if self.bias_at is not None:
-            parts.append(f"score bias {'.'.join(p for p in self.bias_at if p)}")
+            on = " on the logits" if opts.get("bias_on") == "logits" else ""
+            parts.append(f"score bias {'.'.join(p for p in self.bias_at if p)}{on}")
         if opts.get("num_groups", 1) > 1:
             parts.append(f"groups {opts['topk_groups']}/{opts['num_groups']} by {opts['group_score']}")
         if opts.get("routed_scaling_factor", 1.0) != 1.0:
             parts.append(f"scaling {opts['routed_scaling_factor']:g}")
+        if self.expert_scale_at is not None:
+            parts.append(f"expert scale {'.'.join(p for p in self.expert_scale_at if p)}")
         return ", ".join(parts)
 
 
@@ -341,6 +349,12 @@ class AdoptedMoEBlock(HFMoEBlock):
         path, attr = self.rule.bias_at
         return getattr(self.native.get_submodule(path), attr).reshape(-1)
 
+    def expert_scale(self) -> Tensor | None:
+        if self.rule.expert_scale_at is None:
+            return None
+        path, attr = self.rule.expert_scale_at
+        return getattr(self.native.get_submodule(path), attr).reshape(-1)
+
     def routed_output(self, hidden: Tensor) -> Tensor:
         """moevl's decision and experts output (N, D) for the tokens hidden (N, D) the native block
         hands its experts (its own decision is not used)."""
@@ -351,7 +365,7 @@ class AdoptedMoEBlock(HFMoEBlock):
                 f"adopt: {self.native_class_name} called its experts without a router call of the same "
                 f"{n} tokens before it; moevl cannot decide for them"
             )
-        logits = logits.float()  # (N, E)
+        logits = _router_logits(logits, self.rule)  # (N, E)
         token_mask, vision_mask = self._flat_masks(n)
         observer = None
         if self.stgc is not None and self.training and torch.is_grad_enabled():
@@ -360,12 +374,13 @@ class AdoptedMoEBlock(HFMoEBlock):
         record = self.router.route(
             logits, token_mask=token_mask, vision_mask=vision_mask, score_bias=self.score_bias()
         )
+        weights = _scaled(record.weights, record.indices, self.expert_scale())  # (N, K)
         if self.spec.own_function and not (self.implementation == "loop" and observer is None):
-            y, anchor = self._moevl_experts(hidden, record.indices, record.weights, observer, logits)
+            y, anchor = self._moevl_experts(hidden, record.indices, weights, observer, logits)
             if observer is not None:
                 record.stgc, record.cel_anchor = observer.stats, anchor
         else:
-            y = self.experts.native_forward(hidden, record.indices, record.weights.to(hidden.dtype))
+            y = self.experts.native_forward(hidden, record.indices, weights.to(hidden.dtype))
         # NOTE: setdefault, so that a gradient-checkpointing recompute (during backward) does not
         # replace the record whose STGC statistics that backward fills.
         self.context.records.setdefault(self.layer_index, record)
@@ -485,6 +500,19 @@ def _tolerance(reference: Tensor) -> float:
     return 8 * torch.finfo(reference.dtype).eps * scale
 
 
+def _router_logits(output: Tensor, rule: RoutingRule) -> Tensor:
+    """(N, E) fp32 logits moevl routes from: the router module's, or the log of its probabilities."""
+    z = output.float()
+    return z.clamp_min(torch.finfo(z.dtype).tiny).log() if rule.log_probabilities else z
+
+
+def _scaled(weights: Tensor, indices: Tensor, expert_scale: Tensor | None) -> Tensor:
+    """(N, K) weights times a per-expert factor (E,) of the chosen experts (0 slots stay 0)."""
+    if expert_scale is None:
+        return weights
+    return weights * expert_scale.to(weights.dtype)[indices.clamp_min(0)]
+
+
 def _find_logits(output: Any, num_experts: int) -> Tensor | None:
     """The router logits in a router module's output: its first floating tensor whose last dim is E."""
     items = output if isinstance(output, (tuple, list)) else (output,)
@@ -540,6 +568,10 @@ def _experts_spec(native: nn.Module, config: Any) -> ExpertsSpec:
         return ExpertsSpec(
             **spec, own_function=False, reason=f"{type(native).__name__} normalises each expert's output"
         )
+    learned = [name for name, child in native.named_children() if any(True for _ in child.parameters())]
+    if learned:  # e.g. a per-expert norm of each route's output (Ergo): moevl's function has no place for it
+        reason = f"{type(native).__name__} computes with modules of its own ({', '.join(learned)})"
+        return ExpertsSpec(**spec, own_function=False, reason=reason)
     apply_gate = getattr(type(native), "_apply_gate", _default_apply_gate)
     if apply_gate is not _default_apply_gate and gated:
         diff = _gate_difference(native, spec["activation"], spec["concatenated"])
@@ -629,12 +661,24 @@ def _bias_candidates(
 
 
 def _candidate_rules(
-    block: nn.Module, router_name: str, experts_name: str, num_experts: int, top_k: int, config: Any
+    block: nn.Module,
+    router_name: str,
+    experts_name: str,
+    num_experts: int,
+    top_k: int,
+    config: Any,
+    probabilities: bool = False,
+    weight_sums: tuple[float, ...] = (),
 ) -> Iterator[RoutingRule]:
-    """Candidates, the router's own attributes first; each is checked, none is trusted."""
+    """Candidates, the router's own attributes first; each is checked, none is trusted. E-sized tensors
+    are tried as a choice bias and as a per-expert factor on the weights; routing from the log of the
+    router's output is tried where that output is ``probabilities`` (rows of non-negative values
+    summing to 1). ``weight_sums``: the constant sums of the native weights per token, if they are
+    constant (a scaling the router applies without naming it, e.g. ``/ top_k``), tried as scalings."""
     router = getattr(block, router_name)
     floats = _float_attributes(router, block, config)
-    scales = [1.0, *sorted({v for k, v in floats.items() if "scal" in k.lower() and v > 0 and v != 1.0})]
+    named = {v for k, v in floats.items() if "scal" in k.lower() and v > 0}
+    scales = [1.0, *sorted((named | set(weight_sums)) - {1.0})]
     n_group = _int_attribute(("num_group", "n_group", "num_groups", "n_groups"), router, block, config)
     topk_group = _int_attribute(("topk_group", "topk_groups"), router, block, config)
     groups: list[dict[str, Any]] = [{}]
@@ -652,9 +696,18 @@ def _candidate_rules(
         None,
         *_bias_candidates(block, router_name, experts_name, num_experts),
     ]
-    for scoring, normalize, bias, group, scale in itertools.product(
-        ("softmax", "sigmoid"), (True, False), biases, groups, scales
+    for log_p, scoring, normalize, bias, bias_on, group, scale, expert_scale in itertools.product(
+        (False, True) if probabilities else (False,),
+        ("softmax", "sigmoid"),
+        (True, False),
+        biases,
+        ("scores", "logits"),
+        groups,
+        scales,
+        biases,
     ):
+        if bias is None and bias_on == "logits":
+            continue  # the same rule as on the scores
         options = dict(
             scoring=scoring,
             normalize_weights=normalize,
@@ -662,11 +715,13 @@ def _candidate_rules(
             routed_scaling_factor=scale,
             **group,
         )
+        if bias_on == "logits":
+            options["bias_on"] = "logits"
         try:  # options TopKRouter refuses (e.g. top_k above what the groups allow) are no candidates
             TopKRouter(hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **options)
         except ValueError:
             continue
-        yield RoutingRule(tuple(options.items()), bias)
+        yield RoutingRule(tuple(options.items()), bias, expert_scale, log_p)
 
 
 def _dense(index: Tensor, weights: Tensor, num_experts: int) -> Tensor:
@@ -764,8 +819,24 @@ def _run_probes(block: nn.Module, experts_name: str, num_experts: int) -> tuple[
         )
     ]
     if not routers:
+        n = probes_raw[0][3][0].shape[0]
+        wider = {  # a router scoring more classes than stacked experts: skip or zero-computation experts
+            name: t.shape[-1]
+            for name, outs in probes_raw[0][2].items()
+            for t in (outs[0] if isinstance(outs[0], (tuple, list)) else (outs[0],))
+            if isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dim() == 2
+            and t.shape[0] == n
+            and t.shape[-1] > num_experts
+        }
+        why = "".join(
+            f"; its {name} scores {e} choices for {num_experts} stacked experts (skip or zero-computation "
+            "experts moevl's experts do not have)"
+            for name, e in wider.items()
+        )
         raise NotReproduced(
-            f"{type(block).__name__}: no child module returns (tokens, {num_experts}) router logits"
+            f"{type(block).__name__}: no child module returns (tokens, {num_experts}) router logits{why}"
         )
     name = next((r for r in routers if r in ("gate", "router")), routers[0])
     probes = [
@@ -829,18 +900,35 @@ def _fit(
             f"{num_experts} stacked experts (e.g. zero-computation experts)"
         )
     natives = [_dense(p.index.reshape(-1, top_k), p.weights.reshape(-1, top_k), num_experts) for p in probes]
+    probabilities = all(
+        bool((p.logits >= 0).all()) and float((p.logits.sum(-1) - 1).abs().max()) <= 1e-5 for p in probes
+    )
     best: tuple[float, RoutingRule | None] = (float("inf"), None)
-    for rule in _candidate_rules(block, router_name, experts_name, num_experts, top_k, config):
+    sums = torch.cat([p.weights.reshape(-1, top_k).float().sum(-1) for p in probes])
+    constant = float(sums[0]) if float((sums - sums[0]).abs().max()) <= 1e-6 and float(sums[0]) > 0 else None
+    candidates = _candidate_rules(
+        block,
+        router_name,
+        experts_name,
+        num_experts,
+        top_k,
+        config,
+        probabilities,
+        (constant,) if constant else (),
+    )
+    for rule in candidates:
         router = TopKRouter(
             hidden_size=1, num_experts=num_experts, top_k=top_k, own_weight=False, **dict(rule.options)
         )
-        bias = (
-            None if rule.bias_at is None else getattr(block.get_submodule(rule.bias_at[0]), rule.bias_at[1])
+        bias, scale = (
+            None if at is None else getattr(block.get_submodule(at[0]), at[1]).detach().float().reshape(-1)
+            for at in (rule.bias_at, rule.expert_scale_at)
         )
         diff = 0.0
         for p, ref in zip(probes, natives, strict=True):
-            rec = router.route(p.logits, score_bias=None if bias is None else bias.float().reshape(-1))
-            ours = _dense(rec.indices, rec.weights.to(p.weights.dtype), num_experts)
+            rec = router.route(_router_logits(p.logits, rule), score_bias=bias)
+            weights = _scaled(rec.weights, rec.indices, scale)
+            ours = _dense(rec.indices, weights.to(p.weights.dtype), num_experts)
             diff = max(diff, float((ours - ref).abs().max()) / _tolerance(p.weights))
             if diff > best[0]:
                 break
@@ -854,15 +942,20 @@ def _fit(
 
 
 @torch.no_grad()
-def _check_end_to_end(adopted: AdoptedMoEBlock, probes_native: list[tuple[Tensor, bool, Tensor]]) -> float:
+def _check_end_to_end(
+    adopted: AdoptedMoEBlock, probes_native: list[tuple[Tensor, bool, Tensor]], run: nn.Module | None = None
+) -> float:
+    """max |Δ| (in tolerances) between the adopted block and the native outputs; ``run``: what is run
+    on the probes (the adopted block, or the routed part of a layer that holds its experts)."""
     diff = 0.0
     training = adopted.training
     records = adopted.context.records
+    run = adopted if run is None else run
     try:
         for hidden, mode, ref in probes_native:
             adopted.train(mode)
             torch.manual_seed(0)
-            out = _first_tensor(adopted(hidden.clone()))  # a block may scale its input in place (jitter)
+            out = _first_tensor(run(hidden.clone()))  # a block may scale its input in place (jitter)
             diff = max(diff, float((out.float() - ref.float()).abs().max()) / _tolerance(ref))
     finally:
         adopted.train(training)
@@ -883,6 +976,57 @@ def _native_outputs(block: nn.Module) -> list[tuple[Tensor, bool, Tensor]]:
     finally:
         block.train(training)
     return out
+
+
+class _RoutedPart(nn.Module):
+    """The routed part of a decoder layer that holds its router and experts itself (Gemma 4), standing
+    in for a block of its own in the probes: ``experts(h, index, weights)`` on the decision its router
+    returns. (The layer's forward needs positions and masks; its router and experts need hidden states
+    only.) Its children are the layer's router and experts modules themselves."""
+
+    def __init__(self, layer: nn.Module, router_name: str, experts_name: str) -> None:
+        super().__init__()
+        self.router_name, self.experts_name = router_name, experts_name
+        self.add_module(router_name, layer._modules[router_name])
+        self.add_module(experts_name, layer._modules[experts_name])
+        self.train(layer.training)
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _RoutedPart:
+        """The routed part of ``layer``: its router is the child whose output holds the decision (an
+        integer (N, K) index and (N, K) weights); ``NotReproduced`` if no child hands one out."""
+        experts_name = _experts_child(layer)
+        experts = getattr(layer, experts_name)
+        _, _, hidden = next(_probe_inputs(experts))
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for name, child in layer.named_children():
+            if name == experts_name or not any(True for _ in child.parameters()):
+                continue
+            try:
+                with torch.no_grad():
+                    _decision(child(hidden))
+            except Exception:  # a child that does not take hidden states alone
+                continue
+            return cls(layer, name, experts_name)
+        raise NotReproduced(
+            f"{type(layer).__name__} holds its experts and router itself, and no child of it hands out the "
+            "decision (index, weights) from hidden states alone"
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+        index, weights = _decision(getattr(self, self.router_name)(flat))
+        return getattr(self, self.experts_name)(flat, index, weights).reshape(hidden.shape)
+
+
+def _decision(output: Any) -> tuple[Tensor, Tensor]:
+    """(index (N, K), weights (N, K)) in a router's output; ``ValueError`` if it holds none."""
+    items = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, Tensor)]
+    index = next(t for t in items if not t.is_floating_point() and t.dim() == 2)
+    weights = [t for t in items if t.is_floating_point() and t.shape == index.shape]
+    if not weights:
+        raise ValueError("no (N, K) weights beside the index")
+    return index, weights[0]
 
 
 # --- adopt ------------------------------------------------------------------------------------------
@@ -951,17 +1095,17 @@ def adopt(
             "router_aux_loss_coef) or LTDRConfig(language_only_balance=False)"
         )
     text_config = model.config.get_text_config() if hasattr(model, "config") else None
+    # a layer that holds its experts itself is adopted whole (its forward keeps running), probed through
+    # its router and experts alone
+    owned = {i for i in chosen if not sparse[i][1]}
+    sparse = {i: (layers, str(i)) if i in owned else owner for i, owner in sparse.items()}
     derived = {}
     for i in chosen:
         parent, attr = sparse[i]
-        if not attr:
-            raise ValueError(
-                f"adopt: layer {i}: {type(parent).__name__} holds its experts and router itself (no sparse "
-                "block of its own that moevl could stand in for)"
-            )
         native = getattr(parent, attr)
         try:
-            derived[i] = derive_rule(native, config=text_config)
+            probed = _RoutedPart.of(native) if i in owned else native
+            derived[i] = derive_rule(probed, config=text_config)
         except NotReproduced as err:
             raise ValueError(f"adopt: layer {i}: {err}") from None
     num_experts = {
@@ -1008,10 +1152,12 @@ def adopt(
         parent, attr = sparse[i]
         native = getattr(parent, attr)
         experts_name, router_name, rule, _, spec = derived[i]
-        biases = [getattr(native.get_submodule(p), a) for p, a in ([rule.bias_at] if rule.bias_at else [])]
+        at = [a for a in (rule.bias_at, rule.expert_scale_at) if a is not None]
+        biases = [getattr(native.get_submodule(path), name) for path, name in at]
+        probed = _RoutedPart(native, router_name, experts_name) if i in owned else native
         saved = _perturbed(native, router_name, biases)  # as in the fit: a router that tells rules apart
         try:
-            reference = _native_outputs(native)
+            reference = _native_outputs(probed)
         finally:
             _restore(saved)
         hidden_size = int(reference[0][0].shape[-1])
@@ -1028,9 +1174,10 @@ def adopt(
             stgc=settings.stgc,
             stgc_scale=1.0 / len(chosen),
         )
+        run = _RoutedPart(native, router_name, experts_name) if i in owned else None  # the adopted experts
         saved = _perturbed(native, router_name, biases)
         try:
-            diff = _check_end_to_end(block, reference)  # in units of the tolerance
+            diff = _check_end_to_end(block, reference, run)  # in units of the tolerance
         finally:
             _restore(saved)
         if not diff <= 1.0:

@@ -162,7 +162,7 @@ class LTDRRouter(TopKRouter):
         else:
             tail = torch.zeros_like(token_mask)
         num_selected = torch.where(tail, self.tail_top_k, self.top_k) * token_mask
-        choice = self.choice_scores(scores, score_bias)
+        choice = self.choice_scores(self.choice_input(logits, scores), score_bias)
         indices = select_experts(choice, num_selected, self.max_experts_per_token)
         weights = combine_weights(scores, indices, normalize=self.normalize_weights)
         balance_mask = token_mask & ~vision if self.language_only_balance else token_mask

@@ -255,6 +255,8 @@ class TopKRouter(nn.Module):
         normalize_weights: renormalise the chosen experts' weights to sum to 1.
         score_bias: keep a bias buffer ``e_score_correction_bias`` (E,), zeros, added to the scores
             for the choice only (DeepSeek-V3's name, so state dicts match).
+        bias_on: what the choice bias is added to: the ``scores`` (DeepSeek-V3) or the raw
+            ``logits`` (Kolibri: ``topk(z + b)``, weights still from the scores).
         num_groups: expert groups for group-limited routing (must divide E); 1: no groups.
         topk_groups: groups a token may choose from (default: all, no limit).
         group_score: how a group is scored: ``max`` (DeepSeek-V2) or ``top2_sum`` (DeepSeek-V3).
@@ -277,6 +279,7 @@ class TopKRouter(nn.Module):
         scoring: Scoring = "softmax",
         normalize_weights: bool = True,
         score_bias: bool = False,
+        bias_on: str = "scores",
         num_groups: int = 1,
         topk_groups: int | None = None,
         group_score: GroupScore = "top2_sum",
@@ -293,6 +296,7 @@ class TopKRouter(nn.Module):
         check_choice("scoring", scoring, ("softmax", "sigmoid"))
         check_bool("normalize_weights", normalize_weights)
         check_bool("score_bias", score_bias)
+        check_choice("bias_on", bias_on, ("scores", "logits"))
         check_int("num_groups", num_groups, minimum=1, maximum=num_experts)
         if num_experts % num_groups:
             raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups}")
@@ -321,6 +325,7 @@ class TopKRouter(nn.Module):
         self.scoring: Scoring = scoring
         self.normalize_weights = normalize_weights
         self.uses_score_bias = score_bias
+        self.bias_on = bias_on
         self.num_groups = num_groups
         self.topk_groups = topk_groups
         self.group_score: GroupScore = group_score
@@ -353,7 +358,7 @@ class TopKRouter(nn.Module):
         if not self.normalize_weights:
             parts.append("normalize_weights=False")
         if self.uses_score_bias:
-            parts.append("score_bias=True")
+            parts.append("score_bias=True" + (", bias_on=logits" if self.bias_on == "logits" else ""))
         if self.topk_groups < self.num_groups:
             parts.append(f"groups={self.topk_groups}/{self.num_groups} by {self.group_score}")
         if self.routed_scaling_factor != 1.0:
@@ -400,11 +405,18 @@ class TopKRouter(nn.Module):
         token_mask = _check_masks(logits, token_mask, vision_mask)
         scores = routing_scores(logits, self.scoring)  # (N, E) fp32
         indices = select_experts(
-            self.choice_scores(scores, score_bias), token_mask.long() * self.top_k, self.top_k
+            self.choice_scores(self.choice_input(logits, scores), score_bias),
+            token_mask.long() * self.top_k,
+            self.top_k,
         )
         weights = combine_weights(scores, indices, normalize=self.normalize_weights)
         probs = routing_probs(scores, self.scoring)
         return self._finish(logits, probs, indices, weights, token_mask, vision_mask, balance_mask=token_mask)
+
+    def choice_input(self, logits: Tensor, scores: Tensor) -> Tensor:
+        """(N, E) what the choice is made on before bias and groups: the scores, or the fp32 logits
+        (``bias_on="logits"``; the same order as the scores without a bias)."""
+        return logits.float() if self.uses_score_bias and self.bias_on == "logits" else scores
 
     def choice_scores(self, scores: Tensor, score_bias: Tensor | None = None) -> Tensor:
         """(N, E) the scores the top-k choice is made on: bias added, group limit applied."""
