@@ -1124,22 +1124,16 @@ def adopt(
             raise ValueError(
                 f"adopt: {name}={ours} but the model's blocks have {theirs}; adopt keeps the model's"
             )
-    if settings.stgc is not None:
-        for i in chosen:
-            spec = derived[i][4]
-            if not spec.own_function or implementation == "loop":
-                why = spec.reason or "implementation='loop' is the native eager loop"
-                raise ValueError(
-                    f"adopt: STGC needs moevl's experts function, but {why} (layer {i}); adopt without stgc"
-                )
+    needs_own = [("STGC", "adopt without stgc")] if settings.stgc is not None else []
     if settings.lora is not None and "experts" in settings.lora.targets:
+        needs_own.append(("LoRA on the experts", "leave 'experts' out of lora.targets"))
+    for what, instead in needs_own:  # both run inside moevl's experts function
         for i in chosen:
             spec = derived[i][4]
             if not spec.own_function or implementation == "loop":
                 why = spec.reason or "implementation='loop' is the native eager loop"
                 raise ValueError(
-                    f"adopt: LoRA on the experts needs moevl's experts function, but {why} (layer {i}); "
-                    "leave 'experts' out of lora.targets"
+                    f"adopt: {what} needs moevl's experts function, but {why} (layer {i}); {instead}"
                 )
     settings = dataclasses.replace(settings, num_experts=model_e, top_k=model_k, layers=tuple(chosen))
     takes_flag = "output_router_logits" in inspect.signature(model.forward).parameters
