@@ -567,24 +567,19 @@ def build_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
     """Writes a tiny checkpoint of ``family`` (one of ``FAMILIES``) to ``out``."""
     out = Path(out)
     torch.manual_seed(seed)
-    if family == "llava":
-        _llava(out, next_=False)
-    elif family == "llava_next":
-        _llava(out, next_=True)
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
-        _qwen(out, v2_5=family == "qwen2_5_vl")
-    elif family == "gemma3":
-        _gemma3(out)
-    elif family == "idefics3":
-        _idefics3(out)
-    elif family == "aria":
-        _aria(out)
-    elif family == "paligemma":
-        _paligemma(out)
-    elif family == "llava_onevision":
-        _llava_onevision(out)
-    elif family == "smolvlm":
-        _smolvlm(out)
-    else:
+    builders = {
+        "llava": lambda: _llava(out, next_=False),
+        "llava_next": lambda: _llava(out, next_=True),
+        "qwen2_vl": lambda: _qwen(out, v2_5=False),
+        "qwen2_5_vl": lambda: _qwen(out, v2_5=True),
+        "gemma3": lambda: _gemma3(out),
+        "idefics3": lambda: _idefics3(out),
+        "aria": lambda: _aria(out),
+        "paligemma": lambda: _paligemma(out),
+        "llava_onevision": lambda: _llava_onevision(out),
+        "smolvlm": lambda: _smolvlm(out),
+    }
+    if family not in builders:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    builders[family]()
     return out
