@@ -17,6 +17,7 @@ and the fraction of the dense bf16 rate measured in the same run; writes
 bench/results/moe_layer_cuda.{json,md}.
 
     python -m bench.bench_moe_layer [--quick] [--threads 1,2] [--dtypes float32,bfloat16] [--allocators retain,system]
+                                    [--competing none,busy]
     python -m bench.bench_moe_layer --device cuda
 """
 
@@ -183,6 +184,18 @@ def run_rows(args, allocator: str | None) -> tuple[list[dict], list[list]]:
     return records, rows
 
 
+def _run_beside(cmd: list[str], *, busy: bool) -> str:
+    """``cmd``'s stdout; with ``busy``, while a second process spins on one core (pure Python, no threads of
+    its own): what a shared machine does to a bench whose threads must all arrive at each parallel region."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -193,6 +206,12 @@ def main() -> None:
         "--allocators",
         default="retain,system",
         help="CPU host allocator settings, comma-separated (module doc)",
+    )
+    parser.add_argument(
+        "--competing",
+        default="none",
+        help="CPU: comma-separated subset of none,busy: 'busy' measures each allocator setting again with one "
+        "competing process spinning on a core beside the bench (issue 24's contended row)",
     )
     parser.add_argument("--worker", choices=["retain", "system"], help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
@@ -218,14 +237,20 @@ def main() -> None:
             parser.error(
                 f"--allocators: expected a comma-separated subset of retain,system, got {args.allocators!r}"
             )
-        header = ["host allocator", *header]
+        competing = args.competing.split(",")
+        if not competing or any(c not in ("none", "busy") for c in competing):
+            parser.error(
+                f"--competing: expected a comma-separated subset of none,busy, got {args.competing!r}"
+            )
+        header = ["competing process", "host allocator", *header]
         records, rows = [], []
         passed = ["--threads", args.threads, "--dtypes", args.dtypes] + (["--quick"] if args.quick else [])
-        for allocator in allocators:
-            cmd = [sys.executable, "-m", "bench.bench_moe_layer", "--worker", allocator, *passed]
-            recs, rws = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
-            records += recs
-            rows += rws
+        for load in competing:
+            for allocator in allocators:
+                cmd = [sys.executable, "-m", "bench.bench_moe_layer", "--worker", allocator, *passed]
+                recs, rws = json.loads(_run_beside(cmd, busy=load == "busy"))
+                records += [r | {"competing": load} for r in recs]
+                rows += [[load, *r] for r in rws]
     notes = (
         "Forward+backward of one MoE layer (router + experts + balancing loss), same weights and routing.\n"
         "Every row: its functions run interleaved (warmup 2, median of per-round times); `x / dense rate` is\n"
@@ -235,7 +260,9 @@ def main() -> None:
         "interleaved ratios much less so. HF batched_mm is n/a where its per-(token, expert) weight copies\n"
         "would exceed 16 GiB. Host allocator (CPU): each setting's rows come from their own process;\n"
         "`retain` (moevl's commands' default, moevl.allocator) keeps freed buffers for reuse, `system` is\n"
-        "glibc's default; it applies to every column of a row alike (the dense side and HF too)."
+        "glibc's default; it applies to every column of a row alike (the dense side and HF too).\n"
+        "Competing process: `busy` rows ran with a second process spinning on one core beside the bench\n"
+        "(the contended case of issue 24); `none`, without."
     )
     name = "moe_layer" if args.device == "cpu" else "moe_layer_cuda"
     write(name, {"results": records}, header, rows, notes)
