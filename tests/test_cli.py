@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from moevl.cli import app
@@ -49,6 +50,7 @@ def test_bad_recipe_and_bad_paths_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "only stage 3" in result.output
 
 
+@pytest.mark.slow
 def test_compare_then_eval_and_export_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = [

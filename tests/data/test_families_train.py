@@ -18,6 +18,8 @@ from tests.data.test_processing import STOCK_LLAVA_TEMPLATE
 from tests.hf.checkpoints import FAMILIES, VIDEO_PROCESSOR, load_processor
 from tests.vlm.conftest import TINY
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
+
 # The processors of VIDEO_PROCESSOR's families cannot be built without torchvision's video processor (see
 # ``load_processor``): the command line cannot load them here; their model classes take a stage-3 step below.
 TRAINABLE_HERE = [f for f in FAMILIES if f not in VIDEO_PROCESSOR]

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.processes import run, torchrun
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "hf" / "deepspeed_run.py"
 

@@ -35,6 +35,8 @@ from transformers import CONFIG_MAPPING
 from moevl.hf import adopt, export, is_native_moe, moe_blocks
 from moevl.stgc import STGCConfig
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
+
 _MODELS = os.path.join(os.path.dirname(transformers.__file__), "models")
 FAMILIES = sorted(
     os.path.basename(os.path.dirname(path))

@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.stgc import STGCConfig
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
+
 
 def _layer():
     torch.manual_seed(0)

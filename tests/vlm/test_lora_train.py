@@ -4,6 +4,7 @@ LoRA does not target here) train, the checkpoints reload with their adapters, ``
 import json
 import sys
 
+import pytest
 import torch
 
 from moevl.hf.lora import is_lora_parameter
@@ -11,6 +12,8 @@ from moevl.vlm.io import load_model
 from moevl.vlm.parts import parameter_parts
 from tests.processes import run
 from tests.vlm.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
 
 
 def _moevl(*args, timeout=600):

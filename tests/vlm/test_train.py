@@ -254,6 +254,7 @@ def test_a_recipe_without_deepspeed_gets_no_deepspeed_warning(demo, tmp_path):
     assert "step 1/1" in done.stdout  # the one step still gets its line
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path):
     """DDP, gloo, CPU: ``moevl train`` unchanged under torchrun, stage 3 with STGC and LTDR."""
     _, s2 = dense
