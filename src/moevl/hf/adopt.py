@@ -157,7 +157,22 @@ def _take_state(twin: nn.Module, native: nn.Module) -> None:
     twin._non_persistent_buffers_set = native._non_persistent_buffers_set
 
 
-class AdoptedExperts(nn.Module):
+class _NativeAttributes:
+    """A module standing in for a native one (kept as ``self.__dict__["native"]``): an attribute it does not
+    have itself is the native's (its plain attributes: a block's ``top_k`` and ``config``, experts' ``act_fn``
+    config and flags, ...)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules
+        except AttributeError:
+            native = self.__dict__.get("native")
+            if native is None:
+                raise
+            return getattr(native, name)
+
+
+class AdoptedExperts(_NativeAttributes, nn.Module):
     """In place of a native experts module: its tensors under their native names; its forward
     (``experts(hidden, top_k_index, top_k_weights)``, called by the native block) asks the owning
     ``AdoptedMoEBlock`` for moevl's decision and output instead of using the native decision."""
@@ -186,15 +201,6 @@ class AdoptedExperts(nn.Module):
         forward = type(self.native).forward
         forward = getattr(forward, "__wrapped__", forward)  # the class's own, not the interface dispatch
         return forward(self.native, hidden, indices, weights)  # its tensors are this module's
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            native = self.__dict__.get("native")
-            if native is None:
-                raise
-            return getattr(native, name)  # the native's plain attributes (act_fn's config, flags, ...)
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,7 @@ def to_native_layout(w: Tensor, spec: ExpertsSpec, *, first: bool) -> Tensor:
     return w.transpose(1, 2) if spec.transposed else w
 
 
-class AdoptedMoEBlock(HFMoEBlock):
+class AdoptedMoEBlock(_NativeAttributes, HFMoEBlock):
     """An ``HFMoEBlock`` in place of a transformers-native sparse block, under the native names.
 
     It holds the native block's modules, parameters and buffers (the same dicts as the native block
@@ -480,15 +486,6 @@ class AdoptedMoEBlock(HFMoEBlock):
         for n in self.lora_parameter_names():
             del experts._parameters[n]
         experts.__dict__["lora"] = None
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            native = self.__dict__.get("native")
-            if native is None:
-                raise
-            return getattr(native, name)  # the native block's plain attributes (top_k, config, ...)
 
 
 def _tolerance(reference: Tensor) -> float:
