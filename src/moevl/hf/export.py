@@ -264,14 +264,17 @@ def export(
         raise ValueError(f"export: lora must be 'merge' or 'adapter', got {lora!r}")
     if lora == "adapter":
         return export_adapter(model, directory, processor=processor, max_shard_size=max_shard_size)
-    lora = getattr(getattr(model, "moe_settings", None), "lora", None)
-    if lora is not None:  # the adapters are folded into a copy: the caller's model keeps them
+    adapters = getattr(getattr(model, "moe_settings", None), "lora", None)
+    if adapters is not None:  # the adapters are folded into a copy: the caller's model keeps them
         from moevl.hf.lora import merge_lora
 
         model = merge_lora(copy.deepcopy(model))
     plan = plan_export(model)
-    if lora is not None:
-        merged = f"LoRA adapters (r={lora.r}, alpha={lora.alpha:g}, on {', '.join(lora.targets)}) merged into the weights"
+    if adapters is not None:
+        merged = (
+            f"LoRA adapters (r={adapters.r}, alpha={adapters.alpha:g}, on {', '.join(adapters.targets)}) "
+            "merged into the weights"
+        )
         plan = dataclasses.replace(plan, notes=(merged, *plan.notes))
     directory = Path(directory)
     if plan.native_class is None:

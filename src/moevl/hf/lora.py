@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from moevl.hf.runtime import decoder_layers, moe_blocks
+from moevl.hf.runtime import decoder_layers, moe_blocks, set_moe_settings
 from moevl.moe.lora import LoRAConfig, RouterLoRA
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -75,7 +75,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         _add_attention_lora(model, config)
     settings = getattr(model, "moe_settings", None)
     if settings is not None and settings.lora != config:
-        _set_settings(model, dataclasses.replace(settings, lora=config))
+        set_moe_settings(model, dataclasses.replace(settings, lora=config))
     targeted = lora_frozen_parameters(model)
     for name, p in model.named_parameters():
         if id(p) in targeted:
@@ -121,7 +121,7 @@ def _remove_lora(model: nn.Module, *, merge: bool, caller: str) -> nn.Module:
             else:
                 router.lora = None
     _remove_peft(model, merge=merge)
-    _set_settings(model, dataclasses.replace(settings, lora=None))
+    set_moe_settings(model, dataclasses.replace(settings, lora=None))
     return model
 
 
@@ -207,10 +207,3 @@ def _remove_peft(model: nn.Module, *, merge: bool) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
-
-
-def _set_settings(model: nn.Module, settings) -> None:
-    model.__dict__["moe_settings"] = settings
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.moevl = settings.to_dict()

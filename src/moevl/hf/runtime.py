@@ -187,13 +187,18 @@ def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) ->
     return TopKRouter(**common)
 
 
-def attach(model: nn.Module, *, settings: MoESettings, context: RoutingContext) -> None:
-    """Give ``model`` its context and resolved settings (also in ``config.moevl``) and the hooks."""
-    model.__dict__["moe_context"] = context
+def set_moe_settings(model: nn.Module, settings: MoESettings) -> None:
+    """``model``'s resolved settings, also in ``config.moevl`` (what a checkpoint saves)."""
     model.__dict__["moe_settings"] = settings
     config = getattr(model, "config", None)
     if config is not None:
         config.moevl = settings.to_dict()
+
+
+def attach(model: nn.Module, *, settings: MoESettings, context: RoutingContext) -> None:
+    """Give ``model`` its context and resolved settings (``set_moe_settings``) and the hooks."""
+    model.__dict__["moe_context"] = context
+    set_moe_settings(model, settings)
     model.register_forward_pre_hook(_begin_forward, with_kwargs=True)
     model.register_forward_hook(_add_aux_loss)
 
