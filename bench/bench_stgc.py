@@ -20,7 +20,7 @@ from torch.func import grad, vmap
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import saved_activation_bytes, time_interleaved, write
-from moevl.hf import moe_blocks, upcycle
+from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.stgc import STGCConfig, token_gradient_cosine
 
@@ -191,7 +191,7 @@ def agreement(train_steps):
                 b.stgc = STGCConfig(scope=s)
             model.zero_grad()
             model(input_ids=ids, labels=ids).loss.backward()
-            recs = [model.moe_context.records[i] for i in sorted(model.moe_context.records)]
+            recs = [moe_state(model).context.records[i] for i in sorted(moe_state(model).context.records)]
             per_scope[s].append(torch.cat([r.stgc.cosine for r in recs]))
             flagged[s].append(torch.cat([r.stgc.conflicts for r in recs]))
     cos = {s: torch.cat(v) for s, v in per_scope.items()}

@@ -230,18 +230,19 @@ def export(
     the moevl format, which only moevl loads (never silently wrong). LoRA adapters are merged (or, with
     --lora adapter, written in PEFT's format beside the base)."""
     from moevl.hf import export as export_model
+    from moevl.hf import find_moe_state, moe_state
     from moevl.vlm.io import check_writable_target, load_model
 
     _set_progress(progress)
     with user_errors():
         check_writable_target(out)
         net, processor = load_model(model)
-        if not hasattr(net, "moe_settings"):
+        if find_moe_state(net) is None:
             raise fail(f"--model {model}: a dense model; export is for MoE models (save it as it is)")
         try:
             if lora not in ("merge", "adapter"):
                 raise fail(f"--lora: expected 'merge' or 'adapter', got {lora!r}")
-            if lora == "adapter" and getattr(net.moe_settings, "lora", None) is None:
+            if lora == "adapter" and moe_state(net).settings.lora is None:
                 raise fail(
                     f"--lora adapter: the model in {model} has no LoRA adapters (moe.lora was not set)"
                 )

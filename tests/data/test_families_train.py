@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from moevl.data import ConversationCollator, ConversationDataset, read_records
-from moevl.hf import export
+from moevl.hf import export, moe_state
 from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
@@ -43,7 +43,7 @@ def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_
     assert (
         meta["moe"] == ("adopted" if family in NATIVE_MOE else "upcycled") and meta["method"] == "stgc+ltdr"
     )
-    assert model.moe_settings.stgc.weight > 0 and model.moe_settings.ltdr is not None
+    assert moe_state(model).settings.stgc.weight > 0 and moe_state(model).settings.ltdr is not None
     last = json.loads((tmp_path / "s3" / "moe_stats.json").read_text())["history"][-1]
     # the vision positions came from the family's own image token: LTDR saw a long tail among them
     assert last["ltdr/tail_share"] > 0
@@ -130,7 +130,7 @@ def test_stage3_step_on_families_whose_processor_cannot_be_saved_here(checkpoint
         assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(
             g.abs().sum() > 0 for g in grads
         )
-    records = model.moe_context.records
+    records = moe_state(model).context.records
     assert records and all(rec.stgc is not None and rec.stgc.ready for rec in records.values())
     # the vision positions came from the family's own image token: LTDR saw a long tail among them
     assert any(rec.tail_mask is not None and rec.tail_mask.any() for rec in records.values())

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from moevl.hf import MoESettings, adopt, is_native_moe, moe_blocks, upcycle
+from moevl.hf import MoESettings, adopt, is_native_moe, moe_blocks, moe_state, upcycle
 from moevl.hf.adopt import AdoptedMoEBlock
 from moevl.moe import LTDRConfig, balance_loss
 from moevl.stgc import STGCConfig
@@ -98,7 +98,7 @@ def test_stgc_gradient_reaches_the_native_router_weight(case):
     for weight in (0.0, 1.0):
         model = adopt(copy.deepcopy(native), stgc=STGCConfig(threshold=0.3, weight=weight)).train()
         model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss.backward()
-        recs = model.moe_context.records
+        recs = moe_state(model).context.records
         assert recs and all(r.stgc.ready for r in recs.values())
         assert sum(int(r.stgc.conflicts.sum()) for r in recs.values()) > 0
         grads[weight] = {i: model.model.layers[i].mlp.gate.weight.grad.clone() for i in recs}
@@ -117,7 +117,7 @@ def test_ltdr_tail_tokens_get_a_experts_on_adopted_models(case):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     vision = ((ids == VISION_ID) & mask.bool()).reshape(-1)
-    for rec in model.moe_context.records.values():
+    for rec in moe_state(model).context.records.values():
         assert torch.equal(rec.vision_mask, vision)
         assert rec.tail_mask.any() and not rec.tail_mask[~vision].any()
         n = rec.experts_per_token
@@ -145,7 +145,7 @@ def test_aux_loss_is_the_models_own_unless_moevl_balancing_is_asked(case):
     model = adopt(copy.deepcopy(native), balance_coef=0.05, z_loss_coef=0.01)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask), output_router_logits=True)
-    recs = model.moe_context.records.values()
+    recs = moe_state(model).context.records.values()
     expected = task + sum(0.05 * r.balance_loss + 0.01 * r.z_loss for r in recs)
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
 
@@ -165,13 +165,13 @@ def test_qwen3_vl_moe_image_and_video_tokens_are_vision():
         balance_coef=0.01,
         stgc=STGCConfig(threshold=0.3),
     )
-    assert model.moe_context.vision_token_ids == (QWEN3VL_IMAGE, QWEN3VL_VIDEO)
+    assert moe_state(model).context.vision_token_ids == (QWEN3VL_IMAGE, QWEN3VL_VIDEO)
     with torch.no_grad():
         model(**batch)
     ids, tok = batch["input_ids"], real.reshape(-1)
     vision = torch.isin(ids, torch.tensor([QWEN3VL_IMAGE, QWEN3VL_VIDEO])).reshape(-1) & tok
     assert int(((ids == QWEN3VL_VIDEO).reshape(-1) & tok).sum()) == 8 and int(vision.sum()) == 16
-    for rec in model.moe_context.records.values():
+    for rec in moe_state(model).context.records.values():
         assert torch.equal(rec.vision_mask, vision)
         assert rec.tail_mask.any() and not rec.tail_mask[~vision].any()
         assert torch.all(rec.experts_per_token[rec.tail_mask] == 3)
@@ -180,7 +180,7 @@ def test_qwen3_vl_moe_image_and_video_tokens_are_vision():
     # training: the CEL gradient reaches the native router weight
     model.train()
     model(**batch, labels=_labels(ids, batch["attention_mask"])).loss.backward()
-    assert all(r.stgc.ready for r in model.moe_context.records.values())
+    assert all(r.stgc.ready for r in moe_state(model).context.records.values())
     grad = model.model.language_model.layers[0].mlp.gate.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
@@ -249,14 +249,14 @@ def test_unknown_router_class_is_named_never_approximated():
 def test_dense_layers_of_qwen2_moe_stay_dense_and_layers_select_sparse_ones():
     model = adopt(_native("qwen2_moe"))  # mlp_only_layers=[1]
     assert type(model.model.layers[1].mlp).__name__ == "Qwen2MoeMLP"
-    assert model.moe_settings.layers == (0, 2)
+    assert moe_state(model).settings.layers == (0, 2)
     stepped = _native("qwen2_moe", decoder_sparse_step=2, mlp_only_layers=[])
     assert [type(layer.mlp).__name__ for layer in stepped.model.layers][1] == "Qwen2MoeSparseMoeBlock"
     with pytest.raises(ValueError, match=r"layers \[0\] are not sparse"):
         adopt(copy.deepcopy(stepped), layers=[0, 1])
     only = adopt(stepped, layers=[1])
     assert [b.layer_index for b in moe_blocks(only)] == [1]
-    assert MoESettings.from_dict(only.config.moevl) == only.moe_settings
+    assert MoESettings.from_dict(only.config.moevl) == moe_state(only).settings
 
 
 def test_freeze_dense_trains_routers_experts_and_shared_experts_only():
@@ -313,7 +313,7 @@ def test_gradient_checkpointing_keeps_stgc_gradients():
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss.backward()
-        assert sum(int(r.stgc.conflicts.sum()) for r in model.moe_context.records.values()) > 0
+        assert sum(int(r.stgc.conflicts.sum()) for r in moe_state(model).context.records.values()) > 0
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:

@@ -32,7 +32,7 @@ import torch
 import transformers
 from transformers import CONFIG_MAPPING
 
-from moevl.hf import adopt, export, is_native_moe, moe_blocks
+from moevl.hf import adopt, export, is_native_moe, moe_blocks, moe_state
 from moevl.stgc import STGCConfig
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
@@ -364,7 +364,7 @@ def test_family_is_adopted_exactly_or_refused_by_name(family, tmp_path):
     out = trained(input_ids=ids, attention_mask=mask, labels=labels)
     if out.loss is None:  # a model that takes no labels (block diffusion, its own canvas): a loss on its
         # logits, plus the MoE layers' auxiliary losses (moevl adds them where the model computes a loss)
-        aux = sum(r.aux_loss() for r in trained.moe_context.records.values())
+        aux = sum(r.aux_loss() for r in moe_state(trained).context.records.values())
         out.loss = out.logits.float().logsumexp(-1).mean() + aux
     out.loss.backward()
     for block in moe_blocks(trained):
@@ -377,7 +377,7 @@ def test_family_is_adopted_exactly_or_refused_by_name(family, tmp_path):
         )
         assert any(g.abs().sum() > 0 for g in grads), (family, block.layer_index)
     if stgc == "STGC":
-        records = trained.moe_context.records.values()
+        records = moe_state(trained).context.records.values()
         assert records and all(r.stgc is not None and r.stgc.ready for r in records)
 
     # export: plain transformers reloads it with the same logits

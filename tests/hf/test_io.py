@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moevl.hf import adopt, moe_blocks, upcycle
+from moevl.hf import adopt, moe_blocks, moe_state, upcycle
 from moevl.hf.io import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
@@ -40,7 +40,7 @@ def _assert_same_model(a, b, batch):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    assert a.moe_settings == b.moe_settings
+    assert moe_state(a).settings == moe_state(b).settings
     with torch.no_grad():
         assert torch.equal(a(**batch).logits, b(**batch).logits)
 
@@ -120,7 +120,7 @@ def test_old_names_and_overrides(tmp_path):
     assert is_moevl_checkpoint(tmp_path)
     _assert_same_model(model, load_upcycled(tmp_path, type(model)), text_batch())
     plain = load_moe_model(tmp_path, stgc=None, router="topk")
-    assert plain.moe_settings.stgc is None and plain.moe_settings.ltdr is None
+    assert moe_state(plain).settings.stgc is None and moe_state(plain).settings.ltdr is None
     assert type(moe_blocks(plain)[0].router).__name__ == "TopKRouter"
     with pytest.raises(ValueError, match="fixed by the checkpoint"):
         load_moe_model(tmp_path, num_experts=8)
@@ -130,7 +130,7 @@ def test_old_names_and_overrides(tmp_path):
 
 def test_layers_given_as_a_list_round_trip(tmp_path):
     model = _upcycled_llama(layers=[3, 1])
-    assert model.moe_settings.layers == (1, 3)
+    assert moe_state(model).settings.layers == (1, 3)
     save_moe_model(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["moevl"]["settings"]["layers"] == [1, 3]
     reloaded = load_moe_model(tmp_path, layers=[1, 3], num_experts=4)  # a settings file passed whole
@@ -157,7 +157,7 @@ def test_load_upcycled_reads_adopted_checkpoints(tmp_path, writer):
 def test_load_state_into_a_built_model(tmp_path):
     model = _upcycled_llama()
     save_moe_model(model, tmp_path)
-    fresh = upcycle(causal_lm("llama", seed=1), model.moe_settings)
+    fresh = upcycle(causal_lm("llama", seed=1), moe_state(model).settings)
     assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
     load_moe_state_into(fresh, tmp_path)
     _assert_same_model(model, fresh, text_batch())
@@ -264,7 +264,7 @@ def test_auto_classes_load_the_format_after_import_moevl(tmp_path):
         llava, AutoModelForImageTextToText.from_pretrained(tmp_path / "llava"), llava_batch((1, 2))
     )
     inference = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", stgc=None, dtype=torch.float64)
-    assert inference.moe_settings.stgc is None and inference.lm_head.weight.dtype == torch.float64
+    assert moe_state(inference).settings.stgc is None and inference.lm_head.weight.dtype == torch.float64
     with pytest.raises(ValueError, match="holds a 'llava' model, which AutoModelForCausalLM does not load"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "llava")
 
@@ -318,7 +318,8 @@ def test_import_moevl_is_lazy_and_registers_on_first_use(tmp_path):
         moevl.register_auto_classes()  # idempotent
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained("llama")
-        print("loaded:", type(model).__name__, len(model.moe_settings.layers))
+        from moevl.hf import moe_state
+        print("loaded:", type(model).__name__, len(moe_state(model).settings.layers))
         from moevl.auto import _RegisterAfterImport
         print("hook left:", any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path))
         moevl.register_auto_classes()

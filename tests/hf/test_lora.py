@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moevl.hf import adopt, moe_blocks, upcycle
+from moevl.hf import adopt, moe_blocks, moe_state, upcycle
 from moevl.hf.export import export
 from moevl.hf.io import load_moe_model, save_moe_model
 from moevl.hf.lora import apply_lora, is_lora_parameter, merge_lora
@@ -82,7 +82,7 @@ def test_b_zero_changes_nothing_and_merge_keeps_the_adapter_models_logits(name):
     adapted = _logits(model, batch)
     assert not torch.allclose(adapted, _logits(plain, batch), atol=1e-3)  # the adapters act
     merge_lora(model)
-    assert model.moe_settings.lora is None and model.config.moevl["lora"] is None
+    assert moe_state(model).settings.lora is None and model.config.moevl["lora"] is None
     state = model.state_dict()
     assert set(state) == keys  # the original names and nothing else
     torch.testing.assert_close(_logits(model, batch), adapted, atol=2e-5, rtol=1e-5)
@@ -111,7 +111,7 @@ def test_checkpoint_with_adapters_reloads_exactly(name, tmp_path):
     _train_adapters(model)
     save_moe_model(model, tmp_path / "ckpt")
     loaded = load_moe_model(tmp_path / "ckpt")
-    assert loaded.moe_settings.lora == model.moe_settings.lora
+    assert moe_state(loaded).settings.lora == moe_state(model).settings.lora
     batch = batch_of()
     torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=0, rtol=0)
 
@@ -127,7 +127,7 @@ def test_export_merges_the_adapters_into_a_native_checkpoint(name, tmp_path):
     expected = _logits(model, batch)
     result = export(model, tmp_path / "out", require_native=True)
     assert result.format == "native"
-    assert model.moe_settings.lora is not None  # export merged a copy, not the caller's model
+    assert moe_state(model).settings.lora is not None  # export merged a copy, not the caller's model
     native = getattr(transformers, result.model_class).from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(_logits(native, batch), expected, atol=2e-5, rtol=1e-5)
 
@@ -137,7 +137,7 @@ def test_transposed_native_experts_merge_exactly():
 
     model = adopt(tiny_model("aria_text"), lora=LoRAConfig(r=4, targets=("experts",))).eval()
     assert moe_blocks(model)[0].spec.transposed  # native (E, in, out) tensors, adapters in (E, out, in)
-    assert model.moe_settings.lora.targets == ("experts",)  # adopt(..., lora=) applies them
+    assert moe_state(model).settings.lora.targets == ("experts",)  # adopt(..., lora=) applies them
     _train_adapters(model)
     batch = text_batch()
     adapted = _logits(model, batch)
@@ -201,7 +201,7 @@ def test_stgc_runs_on_the_adapters_and_its_cel_reaches_the_router_adapter():
     batch = text_batch()
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
-    records = model.moe_context.records
+    records = moe_state(model).context.records
     assert records and all(r.stgc.ready and r.stgc.cosine.numel() > 0 for r in records.values())
     assert any(r.stgc.conflicts.any() for r in records.values())  # the CEL has something to push
     router_lora = [p for n, p in model.named_parameters() if ".router.lora." in n]

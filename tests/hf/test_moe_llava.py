@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moevl.hf import moe_blocks
+from moevl.hf import moe_blocks, moe_state
 from moevl.hf.moe_llava import IMAGE_TOKEN_INDEX, expand_image_tokens, load_moe_llava
 from moevl.stgc import STGCConfig
 from tests.hf.moe_llava_checkpoint import (
@@ -81,8 +81,8 @@ def test_weights_land_in_grouped_experts_and_routers(checkpoint):
     model, _ = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID)
     blocks = moe_blocks(model)
     assert [b.layer_index for b in blocks] == config["moe"]["moe_layers_idx"]
-    assert model.moe_settings.num_experts == NUM_EXPERTS and model.moe_settings.top_k == 2
-    assert model.moe_settings.balance_coef == config["moe"]["router_aux_loss_coef"]
+    assert moe_state(model).settings.num_experts == NUM_EXPERTS and moe_state(model).settings.top_k == 2
+    assert moe_state(model).settings.balance_coef == config["moe"]["router_aux_loss_coef"]
     for block in blocks:
         p = f"model.layers.{block.layer_index}.mlp.deepspeed_moe"
         torch.testing.assert_close(block.router.weight, state[f"{p}.gate.wg.weight"], atol=0, rtol=0)
@@ -119,7 +119,7 @@ def test_stgc_training_step_changes_routers(checkpoint):
     ids = _text_ids(2)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    records = model.moe_context.records
+    records = moe_state(model).context.records
     assert sorted(records) == [0, 2] and all(r.stgc is not None for r in records.values())
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     for b, w in zip(moe_blocks(model), before, strict=True):
@@ -196,7 +196,9 @@ def test_missing_image_token_id_and_fixed_overrides_are_refused(tmp_path):
         load_moe_llava(directory)
     with pytest.raises(ValueError, match=r"image_token_id must be an int in \[0, 64\) .*got 64"):
         load_moe_llava(directory, image_token_id=64)
-    with pytest.raises(ValueError, match=r"\['num_experts'\] come from the checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"num_experts=2 \(the checkpoint has 4\): fixed by the checkpoint's weights"
+    ):
         load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, num_experts=2)
 
 
@@ -308,7 +310,7 @@ def test_saved_in_the_moevl_format_reloads_exactly(checkpoint, tmp_path):
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits
         b = again(input_ids=ids, attention_mask=mask, pixel_values=pixel).logits
-    assert again.moe_settings == model.moe_settings
+    assert moe_state(again).settings == moe_state(model).settings
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -338,10 +340,10 @@ def test_settings_object_must_agree_with_the_checkpoint(tmp_path):
     from moevl.hf import MoESettings
 
     directory = _write(tmp_path)
-    with pytest.raises(ValueError, match=r"settings.num_experts=8 disagrees with the checkpoint's 4"):
+    with pytest.raises(ValueError, match=r"num_experts=8 \(the checkpoint has 4\): fixed by"):
         load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID, settings=MoESettings(num_experts=8, top_k=2))
     model, _ = load_moe_llava(
         directory, image_token_id=IMAGE_TOKEN_ID, settings=MoESettings(stgc=STGCConfig())
     )
-    assert model.moe_settings.stgc == STGCConfig() and model.moe_settings.layers == (0, 2)
-    assert model.moe_settings.balance_coef == 0.01  # the checkpoint's router_aux_loss_coef
+    assert moe_state(model).settings.stgc == STGCConfig() and moe_state(model).settings.layers == (0, 2)
+    assert moe_state(model).settings.balance_coef == 0.01  # the checkpoint's router_aux_loss_coef

@@ -1,10 +1,24 @@
+import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from moevl.hf import RoutingContext, upcycle
+from moevl.hf import (
+    MoESettings,
+    MoEState,
+    RoutingContext,
+    attach,
+    aux_loss,
+    detach,
+    find_moe_state,
+    moe_blocks,
+    moe_state,
+    upcycle,
+)
 from moevl.hf.runtime import vision_token_ids
-from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
+from moevl.stgc import STGCConfig
+from tests.hf.tiny import IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
 
 
 def test_vision_token_ids_are_read_from_image_and_video_attributes():
@@ -34,12 +48,65 @@ def test_upcycled_llava_with_a_video_token_id_routes_both_as_vision():
     model = tiny_llava()
     model.config.video_token_id = 94
     model = upcycle(model, num_experts=4, top_k=2, router="ltdr")
-    assert model.moe_context.vision_token_ids == (IMAGE_TOKEN, 94)
+    assert moe_state(model).context.vision_token_ids == (IMAGE_TOKEN, 94)
     batch = llava_batch((1, 1))
     ids = batch["input_ids"].clone()
     ids[0, 0] = 94  # a "video" position in the text model's input
     with torch.no_grad():
         model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
-    rec = model.moe_context.records[0]
+    rec = moe_state(model).context.records[0]
     expected = (torch.isin(ids, torch.tensor([IMAGE_TOKEN, 94])) & batch["attention_mask"].bool()).reshape(-1)
     assert torch.equal(rec.vision_mask, expected) and bool(rec.vision_mask[0])
+
+
+def _text_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 90, (2, 6), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_moe_state_is_one_submodule_holding_settings_context_and_hooks():
+    dense = causal_lm("llama")
+    assert find_moe_state(dense) is None
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no moevl MoE layers"):
+        moe_state(dense)
+    model = upcycle(causal_lm("llama"), num_experts=4, top_k=2, stgc=STGCConfig())
+    state = moe_state(model)
+    assert model.get_submodule("moe_state") is state and isinstance(state, MoEState)
+    # nothing besides the registered submodule: no hidden attributes on the model object
+    assert not {"moe_state", "moe_settings", "moe_context"} & set(vars(model))
+    assert list(state.parameters()) == [] and list(state.buffers()) == []
+    assert not any(k.startswith("moe_state") for k in model.state_dict())
+    assert state.settings.num_experts == 4 and MoESettings.from_dict(model.config.moevl) == state.settings
+    assert all(block.context is state.context for block in moe_blocks(model))
+    with pytest.raises(ValueError, match="already has moevl MoE layers"):
+        attach(model, settings=state.settings, context=state.context)
+    # wrappers that keep the model as .module (DDP, DeepSpeed) are looked through
+    assert moe_state(SimpleNamespace(module=model)) is state
+
+    batch = _text_batch()
+    with_aux = model(**batch)
+    assert sorted(state.context.records) == [0, 2]
+    task = with_aux.loss - aux_loss(model)
+    assert aux_loss(model) > 0
+
+    assert detach(model) is state
+    assert find_moe_state(model) is None and not hasattr(model.config, "moevl") and state.handles == []
+    state.context.records.clear()
+    plain = model(**batch)  # no hook: the task loss alone, the masks of no earlier forward
+    torch.testing.assert_close(plain.loss, task)
+    assert all(block.context.token_mask is None for block in moe_blocks(model))
+
+    again = attach(model, settings=state.settings, context=state.context)
+    torch.testing.assert_close(model(**batch).loss, with_aux.loss)
+    assert moe_state(model) is again
+
+
+def test_a_deep_copy_has_its_own_state_wired_to_its_own_blocks():
+    model = upcycle(causal_lm("llama"), num_experts=4, top_k=2)
+    twin = copy.deepcopy(model)
+    state, twin_state = moe_state(model), moe_state(twin)
+    assert twin_state is not state and twin_state.context is not state.context
+    assert all(block.context is twin_state.context for block in moe_blocks(twin))
+    twin(**_text_batch())
+    assert sorted(twin_state.context.records) == [0, 2] and state.context.records == {}

@@ -1,12 +1,14 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from moevl.hf import MoESettings, UpcycleSettings, upcycle
-from moevl.moe import LTDRConfig, LTDRRouter, TopKRouter
+from moevl.hf import MoESettings, UpcycleSettings, moe_state, upcycle
+from moevl.hf.settings import FIELD_KINDS, RECONFIGURABLE_FIELDS, STRUCTURAL_FIELDS, FixedSettingError
+from moevl.moe import LoRAConfig, LTDRConfig, LTDRRouter, TopKRouter
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import causal_lm
 
@@ -129,7 +131,7 @@ def test_upcycle_takes_settings_or_keywords_with_the_same_result():
     a = upcycle(causal_lm("llama"), settings)
     kw = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
     b = upcycle(causal_lm("llama"), **kw)
-    assert a.moe_settings == b.moe_settings == settings
+    assert moe_state(a).settings == moe_state(b).settings == settings
     assert a.config.moevl == settings.to_dict()
     for block_a, block_b in zip(a.model.layers, b.model.layers, strict=True):
         block_b.mlp.load_state_dict(block_a.mlp.state_dict())
@@ -143,6 +145,66 @@ def test_upcycle_takes_settings_or_keywords_with_the_same_result():
 
 def test_upcycle_stores_resolved_settings():
     model = upcycle(causal_lm("llama"), MoESettings(num_experts=4, top_k=2))
-    assert model.moe_settings.layers == (0, 2)  # "alternate" over 4 layers
-    assert model.moe_settings.balance_coef == 0.01  # an upcycled model has no loss of its own
-    assert MoESettings.from_dict(model.config.moevl) == model.moe_settings
+    assert moe_state(model).settings.layers == (0, 2)  # "alternate" over 4 layers
+    assert moe_state(model).settings.balance_coef == 0.01  # an upcycled model has no loss of its own
+    assert MoESettings.from_dict(model.config.moevl) == moe_state(model).settings
+
+
+def test_every_field_has_one_kind():
+    assert set(FIELD_KINDS) == {f.name for f in dataclasses.fields(MoESettings)}
+    assert set(FIELD_KINDS.values()) <= {"structural", "inference", "training"}
+    # what the weights of a sparse model fix: its experts, its layers, its top-k, its adapters' tensors
+    assert STRUCTURAL_FIELDS == ("num_experts", "top_k", "layers", "lora")
+    assert set(RECONFIGURABLE_FIELDS) == set(FIELD_KINDS) - set(STRUCTURAL_FIELDS)
+    assert {k for k, kind in FIELD_KINDS.items() if kind == "inference"} == {"ltdr", "capacity_factor"}
+
+
+def test_reconfigure_changes_what_the_weights_leave_free():
+    stored = dataclasses.replace(FULL, layers=(1, 3))
+    changed = stored.reconfigure(
+        {"stgc": None, "router": "topk", "z_loss_coef": 0.5, "capacity_factor": None, "jitter": 0.0}
+    )
+    assert changed.stgc is None and changed.ltdr is None and changed.router == "topk"
+    assert (changed.z_loss_coef, changed.capacity_factor, changed.jitter) == (0.5, None, 0.0)
+    # untouched fields stay; a structural field given with the value it has is no change (a rule or indices)
+    assert changed.balance_coef == 0.02 and changed.layers == (1, 3) and changed.num_experts == 6
+    same = stored.reconfigure({"num_experts": 6, "layers": [3, 1], "top_k": None}, num_layers=4)
+    assert same == stored
+    assert FULL.reconfigure({"lora": None}).lora is None  # None: as it is
+    assert stored.reconfigure({"router": "ltdr"}).ltdr == stored.ltdr  # the shortcut keeps given options
+    assert stored.reconfigure({}) == stored
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_experts": 8}, "num_experts=8 (the model has 6)"),
+        ({"top_k": 1}, "top_k=1 (the model has 2)"),
+        ({"layers": "alternate"}, "layers='alternate' (the model has (1, 3))"),
+        ({"lora": LoRAConfig(r=4)}, "lora=LoRAConfig(r=4"),
+    ],
+)
+def test_reconfigure_refuses_every_structural_change_by_name(change, message):
+    stored = dataclasses.replace(FULL, layers=(1, 3))
+    with pytest.raises(FixedSettingError, match=re.escape(message)) as info:
+        stored.reconfigure(change, num_layers=4)
+    assert list(info.value.fixed) == list(change) and "fixed by the model's weights" in str(info.value)
+    with pytest.raises(TypeError, match="unknown MoE setting"):
+        stored.reconfigure({"experts": 8})
+
+
+def test_every_path_refuses_the_same_structural_changes(tmp_path):
+    from moevl.hf import save_moe_model
+    from moevl.hf.io import load_moe_model
+
+    model = upcycle(causal_lm("llama"), num_experts=4, top_k=2)
+    save_moe_model(model, tmp_path)
+    for name, value in (("num_experts", 8), ("top_k", 1), ("layers", "all")):
+        with pytest.raises(
+            ValueError, match=f"{name}={value!r} \\(the checkpoint has .*fixed by the checkpoint"
+        ):
+            load_moe_model(tmp_path, **{name: value})
+    loaded = load_moe_model(tmp_path, top_k=2, stgc=STGCConfig(), capacity_factor=2.0)  # free, or unchanged
+    assert moe_state(loaded).settings == dataclasses.replace(
+        moe_state(model).settings, stgc=STGCConfig(), capacity_factor=2.0
+    )

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moevl.hf import RoutingContext, routing_statistics, upcycle
+from moevl.hf import MoESettings, MoEState, RoutingContext, moe_state, routing_statistics, upcycle
 from moevl.moe import RoutingRecord
 from tests.hf.tiny import llava_batch, tiny_llava
 
@@ -82,7 +82,7 @@ def test_router_health_of_hand_made_records():
     # layer 1: uniform routing (equal logits), no vision mask, one token without a first choice
     idx1 = torch.tensor([[1, 2]] * 5 + [[-1, -1]])
     rec1 = _record(torch.full((6, 4), 0.3), idx1, torch.ones(6, dtype=torch.bool), None)
-    model = SimpleNamespace(moe_context=RoutingContext(records={0: rec0, 2: rec1}))
+    model = SimpleNamespace(moe_state=MoEState(MoESettings(), RoutingContext(records={0: rec0, 2: rec1})))
     scalars, _ = routing_statistics(model)
     ref0, ref1 = _reference(rec0), _reference(rec1)
     for key, value in ref0.items():
@@ -110,7 +110,7 @@ def test_upcycled_llava_reports_router_health_and_category_mutual_information():
     categories[0, :2] = -1  # positions without a category
     with torch.no_grad():
         model(**batch, category_ids=categories)  # the HF model never sees the keyword
-    context = model.moe_context
+    context = moe_state(model).context
     assert torch.equal(context.category_ids, categories)
     scalars, _ = routing_statistics(model)
     cats = categories.reshape(-1).tolist()

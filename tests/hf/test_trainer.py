@@ -3,7 +3,7 @@ import json
 import torch
 from transformers import TrainingArguments
 
-from moevl.hf import MoETrainer, routing_statistics, upcycle
+from moevl.hf import MoETrainer, moe_state, routing_statistics, upcycle
 from moevl.hf.trainer import console_line
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
@@ -79,7 +79,7 @@ def test_routing_statistics_hand_checked():
     with torch.no_grad():
         model(**batch)
     scalars, loads = routing_statistics(model)
-    rec = model.moe_context.records[1]
+    rec = moe_state(model).context.records[1]
     assert scalars["moe/experts_per_token"] == 2.0
     n_vision = int(rec.vision_mask.sum())
     assert sum(loads[1]["vision"]) == 2 * n_vision

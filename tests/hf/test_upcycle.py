@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moevl.hf import load_upcycled, moe_blocks, save_upcycled, upcycle
+from moevl.hf import load_upcycled, moe_blocks, moe_state, save_upcycled, upcycle
 from moevl.hf.runtime import HFMoEBlock
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
@@ -31,7 +31,7 @@ def test_upcycled_equals_dense_at_init(arch):
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
     # the routing really is non-trivial: tokens spread over several experts
-    rec = moe.moe_context.records[0]
+    rec = moe_state(moe).context.records[0]
     assert len(set(rec.indices[rec.indices >= 0].tolist())) > 2
 
 
@@ -60,7 +60,7 @@ def test_training_reduces_loss_and_save_reload_roundtrips(arch, tmp_path):
         a = model(input_ids=ids, attention_mask=mask).logits
         b = reloaded(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(a, b)
-    assert reloaded.moe_settings == model.moe_settings
+    assert moe_state(reloaded).settings == moe_state(model).settings
 
 
 @pytest.mark.parametrize("original_format", [False, True])
@@ -81,7 +81,7 @@ def test_llava_save_reload_both_key_formats(tmp_path, original_format):
     assert got.keys() == ref.keys()
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
-    assert reloaded.moe_settings == model.moe_settings
+    assert moe_state(reloaded).settings == moe_state(model).settings
 
 
 def test_aux_loss_is_added_to_the_model_loss():
@@ -91,10 +91,10 @@ def test_aux_loss_is_added_to_the_model_loss():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
         ref = dense(input_ids=ids, attention_mask=mask, labels=ids)
-    recs = model.moe_context.records.values()
+    recs = moe_state(model).context.records.values()
     expected = ref.loss + sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    model.moe_context.aux_scale = 0.25  # what MoETrainer sets for 4 accumulation steps
+    moe_state(model).context.aux_scale = 0.25  # what MoETrainer sets for 4 accumulation steps
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
     expected = ref.loss + 0.25 * sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
@@ -107,7 +107,7 @@ def test_llava_modality_masks_with_padding_and_several_images():
         batch = llava_batch((1, 2, 0), pad_side=side)
         with torch.no_grad():
             model(**batch)
-        ctx = model.moe_context
+        ctx = moe_state(model).context
         assert torch.equal(
             ctx.vision_mask, (batch["input_ids"] == IMAGE_TOKEN) & batch["attention_mask"].bool()
         )
@@ -133,7 +133,10 @@ def test_llava_upcycled_equals_dense_and_generates_with_ltdr():
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
     assert torch.equal(gen, ref_gen)
     # during generation the last step's context describes only the new token: all text, real
-    assert model.moe_context.vision_mask.shape == (2, 1) and not model.moe_context.vision_mask.any()
+    assert (
+        moe_state(model).context.vision_mask.shape == (2, 1)
+        and not moe_state(model).context.vision_mask.any()
+    )
 
 
 def test_text_only_model_routes_every_token_as_text():
@@ -141,7 +144,7 @@ def test_text_only_model_routes_every_token_as_text():
     ids, mask = _batch()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    rec = model.moe_context.records[0]
+    rec = moe_state(model).context.records[0]
     assert rec.vision_mask is None and not rec.tail_mask.any()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from moevl.hf import moe_blocks, upcycle
+from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
 
@@ -56,7 +56,7 @@ def test_stage3_step_with_prepared_inputs(build):
     for block in moe_blocks(model):
         grads = [p.grad for p in block.router_parameters()]
         assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    for rec in model.moe_context.records.values():
+    for rec in moe_state(model).context.records.values():
         assert rec.stgc is not None and rec.stgc.ready
         assert int(rec.vision_mask.sum()) == ids.eq(IMAGE).sum()  # the family's image token marks vision
         assert rec.tail_mask[rec.vision_mask].any()  # LTDR found a tail among them

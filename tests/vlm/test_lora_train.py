@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from moevl.hf import moe_state
 from moevl.hf.lora import is_lora_parameter
 from moevl.vlm.io import load_model
 from moevl.vlm.parts import parameter_parts
@@ -40,7 +41,7 @@ def test_stage3_with_lora_trains_the_adapters_only_reloads_and_exports_merged(de
     }
 
     model, _ = load_model(out / "model")
-    assert model.moe_settings.lora.r == 8
+    assert moe_state(model).settings.lora.r == 8
     dense_model, _ = load_model(s2.model_dir)
     dense_state = dense_model.state_dict()
     parts = parameter_parts(model)
@@ -62,7 +63,7 @@ def test_stage3_with_lora_trains_the_adapters_only_reloads_and_exports_merged(de
             assert torch.equal(value, dense_state[name.replace(".base_layer.", ".")]), name
     assert trained["adapters"] > 0 and trained["routers"] > 0
     checkpoint, _ = load_model(out / "checkpoint-4")  # a Trainer checkpoint reloads with its adapters
-    assert checkpoint.moe_settings.lora == model.moe_settings.lora
+    assert moe_state(checkpoint).settings.lora == moe_state(model).settings.lora
 
     # the adapter alone needs a native class to load into: the demo's alternate layers have none
     refused = run([sys.executable, "-m", "moevl.cli", "export", "--model", str(out), "--out", str(tmp_path / "a"),
@@ -70,7 +71,7 @@ def test_stage3_with_lora_trains_the_adapters_only_reloads_and_exports_merged(de
     assert refused.returncode != 0 and "PEFT adapters need a native class" in refused.stderr + refused.stdout
     _moevl("export", "--model", str(out), "--out", str(tmp_path / "exported"))
     exported, processor = load_model(tmp_path / "exported")
-    assert exported.moe_settings.lora is None
+    assert moe_state(exported).settings.lora is None
     assert not any(is_lora_parameter(n) for n, _ in exported.named_parameters())
     batch = processor(
         text=["<image> w1 w2"], images=[torch.zeros(3, 8, 8, dtype=torch.uint8)], return_tensors="pt"

@@ -6,6 +6,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from moevl.hf import moe_state
 from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import run_eval
 from moevl.vlm.io import load_model
@@ -30,7 +31,7 @@ def test_moe_llava_checkpoint_is_tuned_with_stgc_and_evaluated(tmp_path):
     )
 
     model, processor = load_model(ckpt, chat_template=LLAVA_TEMPLATE)
-    assert model.moe_settings.num_experts == config["moe"]["num_experts"][0]
+    assert moe_state(model).settings.num_experts == config["moe"]["num_experts"][0]
     r = train_stage(
         cfg, stage=3, model=ckpt, output_dir=tmp_path / "out", data=tmp_path / "data.json", method="stgc",
         max_steps=2, progress=False, log=lambda *_: None,

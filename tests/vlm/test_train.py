@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from moevl.config import ConfigError
 from moevl.data import DataError
+from moevl.hf import moe_state
 from moevl.hf.trainer import NonFiniteTrainingError
 from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
@@ -80,7 +81,7 @@ def test_stage3_upcycles_trains_experts_and_routers_and_reloads(demo, dense, tmp
     assert meta["moe"] == "upcycled" and meta["method"] == method
     assert (meta["moe_settings"]["ltdr"] is not None) == ("ltdr" in method)
     model, _ = load_model(r.model_dir)
-    assert (model.moe_settings.stgc.weight > 0) == ("stgc" in method)
+    assert (moe_state(model).settings.stgc.weight > 0) == ("stgc" in method)
     dense_state, _ = _state(s2.model_dir)
     parts = parameter_parts(model)
     changed_experts = False

@@ -148,6 +148,7 @@ def diagnose(
     from moevl.config import ConfigError
     from moevl.data import DataError, read_records
     from moevl.data.processing import ConversationCollator, ConversationDataset
+    from moevl.hf import moe_state
     from moevl.hf.stats import routing_statistics
     from moevl.vlm.config import method_settings
     from moevl.vlm.io import check_model_dir, check_writable_target, is_sparse_checkpoint, load_model
@@ -191,7 +192,7 @@ def diagnose(
         loss = net(**probe).loss
         loss.backward()
         scalars, _ = routing_statistics(net)
-        for layer, rec in sorted(net.moe_context.records.items()):
+        for layer, rec in sorted(moe_state(net).context.records.items()):
             if rec.stgc is not None and rec.stgc.ready:
                 stats = _snapshot(rec.stgc)
                 per_layer.setdefault(layer, []).append(stats)

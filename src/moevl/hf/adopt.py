@@ -56,6 +56,7 @@ from moevl.hf.runtime import (
     RoutingContext,
     attach,
     decoder_layers,
+    find_moe_state,
     freeze_all_but_moe,
     make_router,
     vision_token_ids,
@@ -1060,7 +1061,7 @@ def adopt(
     Returns:
         The same model object with ``model.moe_context`` and ``model.moe_settings`` (resolved).
     """
-    if getattr(model, "moe_context", None) is not None:
+    if find_moe_state(model) is not None:
         raise ValueError("adopt: this model is already upcycled or adopted (it has moevl MoE layers)")
     settings = settings_from(settings, kwargs, caller="adopt")
     if implementation not in ("auto", "grouped", "loop"):

@@ -31,7 +31,8 @@ from torch import nn
 
 from moevl.hf.adopt import AdoptedMoEBlock
 from moevl.hf.io import save_moe_model, staged_directory
-from moevl.hf.runtime import HFMoEBlock, decoder_layers
+from moevl.hf.runtime import HFMoEBlock, decoder_layers, find_moe_state, moe_state
+from moevl.hf.settings import FIELD_KINDS, MoESettings
 from moevl.moe import LTDRRouter
 
 
@@ -264,7 +265,8 @@ def export(
         raise ValueError(f"export: lora must be 'merge' or 'adapter', got {lora!r}")
     if lora == "adapter":
         return export_adapter(model, directory, processor=processor, max_shard_size=max_shard_size)
-    adapters = getattr(getattr(model, "moe_settings", None), "lora", None)
+    state = find_moe_state(model)
+    adapters = None if state is None else state.settings.lora
     if adapters is not None:  # the adapters are folded into a copy: the caller's model keeps them
         from moevl.hf.lora import merge_lora
 
@@ -314,7 +316,8 @@ def export_adapter(
 
     from moevl.hf.lora import _attention_linears, unload_lora
 
-    config = getattr(getattr(model, "moe_settings", None), "lora", None)
+    state = find_moe_state(model)
+    config = None if state is None else state.settings.lora
     if config is None:
         raise ValueError("export_adapter: the model has no LoRA adapters (moe_settings.lora is None)")
     base = unload_lora(copy.deepcopy(model))
@@ -430,7 +433,7 @@ def build_native(model: nn.Module, plan: ExportPlan) -> nn.Module:
 
 def _blocks(model: nn.Module) -> list[tuple[str, HFMoEBlock]]:
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
-    if not blocks or getattr(model, "moe_settings", None) is None:
+    if not blocks or find_moe_state(model) is None:
         raise ValueError(
             f"export: {type(model).__name__} has no moevl MoE layers (not upcycled or adopted); "
             "a dense model is saved with save_pretrained"
@@ -440,7 +443,7 @@ def _blocks(model: nn.Module) -> list[tuple[str, HFMoEBlock]]:
 
 def _check_inference_rules(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> None:
     """Routing options that change inference and that no native class has."""
-    context = model.moe_context
+    context = moe_state(model).context
     for name, block in blocks:
         router = block.router
         if router.capacity_factor is not None:
@@ -582,7 +585,7 @@ def _moe_facts(
     for key, seen in values.items():
         if len(seen) != 1:
             raise NotExact(f"the MoE layers differ in {key} ({sorted(seen)}); native classes use one value")
-    balance = model.moe_settings.balance_coef
+    balance = moe_state(model).settings.balance_coef
     return MoEFacts(
         num_experts=values["num_experts"].pop(),
         top_k=values["top_k"].pop(),
@@ -664,7 +667,7 @@ def _adopted_ltdr_notes(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) 
     """An adopted model whose LTDR tail rule acts at inference no longer computes the original's logits."""
     routers = [b.router for _, b in blocks if isinstance(b, AdoptedMoEBlock)]
     acting = [r for r in routers if isinstance(r, LTDRRouter) and r.vision_tail and r.tail_top_k > r.top_k]
-    if not acting or not model.moe_context.vision_token_ids:
+    if not acting or not moe_state(model).context.vision_token_ids:
         return ()
     r = acting[0]
     return (
@@ -675,15 +678,23 @@ def _adopted_ltdr_notes(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) 
 
 
 def _training_only_notes(model: nn.Module) -> tuple[str, ...]:
-    s = model.moe_settings
-    notes = []
-    if s.stgc is not None:
-        notes.append("STGC is training-only: not part of the checkpoint")
+    """The training fields (``FIELD_KINDS``) set away from their defaults: no native checkpoint carries them
+    (``balance_coef`` does: it is the native config's ``router_aux_loss_coef``)."""
+    s = moe_state(model).settings
+    left_out = [
+        name
+        for name, kind in FIELD_KINDS.items()
+        if kind == "training" and name != "balance_coef" and getattr(s, name) != _DEFAULTS[name]
+    ]
+    notes = [f"training-only settings, not part of the checkpoint: {', '.join(left_out)}"] if left_out else []
     if s.ltdr is not None:
         notes.append(
             "LTDR's balancing is training-only and its tail rule cannot act here (no vision tokens or a == k)"
         )
     return tuple(notes)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESettings)}
 
 
 def _dtype_notes(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> tuple[str, ...]:

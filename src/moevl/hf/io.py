@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from moevl.atomic import atomic_write_text
-from moevl.hf.settings import MoESettings, select_layers
+from moevl.hf.runtime import find_moe_state
+from moevl.hf.settings import STRUCTURAL_FIELDS, MoESettings
 
 #: Key of the format description in ``config.json`` (and ``config.moevl`` of a moevl checkpoint).
 MOEVL_MODEL_TYPE = "moevl"
@@ -242,7 +243,9 @@ def load_moe_model(
     stored = read_checkpoint_config(directory)
     model_class = stored.model_class if model_class is None else model_class
     config = stored.base_config(model_class)
-    settings = _override(stored.settings, settings_overrides, num_layers=_num_layers(config))
+    settings = stored.settings.reconfigure(
+        settings_overrides, num_layers=_num_layers(config), holder="the checkpoint"
+    )
     if dtype == "auto":
         dtype = config.dtype
     from transformers.initialization import no_init_weights
@@ -303,13 +306,14 @@ def load_upcycled(
 def load_moe_state_into(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load the weights of a moevl checkpoint into an already built MoE model, strictly (resume).
 
-    The checkpoint's MoE layout (``num_experts``, ``layers``, method) must be the model's; every
+    The checkpoint's MoE layout (the structural settings: ``num_experts``, ``top_k``, ``layers``, ``lora``; the
+    method) must be the model's; every
     tensor of the model must be in the checkpoint and nothing else.
     """
     own = _moe_settings(model, "load_moe_state_into")
     directory = Path(directory)
     stored = read_checkpoint_config(directory)
-    for name in ("num_experts", "top_k", "layers"):
+    for name in STRUCTURAL_FIELDS:
         if getattr(stored.settings, name) != getattr(own, name):
             raise ValueError(
                 f"load_moe_state_into: the checkpoint in {directory} has {name}="
@@ -517,13 +521,13 @@ def _to_model_key_names(model: nn.Module, state: dict) -> dict:
 
 
 def _moe_settings(model: nn.Module, caller: str) -> MoESettings:
-    settings = getattr(model, "moe_settings", None)
-    if settings is None:
+    state = find_moe_state(model)
+    if state is None:
         raise ValueError(
             f"{caller}: {type(model).__name__} has no moevl MoE layers (not upcycled or adopted); "
             "save a dense model with save_pretrained"
         )
-    return settings
+    return state.settings
 
 
 def _method(model: nn.Module) -> str:
@@ -561,32 +565,6 @@ def _settings(data: Any, path: Path) -> MoESettings:
         raise ValueError(f"{path}: bad moevl settings: {err}") from None
 
 
-_FIXED_BY_WEIGHTS = ("num_experts", "layers")
-
-
 def _num_layers(config: Any) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text, "num_hidden_layers", None)
-
-
-def _override(settings: MoESettings, overrides: dict[str, Any], *, num_layers: int | None) -> MoESettings:
-    """``settings`` with ``overrides``; ``num_experts`` / ``layers`` may be given (a settings file
-    passed whole) but must equal the stored ones (``layers`` as a rule or a list of indices)."""
-    changed = {}
-    for name in sorted(set(overrides) & set(_FIXED_BY_WEIGHTS)):
-        value, stored = overrides[name], getattr(settings, name)
-        if name == "layers" and value is not None and num_layers is not None:
-            value = tuple(select_layers(value, num_layers))
-        if value != stored:
-            changed[name] = (overrides[name], stored)
-    if changed:
-        detail = ", ".join(f"{k}={v!r} (the checkpoint has {s!r})" for k, (v, s) in changed.items())
-        raise ValueError(f"{detail}: fixed by the checkpoint's weights and cannot be changed on load")
-    overrides = {k: v for k, v in overrides.items() if k not in _FIXED_BY_WEIGHTS}
-    if not overrides:
-        return settings
-    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-    if overrides.get("router") == "topk" and "ltdr" not in overrides:
-        fields["ltdr"] = None
-    fields.update(overrides)
-    return MoESettings.from_keywords(**fields)

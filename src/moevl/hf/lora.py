@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from moevl.hf.runtime import decoder_layers, moe_blocks, set_moe_settings
+from moevl.hf.runtime import decoder_layers, find_moe_state, moe_blocks, set_moe_settings
 from moevl.moe.lora import LoRAConfig, RouterLoRA
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -39,7 +39,8 @@ def is_lora_parameter(name: str) -> bool:
 def lora_frozen_parameters(model: nn.Module) -> set[int]:
     """``id`` of every parameter LoRA freezes: the non-adapter parameters of the targeted parts (the routed
     experts, the routers) and PEFT's base layers."""
-    settings = getattr(model, "moe_settings", None)
+    state = find_moe_state(model)
+    settings = None if state is None else state.settings
     config = None if settings is None else settings.lora
     if config is None:
         return set()
@@ -73,7 +74,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             _add_router_lora(block, config)
     if "attention" in config.targets:
         _add_attention_lora(model, config)
-    settings = getattr(model, "moe_settings", None)
+    state = find_moe_state(model)
+    settings = None if state is None else state.settings
     if settings is not None and settings.lora != config:
         set_moe_settings(model, dataclasses.replace(settings, lora=config))
     targeted = lora_frozen_parameters(model)
@@ -101,7 +103,8 @@ def unload_lora(model: nn.Module) -> nn.Module:
 def _remove_lora(model: nn.Module, *, merge: bool, caller: str) -> nn.Module:
     from moevl.hf.adopt import AdoptedMoEBlock
 
-    settings = getattr(model, "moe_settings", None)
+    state = find_moe_state(model)
+    settings = None if state is None else state.settings
     if settings is None or settings.lora is None:
         raise ValueError(f"{caller}: {type(model).__name__} has no LoRA adapters (moe_settings.lora is None)")
     for block in moe_blocks(model):

@@ -65,7 +65,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from moevl.hf.settings import MoESettings
+from moevl.hf.settings import FixedSettingError, MoESettings
 from moevl.hf.upcycle import upcycle
 
 #: MoE-LLaVA's image placeholder in input ids (``moellava/constants.py``).
@@ -78,8 +78,6 @@ _EXPERT = re.compile(
     r"model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)\.(weight|bias)"
 )
 _TOWER_PREFIX = "model.image_tower.image_tower.vision_model."
-#: Keys of the settings the checkpoint fixes; ``load_moe_llava`` refuses them as overrides.
-_FIXED_SETTINGS = ("num_experts", "top_k", "layers")
 
 
 class LoadedMoELLaVA(NamedTuple):
@@ -165,7 +163,7 @@ def load_moe_llava(
             f"got {image_token_id!r}"
         )
 
-    resolved = _settings(settings, overrides, moe)
+    resolved = _settings(settings, overrides, moe, int(config["num_hidden_layers"]))
     select = config.get("mm_vision_select_feature", "patch")
     strategies = {"patch": "default", "cls_patch": "full"}
     if select not in strategies:
@@ -273,8 +271,14 @@ def _moe_fields(config: Mapping[str, Any], root: Path) -> _MoEFields:
     )
 
 
-def _settings(settings: MoESettings | None, overrides: dict[str, Any], moe: _MoEFields) -> MoESettings:
-    fixed = {"num_experts": moe.num_experts, "top_k": moe.top_k, "layers": moe.layers}
+def _settings(
+    settings: MoESettings | None, overrides: dict[str, Any], moe: _MoEFields, num_layers: int
+) -> MoESettings:
+    """The checkpoint's settings (its experts, top-k and layers; its balancing coefficient) reconfigured by
+    ``settings`` (every field; ``balance_coef`` None keeps the checkpoint's) or by the keyword ``overrides``."""
+    stored = MoESettings(
+        num_experts=moe.num_experts, top_k=moe.top_k, layers=moe.layers, balance_coef=moe.balance_coef
+    )
     if settings is not None:
         if overrides:
             raise ValueError(
@@ -282,21 +286,13 @@ def _settings(settings: MoESettings | None, overrides: dict[str, Any], moe: _MoE
             )
         if not isinstance(settings, MoESettings):
             raise ValueError(f"load_moe_llava: settings must be a MoESettings, got {type(settings).__name__}")
-        for name, value in fixed.items():
-            given = getattr(settings, name)
-            if given is not None and given != value:
-                raise ValueError(
-                    f"load_moe_llava: settings.{name}={given!r} disagrees with the checkpoint's {value!r}"
-                )
-        balance = moe.balance_coef if settings.balance_coef is None else settings.balance_coef
-        return dataclasses.replace(settings, **fixed, balance_coef=balance)
-    clash = sorted(set(overrides) & set(_FIXED_SETTINGS))
-    if clash:
-        raise ValueError(
-            f"load_moe_llava: {clash} come from the checkpoint's moe dict and cannot be overridden"
-        )
-    overrides.setdefault("balance_coef", moe.balance_coef)
-    return MoESettings.from_keywords(**fixed, **overrides)
+        overrides = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        if settings.balance_coef is None:
+            del overrides["balance_coef"]
+    try:
+        return stored.reconfigure(overrides, num_layers=num_layers, holder="the checkpoint")
+    except FixedSettingError as err:
+        raise ValueError(f"load_moe_llava: {err}") from None
 
 
 def _text_config(backbone: str, config: Mapping[str, Any]) -> Any:

@@ -1,9 +1,10 @@
 """The Hugging Face runtime of moevl's MoE layers, shared by ``upcycle`` and ``adopt``.
 
-A model with moevl MoE layers owns one ``RoutingContext`` (``model.moe_context``). A forward
-pre-hook on the model sets it from the input ids (vision positions: the config's image and video
-token ids) and the attention mask, once per forward; every ``HFMoEBlock`` reads it and leaves its
-``RoutingRecord`` there. A forward hook adds the layers' auxiliary losses to ``outputs.loss``, so
+A model with moevl MoE layers owns one ``MoEState`` (``moe_state(model)``: its settings, a
+``RoutingContext`` and the hooks; ``attach`` / ``detach``). A forward pre-hook on the model sets the
+context from the input ids (vision positions: the config's image and video token ids) and the
+attention mask, once per forward; every ``HFMoEBlock`` reads it and leaves its ``RoutingRecord``
+there. A forward hook adds the layers' auxiliary losses to ``outputs.loss``, so
 any trainer (HF Trainer, accelerate, a plain loop) optimises them. No globals; the context is
 explicit state of the model that the next forward replaces.
 """
@@ -136,7 +137,7 @@ class HFMoEBlock(MoEFeedForward):
             stgc_scale=stgc_scale,
         )
         self.layer_index = layer_index
-        self.__dict__["context"] = context  # shared, not a submodule, not saved
+        self.context = context  # the model's, shared by its MoE blocks (attach)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # type: ignore[override]
         token_mask, vision_mask = self.context.masks_for(hidden_states.shape[:-1])
@@ -187,20 +188,91 @@ def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) ->
     return TopKRouter(**common)
 
 
+class MoEState(nn.Module):
+    """What makes a model "a moevl MoE model": its resolved settings, its routing context and the handles of
+    the two hooks that drive it. ``attach`` registers it as the model's ``moe_state`` submodule (it holds no
+    parameters or buffers: nothing of it is saved in a state dict; ``config.moevl`` carries the settings);
+    ``moe_state(model)`` finds it, ``detach`` takes it off again.
+
+    The wiring, all of it: the model's forward pre-hook (``_begin_forward``) sets ``context`` from the
+    input ids and attention mask; every MoE block reads the masks from ``context`` (given to it when it was
+    built) and leaves its ``RoutingRecord`` there; the model's forward hook (``_add_aux_loss``) adds
+    ``aux_loss(model)`` to ``outputs.loss``.
+    """
+
+    def __init__(self, settings: MoESettings, context: RoutingContext) -> None:
+        super().__init__()
+        self.settings = settings
+        self.context = context
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return f"num_experts={s.num_experts}, top_k={s.top_k}, layers={s.layers}, router={s.router!r}"
+
+
+#: The name of the ``MoEState`` submodule ``attach`` registers on a model.
+STATE_NAME = "moe_state"
+
+
+def find_moe_state(model: nn.Module) -> MoEState | None:
+    """``model``'s ``MoEState``, looking through wrappers that keep the model as ``.module`` (DDP, DeepSpeed)
+    or forward attributes to it (PEFT); None for a model without moevl MoE layers."""
+    state = getattr(model, STATE_NAME, None)
+    if isinstance(state, MoEState):
+        return state
+    inner = getattr(model, "module", None)
+    return find_moe_state(inner) if isinstance(inner, nn.Module) and inner is not model else None
+
+
+def moe_state(model: nn.Module) -> MoEState:
+    """``model``'s ``MoEState`` (``find_moe_state``); ``ValueError`` for a model that has none."""
+    state = find_moe_state(model)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} has no moevl MoE layers (no MoEState): upcycle or adopt it first, or load a "
+            "moevl checkpoint with moevl.checkpoint.load_moe_model"
+        )
+    return state
+
+
 def set_moe_settings(model: nn.Module, settings: MoESettings) -> None:
-    """``model``'s resolved settings, also in ``config.moevl`` (what a checkpoint saves)."""
-    model.__dict__["moe_settings"] = settings
+    """``model``'s resolved settings, in its ``MoEState`` and in ``config.moevl`` (what a checkpoint saves)."""
+    moe_state(model).settings = settings
     config = getattr(model, "config", None)
     if config is not None:
         config.moevl = settings.to_dict()
 
 
-def attach(model: nn.Module, *, settings: MoESettings, context: RoutingContext) -> None:
-    """Give ``model`` its context and resolved settings (``set_moe_settings``) and the hooks."""
-    model.__dict__["moe_context"] = context
+def attach(model: nn.Module, *, settings: MoESettings, context: RoutingContext) -> MoEState:
+    """Make ``model`` a moevl MoE model: its ``MoEState`` (settings, context, the two hooks), ``config.moevl``.
+    ``ValueError`` when it already is one."""
+    if find_moe_state(model) is not None:
+        raise ValueError(f"{type(model).__name__} already has moevl MoE layers (a MoEState); detach it first")
+    state = MoEState(settings, context)
+    model.add_module(STATE_NAME, state)
     set_moe_settings(model, settings)
-    model.register_forward_pre_hook(_begin_forward, with_kwargs=True)
-    model.register_forward_hook(_add_aux_loss)
+    state.handles = [
+        model.register_forward_pre_hook(_begin_forward, with_kwargs=True),
+        model.register_forward_hook(_add_aux_loss),
+    ]
+    return state
+
+
+def detach(model: nn.Module) -> MoEState:
+    """Undo ``attach``: remove the hooks, the ``MoEState`` and ``config.moevl``; returns the state. The MoE
+    blocks stay (their routing then sees every position as a text token and no loss term is added)."""
+    state = moe_state(model)
+    owner = model if getattr(model, STATE_NAME, None) is state else getattr(model, "module", model)
+    for handle in state.handles:
+        handle.remove()
+    state.handles = []
+    delattr(owner, STATE_NAME)
+    config = getattr(owner, "config", None)
+    if config is not None and hasattr(config, "moevl"):
+        del config.moevl
+    state.context.begin(None, None, None)  # no masks from the last forward stay in the blocks' context
+    return state
 
 
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -209,7 +281,7 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     seq_len = embeds.shape[1] if embeds is not None else None
     if not isinstance(input_ids, Tensor):
         input_ids = None
-    context: RoutingContext = module.moe_context
+    context = moe_state(module).context
     changed = "category_ids" in kwargs
     category_ids = kwargs.pop("category_ids", None)  # for the statistics only, not the model
     context.begin(input_ids, kwargs.get("attention_mask"), seq_len, category_ids)
@@ -223,8 +295,8 @@ def aux_loss(model: nn.Module) -> Tensor | None:
 
     ``α`` is ``settings.balance_coef``; None (the model's own balancing) adds no moevl term.
     """
-    context: RoutingContext = model.moe_context
-    settings: MoESettings = model.moe_settings
+    state = moe_state(model)
+    context, settings = state.context, state.settings
     balance_coef = settings.balance_coef if settings.balance_coef is not None else 0.0
     total = None
     for record in context.records.values():

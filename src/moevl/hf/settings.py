@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moevl.moe.checks import check_choice, check_float, check_int
@@ -25,6 +25,14 @@ ROUTERS: tuple[str, ...] = ("topk", "ltdr")
 
 #: MoE-LLaVA's balancing coefficient α, the default of an upcycled model (it has no loss of its own).
 UPCYCLE_BALANCE_COEF = 0.01
+
+
+SettingKind = Literal["structural", "inference", "training"]
+
+
+_STRUCTURAL = {"kind": "structural"}
+_INFERENCE = {"kind": "inference"}
+_TRAINING = {"kind": "training"}
 
 
 @dataclass(frozen=True)
@@ -54,19 +62,26 @@ class MoESettings:
         lora: LoRA adapters (``moevl.moe.lora.LoRAConfig``: ``r``, ``alpha``, ``dropout``, ``targets``
             among experts, routers, attention), or None for full-weight tuning. Structural: the adapters'
             tensors are part of the checkpoint (``moevl.hf.lora.merge_lora`` / ``export`` fold them in).
+
+    Each field has a kind (``FIELD_KINDS``), which says when it may change: ``structural`` fields are fixed by
+    the weights of a model that has its MoE layers (its experts, which layers are sparse, its top-k, its
+    adapters); ``inference`` fields change what the model computes (LTDR's tail rule, capacity);
+    ``training`` fields change only the training loss and its gradients. ``reconfigure`` is the one way
+    settings of an existing MoE model change: a checkpoint loaded with overrides, a MoE-LLaVA import, a
+    stage-3 recipe on a sparse model.
     """
 
-    num_experts: int | None = None
-    top_k: int | None = None
-    layers: LayerSpec | None = None
-    stgc: STGCConfig | None = None
-    ltdr: LTDRConfig | None = None
-    balance_coef: float | None = None
-    z_loss_coef: float = 0.0
-    balance_from: Literal["top1", "topk"] = "top1"
-    capacity_factor: float | None = None
-    jitter: float = 0.0
-    lora: LoRAConfig | None = None
+    num_experts: int | None = field(default=None, metadata=_STRUCTURAL)
+    top_k: int | None = field(default=None, metadata=_STRUCTURAL)
+    layers: LayerSpec | None = field(default=None, metadata=_STRUCTURAL)
+    stgc: STGCConfig | None = field(default=None, metadata=_TRAINING)
+    ltdr: LTDRConfig | None = field(default=None, metadata=_INFERENCE)
+    balance_coef: float | None = field(default=None, metadata=_TRAINING)
+    z_loss_coef: float = field(default=0.0, metadata=_TRAINING)
+    balance_from: Literal["top1", "topk"] = field(default="top1", metadata=_TRAINING)
+    capacity_factor: float | None = field(default=None, metadata=_INFERENCE)
+    jitter: float = field(default=0.0, metadata=_TRAINING)
+    lora: LoRAConfig | None = field(default=None, metadata=_STRUCTURAL)
 
     def __post_init__(self) -> None:
         if self.num_experts is not None:
@@ -120,6 +135,42 @@ class MoESettings:
                 raise ValueError("ltdr options were given but router is 'topk'; pass router='ltdr'")
         return cls(**kwargs)
 
+    def reconfigure(
+        self, changes: Mapping[str, Any], *, num_layers: int | None = None, holder: str = "the model"
+    ) -> MoESettings:
+        """These settings, of a model that has its MoE layers, with ``changes`` (fields, and the ``router``
+        shortcut: ``router="topk"`` drops ``ltdr``, ``router="ltdr"`` without options adds ``LTDRConfig()``).
+
+        Inference and training fields take the new value. A structural field may be given only with the
+        value it has (``layers`` as a rule or indices, resolved over ``num_layers`` decoder layers), or None for
+        "as it is"; any other value raises ``FixedSettingError`` naming each field, the value given and
+        ``holder``'s (e.g. "the checkpoint").
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names - {"router"})
+        if unknown:
+            raise TypeError(f"unknown MoE setting(s) {unknown}; expected router or one of {sorted(names)}")
+        fixed = {}
+        for name in STRUCTURAL_FIELDS:
+            if name not in changes or changes[name] is None:
+                continue
+            value, have = changes[name], getattr(self, name)
+            if name == "layers":  # a rule or indices in any order: compared as indices where it can be
+                value = (
+                    _check_layers(value) if num_layers is None else tuple(select_layers(value, num_layers))
+                )
+                have = have if have is None or num_layers is None else tuple(select_layers(have, num_layers))
+            if value != have:
+                fixed[name] = (changes[name], getattr(self, name))
+        if fixed:
+            raise FixedSettingError(fixed, holder)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # a structural field given is the value it has (checked above), in its stored form
+        given = {k: v for k, v in changes.items() if k not in STRUCTURAL_FIELDS}
+        if given.get("router") == "topk" and "ltdr" not in given:
+            fields["ltdr"] = None
+        return MoESettings.from_keywords(**{**fields, **given})
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (stored in ``config.moevl``); ``from_dict`` inverts it exactly."""
         out: dict[str, Any] = {}
@@ -160,6 +211,23 @@ class MoESettings:
             if (router == "ltdr") != (data.get("ltdr") is not None):
                 raise ValueError(f"router is {router!r} but ltdr is {data.get('ltdr')!r}: they disagree")
         return cls(**data)
+
+
+#: The kind of each ``MoESettings`` field (class doc): ``structural``, ``inference`` or ``training``.
+FIELD_KINDS: dict[str, SettingKind] = {f.name: f.metadata["kind"] for f in dataclasses.fields(MoESettings)}
+#: The fields fixed by the weights of a model that has MoE layers.
+STRUCTURAL_FIELDS: tuple[str, ...] = tuple(k for k, kind in FIELD_KINDS.items() if kind == "structural")
+#: The fields a model with MoE layers can change (``reconfigure``): inference and training ones.
+RECONFIGURABLE_FIELDS: tuple[str, ...] = tuple(k for k, kind in FIELD_KINDS.items() if kind != "structural")
+
+
+class FixedSettingError(ValueError):
+    """``reconfigure`` asked to change a structural field. ``fixed``: ``{field: (given, has)}``."""
+
+    def __init__(self, fixed: dict[str, tuple[Any, Any]], holder: str) -> None:
+        self.fixed, self.holder = fixed, holder
+        detail = ", ".join(f"{k}={given!r} ({holder} has {has!r})" for k, (given, has) in fixed.items())
+        super().__init__(f"{detail}: fixed by {holder}'s weights and cannot be changed")
 
 
 #: What settings saved before ``STGCConfig.weight_mode`` and ``centered`` existed meant: the paper's CEL.

@@ -12,7 +12,7 @@ from moevl.hf.routing_health import (
     normalized_entropy,
     normalized_mutual_information,
 )
-from moevl.hf.runtime import RoutingContext
+from moevl.hf.runtime import RoutingContext, find_moe_state
 
 
 def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
@@ -40,7 +40,8 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
         ``stgc/cosine_std``, ``stgc/cel``; plus per-layer keys ``.../L{i}``. Loads:
         ``{layer: {"vision": [E], "text": [E]}}`` token counts.
     """
-    context: RoutingContext | None = getattr(model, "moe_context", None)
+    state = find_moe_state(model)
+    context: RoutingContext | None = None if state is None else state.context
     if context is None or not context.records:
         return {}, {}
     per_key: dict[str, list[float]] = {}

@@ -19,6 +19,7 @@ from moevl import observability as metrics
 from moevl.atomic import atomic_write_json
 from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
 from moevl.hf.routing_health import UniformRoutingMonitor
+from moevl.hf.runtime import find_moe_state
 from moevl.hf.stats import routing_statistics
 
 STATS_FILE = "moe_stats.json"
@@ -134,9 +135,9 @@ class MoETrainer(Trainer):
     # --- one step ------------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
-        context = getattr(self.model, "moe_context", None)
-        if context is not None:
-            context.aux_scale = self._aux_scale(num_items_in_batch)
+        state = find_moe_state(self.model)
+        if state is not None:
+            state.context.aux_scale = self._aux_scale(num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not math.isfinite(float(loss.detach())):
             raise NonFiniteTrainingError(
@@ -227,7 +228,7 @@ class MoETrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if getattr(model, "moe_settings", None) is None:
+        if find_moe_state(model) is None:
             # NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by default,
             # and the Trainer's resume loads them with a plain load_state_dict(strict=False): the weights
             # silently do not come back. Save the model's own key names instead.

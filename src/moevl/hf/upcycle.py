@@ -23,6 +23,7 @@ from moevl.hf.runtime import (
     RoutingContext,
     attach,
     decoder_layers,
+    find_moe_state,
     freeze_all_but_moe,
     make_router,
     vision_token_ids,
@@ -58,7 +59,7 @@ def upcycle(
         The same model object, upcycled, with ``model.moe_context`` (``RoutingContext``) and
         ``model.moe_settings`` (the resolved ``MoESettings``, also in ``config.moevl``).
     """
-    if getattr(model, "moe_context", None) is not None:
+    if find_moe_state(model) is not None:
         raise ValueError("upcycle: this model is already upcycled or adopted (it has moevl MoE layers)")
     settings = settings_from(settings, kwargs, caller="upcycle")
     if settings.num_experts is None or settings.top_k is None:

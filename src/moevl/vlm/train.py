@@ -181,43 +181,37 @@ def _apply_threads(cfg: RunConfig) -> None:
 
 # MoESettings fields a stage-3 run may change on a model moevl already made sparse (the rest is fixed by
 # its weights: experts, top-k, layers).
-_RECONFIGURABLE = ("stgc", "ltdr", "balance_coef", "z_loss_coef", "balance_from", "capacity_factor", "jitter")
-
-
-#: MoESettings fields fixed by a sparse model's weights. The recipe's defaults for them (MoE-LLaVA's E=4, top-2,
-#: alternate layers) are upcycling defaults: a natively sparse model keeps its own.
-_STRUCTURAL = ("num_experts", "top_k", "layers")
-
-
 def explicit_moe_keys(moe) -> set[str]:
     """The structural ``moe.*`` keys of a recipe that differ from the built-in defaults, i.e. that the user gave.
+    (The recipe's defaults for them, MoE-LLaVA's E=4, top-2, alternate layers, are upcycling defaults: a sparse
+    model keeps its own.)
 
     NOTE: a key given with its default value cannot be told from the default; it then counts as not given.
     """
+    from moevl.hf.settings import STRUCTURAL_FIELDS
+
     default = RunConfig().moe
-    return {name for name in _STRUCTURAL if getattr(moe, name) != getattr(default, name)}
+    return {name for name in STRUCTURAL_FIELDS if getattr(moe, name) != getattr(default, name)}
 
 
 def check_structure(model: torch.nn.Module, requested, explicit: set[str]) -> None:
-    """``ConfigError`` naming the first structural key of ``explicit`` whose ``requested`` value
-    differs from what the sparse ``model`` has (a sparse model's experts, top-k and layers are fixed)."""
-    from moevl.hf.runtime import decoder_layers
-    from moevl.hf.settings import select_layers
+    """``ConfigError`` naming the first structural key of ``explicit`` whose ``requested`` value differs from
+    what the sparse ``model`` has (``MoESettings.reconfigure``: fixed by its weights)."""
+    from moevl.hf.runtime import decoder_layers, moe_state
+    from moevl.hf.settings import FixedSettingError
 
-    own = model.moe_settings
-    for name in _STRUCTURAL:
-        if name not in explicit:
-            continue
-        value, theirs = getattr(requested, name), getattr(own, name)
-        if name == "layers":
-            value, theirs = select_layers(value, len(decoder_layers(model))), list(theirs)
-        if value != theirs:
-            given = getattr(requested, name)
-            given = list(given) if isinstance(given, tuple) else given
-            raise ConfigError(
-                f"config key 'moe.{name}': {given!r}, but the model is sparse with {name}={theirs!r}, fixed by "
-                f"its weights (leave 'moe.{name}' out)"
-            )
+    own = moe_state(model).settings
+    changes = {name: getattr(requested, name) for name in sorted(explicit) if name != "lora"}
+    try:
+        own.reconfigure(changes, num_layers=len(decoder_layers(model)))
+    except FixedSettingError as err:
+        name, (given, theirs) = next(iter(err.fixed.items()))
+        given = list(given) if isinstance(given, tuple) else given
+        theirs = list(theirs) if isinstance(theirs, tuple) else theirs
+        raise ConfigError(
+            f"config key 'moe.{name}': {given!r}, but the model is sparse with {name}={theirs!r}, fixed by "
+            f"its weights (leave 'moe.{name}' out)"
+        ) from None
 
 
 def prepare_moe(model: torch.nn.Module, settings) -> str:
@@ -243,7 +237,9 @@ def _reconcile_lora(model: torch.nn.Module, lora) -> None:
     """A sparse checkpoint keeps its LoRA adapters (a recipe without ``moe.lora`` trains them on); one without
     adapters takes the recipe's ``moe.lora``.
     ``ConfigError`` when the recipe asks for other adapters than the checkpoint has."""
-    own = model.moe_settings.lora
+    from moevl.hf import moe_state
+
+    own = moe_state(model).settings.lora
     if own is None and lora is not None:
         from moevl.hf.lora import apply_lora
 
@@ -259,9 +255,9 @@ def _reconcile_lora(model: torch.nn.Module, lora) -> None:
 def describe_moe(model: torch.nn.Module, how: str) -> str:
     """One line naming the MoE layers of ``model`` and how stage 3 got them, e.g.
     ``adopted 2 MoE layers [0, 1] (E=8, top-2) of Qwen3MoeSparseMoeBlock``."""
-    from moevl.hf import moe_blocks
+    from moevl.hf import moe_blocks, moe_state
 
-    s = model.moe_settings
+    s = moe_state(model).settings
     n = len(s.layers)
     line = f"{how} {n} MoE layer{'s' if n != 1 else ''} {list(s.layers)} (E={s.num_experts}, top-{s.top_k})"
     native = {getattr(block, "native_class_name", None) for block in moe_blocks(model)} - {None}
@@ -355,7 +351,8 @@ def train_stage(
     from moevl.data import DataError, read_records
     from moevl.data.dryrun import dry_run
     from moevl.data.processing import ConversationCollator, ConversationDataset
-    from moevl.hf import MoETrainer
+    from moevl.hf import MoETrainer, moe_state
+    from moevl.hf.settings import RECONFIGURABLE_FIELDS
 
     if stage not in (1, 2, 3):
         raise ConfigError(f"stage: expected 1, 2 or 3, got {stage!r}")
@@ -408,7 +405,7 @@ def train_stage(
     sparse_already = is_sparse_checkpoint(model_dir)
     overrides = None
     if settings is not None and sparse_already:
-        overrides = {name: getattr(settings, name) for name in _RECONFIGURABLE}
+        overrides = {name: getattr(settings, name) for name in RECONFIGURABLE_FIELDS}
     net, processor = load_model(model_dir, chat_template=chat_template, moe_overrides=overrides)
     meta: dict[str, Any] = {"stage": stage, "method": method if stage == 3 else None, "seed": seed}
     meta["init"] = str(resolve_model_dir(model_dir))
@@ -423,7 +420,7 @@ def train_stage(
         if meta["moe"] != "upcycled":
             check_structure(net, settings, explicit_moe_keys(cfg.moe))
         log(describe_moe(net, meta["moe"]))
-        meta["moe_settings"] = net.moe_settings.to_dict()
+        meta["moe_settings"] = moe_state(net).settings.to_dict()
     meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
     dataset = ConversationDataset(
