@@ -298,7 +298,7 @@ class AdoptedMoEBlock(_NativeAttributes, HFMoEBlock):
         _take_state(self, native)
         self._modules[experts_name] = AdoptedExperts(native_experts, self)
         self.__dict__["decision"] = router  # no parameters, no buffers: not part of the state
-        self.__dict__["context"] = context
+        self.context = context  # the model's, shared by its MoE blocks (attach)
         self.experts_name, self.router_name = experts_name, router_name
         self.rule, self.spec, self.implementation = rule, spec, implementation
         self.layer_index = layer_index
