@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moevl.moe.checks import check_float, check_int
+from moevl.checks import check_float, check_int
 from moevl.moe.expert_function import LoRAInputs
 
 #: What ``LoRAConfig.targets`` may name: the routed experts, the routers, the decoder's attention projections.

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_bool, check_choice, check_float, check_int
+from moevl.checks import check_bool, check_choice, check_float, check_int
 from moevl.moe.expert_function import ExpertGrads
 from moevl.stgc.cosine import grouped_token_gradient_cosine
 from moevl.stgc.loss import CEL_FORMS, CELForm, conflict_elimination_grad
