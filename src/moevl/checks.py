@@ -1,9 +1,9 @@
 """Argument checks for all of moevl, with one message: ``"<name> must be <what>, got <value>"``.
 
 ``name`` is the argument as its caller knows it (``top_k``, ``stgc.weight``, ``--steps``, ``config key
-'moe.top_k'``), ``what`` the values accepted, ``value`` the one given (its ``repr``); a list of choices
-ends in ``"; got ..."`` so that the list's commas stay readable. Each check raises ``ValueError`` (a
-caller may ask for a subclass, e.g. ``ConfigError``). Numbers must be finite (nan and inf are refused
+'moe.top_k'``), ``what`` the values accepted, ``value`` the one given (its ``repr``), e.g. ``"stgc.scope
+must be one of 'all', 'last', 'delta', got 'first'"``. Each check raises ``ValueError`` (``check`` raises
+the subclass a caller asks for, e.g. ``ConfigError``). Numbers must be finite (nan and inf are refused
 everywhere) and ``bool`` is never accepted as a number (``True`` is an ``int`` in Python; a flag where a
 count belongs is a mistake, not a 1). Messages that need a shape or a type name as the given value are
 written in the same words where they are raised (``"hidden must be (N, 8), got shape (3, 4)"``).
@@ -71,8 +71,7 @@ def check_bool(name: str, value: Any) -> bool:
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """``value`` must be one of the strings ``choices``."""
     choices = tuple(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    check(isinstance(value, str) and value in choices, name, f"one of {', '.join(map(repr, choices))}", value)
     return value
 
 

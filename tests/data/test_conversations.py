@@ -198,7 +198,7 @@ def test_malformed_files(tmp_path):
         err.value
     )
     (tmp_path / "c.json").write_text('"text"')
-    with pytest.raises(DataError, match="expected a JSON list"):
+    with pytest.raises(DataError, match="must hold a JSON list"):
         read_records(tmp_path / "c.json")
     with pytest.raises(DataError, match="data file not found"):
         read_records(tmp_path / "none.json")

@@ -172,7 +172,7 @@ def test_bad_lora_settings_name_the_key():
         ({"dropout": 1.0}, r"lora.dropout must be a finite number >= 0.0 and < 1.0, got 1.0"),
         (
             {"targets": ("experts", "mlp")},
-            r"lora.targets\[1\] must be one of 'experts', 'routers', 'attention'; got 'mlp'",
+            r"lora.targets\[1\] must be one of 'experts', 'routers', 'attention', got 'mlp'",
         ),
         ({"targets": ()}, "lora.targets must be a non-empty list"),
         ({"targets": ("experts", "experts")}, "must not repeat"),

@@ -215,8 +215,8 @@ def test_loss_forms_refuse_bad_input():
         ({"threshold_mode": "relative", "relative_c": math.inf}, "stgc.relative_c", ">= 0.0"),
         ({"threshold_mode": "relative", "relative_c": -1.0}, "stgc.relative_c", ">= 0.0"),
         ({"cel": "entropy"}, "stgc.cel", "'neg_softmax', 'one_minus_p', 'next_best'"),
-        ({"threshold_mode": "relative", "threshold": -0.1}, "stgc.threshold", "expected 0.0"),
-        ({"relative_c": 2.0}, "stgc.relative_c", "expected 1.0"),
+        ({"threshold_mode": "relative", "threshold": -0.1}, "stgc.threshold", "must be 0.0"),
+        ({"relative_c": 2.0}, "stgc.relative_c", "must be 1.0"),
     ],
 )
 def test_config_names_the_field_the_expected_and_the_given_value(kwargs, field, expected):

@@ -189,7 +189,7 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         run_stage(demo, 1, tmp_path / "a", demo.init, resume=True)
     with pytest.raises(CheckpointError, match="model directory not found"):
         run_stage(demo, 2, tmp_path / "b", tmp_path / "missing")
-    with pytest.raises(CheckpointError, match=r"config.json: expected a model directory .* got a file"):
+    with pytest.raises(CheckpointError, match=r"config.json must be a model directory .* got a file"):
         run_stage(demo, 2, tmp_path / "b", demo.init / "config.json")
     with pytest.raises(ConfigError, match="only stage 3"):
         run_stage(demo, 1, tmp_path / "c", demo.init, method="stgc")
