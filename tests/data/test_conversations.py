@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from moevl.data import DataError, last_assistant_text, prompt_messages, read_records
-from tests.data.conftest import LLAVA_RECORDS, write_images
+from tests.fixtures.records import LLAVA_RECORDS, write_images
 
 TEXT = lambda t: {"type": "text", "text": t}  # noqa: E731
 IMAGE = {"type": "image"}

@@ -11,8 +11,15 @@ from moevl.hf.export import export, plan_export
 from moevl.hf.io import WEIGHTS_NAME, is_moevl_checkpoint, load_moe_model
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import causal_lm, llava_batch, native_moe, qwen3_vl_batch, tiny_llava, tiny_qwen3_vl_moe
-from tests.hf.tiny_export import (
+from tests.fixtures.tiny import (
+    causal_lm,
+    llava_batch,
+    native_moe,
+    qwen3_vl_batch,
+    tiny_llava,
+    tiny_qwen3_vl_moe,
+)
+from tests.fixtures.tiny_export import (
     gpt2,
     llava_qwen3,
     make_routing_matter,
@@ -219,7 +226,7 @@ REFUSED = {
 def _llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.hf.tiny import COMMON
+    from tests.fixtures.tiny import COMMON
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, **overrides)).eval()

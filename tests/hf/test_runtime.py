@@ -4,7 +4,7 @@ import torch
 
 from moevl.hf import RoutingContext, upcycle
 from moevl.hf.runtime import vision_token_ids
-from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
+from tests.fixtures.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
 
 
 def test_vision_token_ids_are_read_from_image_and_video_attributes():

@@ -8,7 +8,7 @@ import torch
 from moevl.hf import MoESettings, UpcycleSettings, upcycle
 from moevl.moe import LTDRConfig, LTDRRouter, TopKRouter
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import causal_lm
+from tests.fixtures.tiny import causal_lm
 
 FULL = MoESettings(
     num_experts=6,

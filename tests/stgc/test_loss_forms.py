@@ -9,7 +9,7 @@ import torch
 from moevl.hf import MoESettings
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.stgc import STGCConfig, conflict_elimination_grad, conflict_elimination_loss
-from tests.reference import per_token_gradient_cosines
+from tests.fixtures.reference import per_token_gradient_cosines
 
 FORMS = ["neg_softmax", "one_minus_p", "next_best"]
 
@@ -267,7 +267,7 @@ def test_relative_threshold_flags_what_a_hand_computation_flags(c):
     torch.manual_seed(1)
     x, target = torch.randn(45, 16), torch.randn(45, 16)
     rec = _step(layer, x, target)
-    # cosines from per-token autograd gradients (tests/reference.py), thresholds by hand
+    # cosines from per-token autograd gradients (tests/fixtures/reference.py), thresholds by hand
     grad_out = 2 * (layer.experts(x, rec.indices, rec.weights)[0] - target).detach()
     cos = per_token_gradient_cosines(layer.experts, x, rec.indices, rec.weights, grad_out, scope="all")
     expected = set()

@@ -18,8 +18,8 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts
 from moevl.vlm.train import TrainingInterrupted, last_checkpoint
-from tests.processes import run, torchrun
-from tests.vlm.conftest import ROOT, TINY, run_stage
+from tests.fixtures.demo import ROOT, TINY, run_stage
+from tests.fixtures.processes import run, torchrun
 
 
 def _state(path):
