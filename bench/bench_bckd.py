@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.teacher is not None and not args.teacher.is_file():
-        parser.error(f"--teacher: expected an existing checkpoint file, got {str(args.teacher)!r}")
+        parser.error(f"--teacher must be an existing checkpoint file, got {str(args.teacher)!r}")
     torch.set_num_threads(args.threads)
     result = run_comparison(
         DetectionCompareConfig(), checkpoint_dir=args.checkpoint_dir, teacher_checkpoint=args.teacher

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not args.teacher.is_file():
-        parser.error(f"--teacher: expected an existing checkpoint file, got {str(args.teacher)!r}")
+        parser.error(f"--teacher must be an existing checkpoint file, got {str(args.teacher)!r}")
     torch.set_num_threads(1)
     config = DetectionCompareConfig()
     start = time.perf_counter()

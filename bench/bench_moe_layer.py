@@ -235,13 +235,11 @@ def main() -> None:
         allocators = args.allocators.split(",")
         if not allocators or any(a not in ("retain", "system") for a in allocators):
             parser.error(
-                f"--allocators: expected a comma-separated subset of retain,system, got {args.allocators!r}"
+                f"--allocators must be a comma-separated subset of retain,system, got {args.allocators!r}"
             )
         competing = args.competing.split(",")
         if not competing or any(c not in ("none", "busy") for c in competing):
-            parser.error(
-                f"--competing: expected a comma-separated subset of none,busy, got {args.competing!r}"
-            )
+            parser.error(f"--competing must be a comma-separated subset of none,busy, got {args.competing!r}")
         header = ["competing process", "host allocator", *header]
         records, rows = [], []
         passed = ["--threads", args.threads, "--dtypes", args.dtypes] + (["--quick"] if args.quick else [])

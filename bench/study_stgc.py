@@ -358,7 +358,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--arms: unknown {unknown}; expected some of {list(ARMS)}")
     if args.seeds < 1:
-        parser.error(f"--seeds: expected an integer >= 1, got {args.seeds}")
+        parser.error(f"--seeds must be an integer >= 1, got {args.seeds}")
     results = run(args)
     dest = Path(args.results)
     if args.merge and (dest / "results.json").is_file():

@@ -38,7 +38,7 @@ class Section:
 
     def __post_init__(self) -> None:
         if self.width < 1:
-            raise ValueError(f"width: expected an integer >= 1, got {self.width}")
+            raise ValueError(f"width must be an integer >= 1, got {self.width}")
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,16 @@ def test_sections_merge_onto_defaults_and_convert():
     [
         ({"stepz": 1}, "unknown config key 'stepz'"),
         ({"section": {"wdth": 1}}, "unknown config key 'section.wdth'"),
-        ({"steps": True}, "config key 'steps': expected int"),
+        ({"steps": True}, "config key 'steps' must be int"),
         ({"steps": 1.0}, "config key 'steps'"),
-        ({"lr": math.nan}, "config key 'lr': expected a finite number"),
+        ({"lr": math.nan}, "config key 'lr' must be a finite number"),
         ({"lr": -math.inf}, "config key 'lr'"),
         ({"lr": 10**400}, "config key 'lr'"),
         ({"lr": "1e999"}, "config key 'lr'"),
         ({"section": {"kind": True}}, "config key 'section.kind'"),
         ({"section": {"pair": [1.0]}}, "config key 'section.pair'"),
         ({"section": {"sizes": [1, "2"]}}, "config key 'section.sizes[1]'"),
-        ({"section": {"width": 0}}, "config section 'section': width: expected an integer >= 1"),
+        ({"section": {"width": 0}}, "config section 'section': width must be an integer >= 1"),
         ({"extra": {"x": [math.inf]}}, "config key 'extra.x[0]'"),
         ({"section": 3}, "config key 'section'"),
     ],

@@ -27,7 +27,7 @@ def _blocks() -> list[tuple[int, str, str | None]]:
 
 
 def _tiny_llava(path: Path) -> None:
-    from tests.hf.tiny import tiny_llava
+    from tests.fixtures.tiny import tiny_llava
 
     tiny_llava().save_pretrained(path)
 

@@ -15,8 +15,8 @@ from moevl.hf.upcycle import upcycle
 from moevl.integrations.lmms_eval import MoevlLMM, model_manifest
 from moevl.integrations.lmms_tasks import doc_to_visual, write_llava_task
 from moevl.vlm.answers import vqa_accuracy
-from tests.hf.tiny_export import make_routing_matter
-from tests_lmms.tiny_vqa import (
+from tests.fixtures.tiny_export import make_routing_matter
+from tests.fixtures.tiny_vqa import (
     QUESTIONS,
     reference_answer,
     tiny_vqa_model,

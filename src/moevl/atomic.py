@@ -17,7 +17,7 @@ from typing import IO, Any
 def _target(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; expected a file path")
+        raise IsADirectoryError(f"path must be a file path, got {str(path)!r} which is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -88,29 +88,34 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     return atomic_write_to(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
-def check_writable(path: str | os.PathLike, *, directory: bool = False) -> Path:
+def check_writable(path: str | os.PathLike, *, directory: bool = False, name: str = "path") -> Path:
     """``path`` if a file (or, with ``directory``, a folder) could be written there; creates nothing.
 
     Commands call this on every output path before they start work, so a typo costs seconds, not a
-    training run. Raises ``ValueError`` naming the path and the reason.
+    training run. Raises ``ValueError`` naming the argument (``name``, e.g. ``--output``), the path and
+    the reason.
     """
     path = Path(path)
     kind = "a directory" if directory else "a file path"
     if path.exists():
         if directory != path.is_dir():
             what = "a directory" if path.is_dir() else "a file"
-            raise ValueError(f"expected {kind}, got {str(path)!r} which is {what}")
+            raise ValueError(f"{name} must be {kind}, got {str(path)!r} which is {what}")
         if not os.access(path if directory else path.parent, os.W_OK | os.X_OK):
-            raise ValueError(f"expected {kind} that can be written, got {str(path)!r} (permission denied)")
+            raise ValueError(
+                f"{name} must be {kind} that can be written, got {str(path)!r} (permission denied)"
+            )
         return path
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"expected {kind}, got {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
+        raise ValueError(
+            f"{name} must be {kind}, got {str(path)!r}: {str(ancestor)!r} is a file, not a directory"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(
-            f"expected {kind} that can be written, got {str(path)!r} ({str(ancestor)!r} is read-only)"
+            f"{name} must be {kind} that can be written, got {str(path)!r} ({str(ancestor)!r} is read-only)"
         )
     return path
 

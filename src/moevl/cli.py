@@ -241,7 +241,7 @@ def export(
             raise fail(f"--model {model}: a dense model; export is for MoE models (save it as it is)")
         try:
             if lora not in ("merge", "adapter"):
-                raise fail(f"--lora: expected 'merge' or 'adapter', got {lora!r}")
+                raise fail(f"--lora must be 'merge' or 'adapter', got {lora!r}")
             if lora == "adapter" and moe_state(net).settings.lora is None:
                 raise fail(
                     f"--lora adapter: the model in {model} has no LoRA adapters (moe.lora was not set)"

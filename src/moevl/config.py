@@ -3,7 +3,8 @@
 One builder and one ``ConfigError`` serve the vision-language side (``moevl.vlm.config``) and the
 detection side (``moevl.detection.recipe``). ``build`` checks while it builds: an unknown key, a value
 of the wrong type, a non-finite number, or a value a dataclass refuses in ``__post_init__`` raises
-``ConfigError`` naming the key, what was expected and what was given. Overrides (``key.sub=value``,
+``ConfigError`` naming the key, what was expected and what was given, in the words of ``moevl.checks``
+(``"config key 'moe.top_k' must be int, got str 'two'"``). Overrides (``key.sub=value``,
 values parsed as YAML) are applied to the plain data before building, so they are checked the same way.
 """
 
@@ -66,11 +67,11 @@ def read_yaml(path: str | Path) -> Any:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"stage2.training.max_steps=50"`` -> (["stage2", "training", "max_steps"], 50) (value as YAML)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
+        raise ConfigError(f"an override must be key.sub=value, got {item!r}")
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
-        raise ConfigError(f"override {item!r}: expected key.sub=value with non-empty key parts")
+        raise ConfigError(f"an override must be key.sub=value with non-empty key parts, got {item!r}")
     try:
         value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except (yaml.YAMLError, ConfigError) as e:
@@ -134,7 +135,7 @@ _SEQUENCES = (tuple, list, collections.abc.Sequence)  # YAML lists; a Sequence f
 def convert(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp`` (lists become tuples, ints become floats)."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"config key '{key}': expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+    bad = ConfigError(f"config key '{key}' must be {type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -176,7 +177,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             raise bad
         for k in value:
             if not isinstance(k, str):
-                raise ConfigError(f"config key '{key}': expected string keys, got {type(k).__name__} {k!r}")
+                raise ConfigError(f"config key '{key}' must have string keys, got {type(k).__name__} {k!r}")
         return {k: _free_form(v, f"{key}.{k}") for k, v in value.items()}
     if tp is type(None):
         if value is not None:
@@ -222,7 +223,7 @@ def _free_form(value: Any, key: str) -> Any:
     if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
         value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if isinstance(value, dict):
         return {k: _free_form(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -237,8 +238,8 @@ def build(cls: type, data: dict, prefix: str = "", defaults: Any = None) -> Any:
     (or an override) only writes the keys it changes.
     """
     if not isinstance(data, dict):
-        where = f"'{prefix[:-1]}'" if prefix else "the top level"
-        raise ConfigError(f"config: expected a mapping at {where}, got {type(data).__name__} {data!r}")
+        where = f"config section '{prefix[:-1]}'" if prefix else "the config's top level"
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     known = field_names(cls)
     for k in data:
@@ -270,9 +271,3 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
-
-
-def require(ok: bool, key: str, expected: str, given: Any) -> None:
-    """``ConfigError`` naming ``key`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"config key '{key}': expected {expected}, got {given!r}")

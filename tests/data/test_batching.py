@@ -12,8 +12,8 @@ from moevl.data.dryrun import dry_run, dry_run_indices
 from moevl.data.processing import ProcessorCall, label_mask, label_mask_by_offsets
 from moevl.vlm.compare import demo_config
 from moevl.vlm.train import train_stage
-from tests.hf.checkpoints import FAMILIES, build_checkpoint, load_processor
-from tests.vlm.conftest import TINY
+from tests.fixtures.checkpoints import FAMILIES, build_checkpoint, load_processor
+from tests.fixtures.demo import TINY
 
 
 def _examples(processor, llava_file):
@@ -167,7 +167,7 @@ def test_record_lengths_are_the_processors_rows_at_many_image_sizes(checkpoints,
     """After ``FAST_CHECKS`` sizes the processor's closed-form count is used where it agreed with the processor
     (LLaVA-NeXT: the count depends on the size); where it did not (Idefics3), every size is run. Either way
     each length is the processor's row."""
-    from tests.data.conftest import write_images
+    from tests.fixtures.records import write_images
 
     sizes = ((16, 16), (20, 12), (12, 24), (32, 16), (16, 32), (40, 8), (24, 24))
     names = write_images(tmp_path, sizes)

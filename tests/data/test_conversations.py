@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from moevl.data import DataError, last_assistant_text, prompt_messages, read_records
-from tests.data.conftest import LLAVA_RECORDS, write_images
+from tests.fixtures.records import LLAVA_RECORDS, write_images
 
 TEXT = lambda t: {"type": "text", "text": t}  # noqa: E731
 IMAGE = {"type": "image"}
@@ -198,7 +198,7 @@ def test_malformed_files(tmp_path):
         err.value
     )
     (tmp_path / "c.json").write_text('"text"')
-    with pytest.raises(DataError, match="expected a JSON list"):
+    with pytest.raises(DataError, match="must hold a JSON list"):
         read_records(tmp_path / "c.json")
     with pytest.raises(DataError, match="data file not found"):
         read_records(tmp_path / "none.json")

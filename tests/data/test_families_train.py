@@ -13,10 +13,10 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.train import train_stage
-from tests.data.conftest import file_for
 from tests.data.test_processing import STOCK_LLAVA_TEMPLATE
-from tests.hf.checkpoints import FAMILIES, VIDEO_PROCESSOR, load_processor
-from tests.vlm.conftest import TINY
+from tests.fixtures.checkpoints import FAMILIES, VIDEO_PROCESSOR, load_processor
+from tests.fixtures.demo import TINY
+from tests.fixtures.records import file_for
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
 

@@ -11,8 +11,8 @@ from moevl.data import (
     vision_token_ids,
 )
 from moevl.data.processing import ChatRenderer, assistant_spans
-from tests.data.conftest import records_for
-from tests.hf.checkpoints import END_OF_TURN, FAMILIES, load_processor
+from tests.fixtures.checkpoints import END_OF_TURN, FAMILIES, load_processor
+from tests.fixtures.records import records_for
 
 
 def _reference_labels(processor, record, family) -> str:

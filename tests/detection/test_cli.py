@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from moevl.detection import cli
 from moevl.detection.cli import app
+from moevl.detection.data import make_digit_scenes
 from moevl.detection.model import DetectorConfig, GFLDetector
-from moevl.detection.recipe import STUDENT, DetectionCompareConfig, load_detection_config
+from moevl.detection.recipe import STUDENT, DetectionCompareConfig, DetectionDataConfig, load_detection_config
 from moevl.detection.train import save_checkpoint
 
 runner = CliRunner()
@@ -220,3 +222,56 @@ def test_yaml_recipe_matches_defaults():
     # Only the keys written change; a section merges onto its default (the teacher keeps its depth).
     config = load_detection_config(None, ["teacher.neck_width=8", "data.image_size=32"])
     assert config.teacher.neck_width == 8 and config.teacher.stage_depth == 2 and config.data.image_size == 32
+
+
+class _Seen(Exception):
+    """Raised by a stand-in once it has recorded what the command passed it."""
+
+
+def test_defaults_are_the_recipes(monkeypatch, student_checkpoint, tmp_path):
+    """Options left out take the comparison recipe's values (configs/detection.yaml): change the recipe and
+    every command follows, so the commands' defaults and the recipe cannot drift apart."""
+    assert cli._recipe() == load_detection_config(Path(__file__).parents[2] / "configs" / "detection.yaml")
+    data = DetectionDataConfig(train_scenes=11, test_scenes=13, image_size=32)
+    recipe = DetectionCompareConfig(data=data, teacher_steps=9, student_steps=7, batch_size=5, lr=0.01)
+    monkeypatch.setattr(cli, "_recipe", lambda: recipe)
+    seen: list = []
+    tiny = make_digit_scenes("train", 2, image_size=32)
+
+    def load_scenes(data):
+        seen.append(data)
+        return tiny, tiny
+
+    def train_detector(model, scenes, *, config, **kwargs):
+        seen.append(config)
+        raise _Seen
+
+    def make_scenes(split, num_scenes, *, image_size):
+        seen.append((num_scenes, image_size))
+        raise _Seen
+
+    monkeypatch.setattr("moevl.detection.recipe.load_scenes", load_scenes)
+    monkeypatch.setattr("moevl.detection.train.train_detector", train_detector)
+    monkeypatch.setattr("moevl.detection.data.make_digit_scenes", make_scenes)
+    out = ["--output", str(tmp_path / "m.safetensors")]
+    commands = {
+        "teacher": ["train", "--role", "teacher", *out],
+        "student": ["train", "--role", "student", *out],
+        "distill": ["distill", "--teacher", str(student_checkpoint), *out],
+        "given": ["train", "--steps", "3", "--lr", "0.5", "--test-scenes", "4", *out],
+    }
+    schedules = {}
+    for name, args in commands.items():
+        seen.clear()
+        assert isinstance(runner.invoke(app, args).exception, _Seen), name
+        (scenes, schedules[name]) = seen
+        expected = (
+            data if name != "given" else DetectionDataConfig(train_scenes=11, test_scenes=4, image_size=32)
+        )
+        assert scenes == expected, name
+    assert [schedules[n].steps for n in commands] == [9, 7, 7, 3]
+    assert [schedules[n].batch_size for n in commands] == [5, 5, 5, 5]
+    assert [schedules[n].lr for n in commands] == [0.01, 0.01, 0.01, 0.5]
+    seen.clear()
+    assert isinstance(runner.invoke(app, ["eval", str(student_checkpoint)]).exception, _Seen)
+    assert seen == [(13, 32)]

@@ -7,7 +7,7 @@ from moevl.hf import MoESettings, adopt, is_native_moe, moe_blocks, moe_state, u
 from moevl.hf.adopt import AdoptedMoEBlock
 from moevl.moe import LTDRConfig, balance_loss
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import (
+from tests.fixtures.tiny import (
     QWEN3VL_IMAGE,
     QWEN3VL_VIDEO,
     causal_lm,

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 with STGC and LTDR: 2 processes on CPU (gloo) give exactly the weights of one
-process accumulating the same two micro-batches (tests/hf/deepspeed_run.py), and save a complete moevl
+process accumulating the same two micro-batches (tests/fixtures/deepspeed_run.py), and save a complete moevl
 checkpoint. Before the fix in ``MoETrainer._aux_scale`` the auxiliary losses (balance, z, STGC) weighed
 ``world_size`` times more under DeepSpeed and DDP than in one process, and this test failed."""
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.processes import run, torchrun
+from tests.fixtures.processes import run, torchrun
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tests" / "hf" / "deepspeed_run.py"
+SCRIPT = ROOT / "tests" / "fixtures" / "deepspeed_run.py"
 
 
 def _run(out: Path, zero: int) -> dict[str, torch.Tensor]:

@@ -6,13 +6,20 @@ import json
 import pytest
 import torch
 
-from moevl.hf import adopt, moe_blocks, upcycle
+from moevl.hf import adopt, find_moe_state, moe_blocks, upcycle
 from moevl.hf.export import export, plan_export
 from moevl.hf.io import WEIGHTS_NAME, is_moevl_checkpoint, load_moe_model
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import causal_lm, llava_batch, native_moe, qwen3_vl_batch, tiny_llava, tiny_qwen3_vl_moe
-from tests.hf.tiny_export import (
+from tests.fixtures.tiny import (
+    causal_lm,
+    llava_batch,
+    native_moe,
+    qwen3_vl_batch,
+    tiny_llava,
+    tiny_qwen3_vl_moe,
+)
+from tests.fixtures.tiny_export import (
     gpt2,
     llava_qwen3,
     make_routing_matter,
@@ -114,7 +121,7 @@ def test_exact_native_export(name, tmp_path):
     assert (result.format, result.model_class) == ("native", class_name), result.reason
     assert not is_moevl_checkpoint(tmp_path) and not (tmp_path / WEIGHTS_NAME).exists()
     native = getattr(transformers, class_name).from_pretrained(tmp_path).eval()
-    assert not hasattr(native, "moe_settings") and "moevl" not in native.config.to_dict()
+    assert find_moe_state(native) is None and "moevl" not in native.config.to_dict()
     _assert_same_outputs(model, native, batch_fn())
 
 
@@ -170,7 +177,7 @@ def test_adopted_models_export_as_themselves(family, tmp_path):
         (tmp_path / "plain" / "config.json").read_text()
     )  # the original config, no moevl entry
     reloaded = type(model).from_pretrained(tmp_path / "export").eval()
-    assert set(reloaded.state_dict()) == native_keys and not hasattr(reloaded, "moe_settings")
+    assert set(reloaded.state_dict()) == native_keys and find_moe_state(reloaded) is None
     _assert_same_outputs(model, reloaded, batch_fn())
 
 
@@ -219,7 +226,7 @@ REFUSED = {
 def _llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.hf.tiny import COMMON
+    from tests.fixtures.tiny import COMMON
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, **overrides)).eval()

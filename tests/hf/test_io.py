@@ -20,8 +20,8 @@ from moevl.hf.io import (
 )
 from moevl.moe import LTDRConfig, LTDRRouter
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import causal_lm, llava_batch, native_moe, tiny_llava
-from tests.hf.tiny_export import make_routing_matter, run_python, text_batch, tiny_processor
+from tests.fixtures.tiny import causal_lm, llava_batch, native_moe, tiny_llava
+from tests.fixtures.tiny_export import make_routing_matter, run_python, text_batch, tiny_processor
 
 
 def _upcycled_llama(**kwargs):

@@ -11,8 +11,8 @@ from moevl.hf.export import export
 from moevl.hf.io import load_moe_model, save_moe_model
 from moevl.hf.lora import apply_lora, is_lora_parameter, merge_lora
 from moevl.moe.lora import LoRAConfig
-from tests.hf.tiny import causal_lm, llava_batch, native_moe, tiny_llava
-from tests.hf.tiny_export import make_routing_matter, text_batch
+from tests.fixtures.tiny import causal_lm, llava_batch, native_moe, tiny_llava
+from tests.fixtures.tiny_export import make_routing_matter, text_batch
 
 ALL = ("experts", "routers", "attention")
 

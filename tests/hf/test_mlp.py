@@ -9,8 +9,8 @@ from torch import nn
 from moevl.hf import upcycle
 from moevl.hf.mlp import experts_from_mlp, find_mlp
 from moevl.hf.runtime import HFMoEBlock, decoder_layers
-from tests.hf.tiny import ARCHS, causal_lm
-from tests.hf.tiny_export import gpt2, gpt_j, gpt_neox, qwen3
+from tests.fixtures.tiny import ARCHS, causal_lm
+from tests.fixtures.tiny_export import gpt2, gpt_j, gpt_neox, qwen3
 
 torch.set_num_threads(1)
 

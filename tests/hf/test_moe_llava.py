@@ -10,7 +10,7 @@ import torch
 from moevl.hf import moe_blocks, moe_state
 from moevl.hf.moe_llava import IMAGE_TOKEN_INDEX, expand_image_tokens, load_moe_llava
 from moevl.stgc import STGCConfig
-from tests.hf.moe_llava_checkpoint import (
+from tests.fixtures.moe_llava_checkpoint import (
     IMAGE_TOKEN_ID,
     NUM_EXPERTS,
     NUM_PATCHES,

@@ -18,7 +18,7 @@ from moevl.hf import (
 )
 from moevl.hf.runtime import vision_token_ids
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
+from tests.fixtures.tiny import IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
 
 
 def test_vision_token_ids_are_read_from_image_and_video_attributes():

@@ -10,7 +10,7 @@ from moevl.hf import MoESettings, UpcycleSettings, moe_state, upcycle
 from moevl.hf.settings import FIELD_KINDS, RECONFIGURABLE_FIELDS, STRUCTURAL_FIELDS, FixedSettingError
 from moevl.moe import LoRAConfig, LTDRConfig, LTDRRouter, TopKRouter
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import causal_lm
+from tests.fixtures.tiny import causal_lm
 
 FULL = MoESettings(
     num_experts=6,

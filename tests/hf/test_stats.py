@@ -8,7 +8,7 @@ import torch
 
 from moevl.hf import MoESettings, MoEState, RoutingContext, moe_state, routing_statistics, upcycle
 from moevl.moe import RoutingRecord
-from tests.hf.tiny import llava_batch, tiny_llava
+from tests.fixtures.tiny import llava_batch, tiny_llava
 
 HEALTH = ("entropy_normalized", "top1_prob", "logit_std")
 

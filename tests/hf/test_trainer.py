@@ -6,7 +6,7 @@ from transformers import TrainingArguments
 from moevl.hf import MoETrainer, moe_state, routing_statistics, upcycle
 from moevl.hf.trainer import console_line
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
+from tests.fixtures.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
 
 
 class _Data(torch.utils.data.Dataset):

@@ -5,7 +5,7 @@ from moevl.hf import load_upcycled, moe_blocks, moe_state, save_upcycled, upcycl
 from moevl.hf.runtime import HFMoEBlock
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
-from tests.hf.tiny import ARCHS, IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
+from tests.fixtures.tiny import ARCHS, IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
 
 
 def _batch(seed=0, pad=True):
@@ -169,7 +169,7 @@ def test_unsupported_models_and_bad_arguments():
 
 
 def test_upcycled_blocks_take_the_models_mode():
-    from tests.hf.tiny import causal_lm
+    from tests.fixtures.tiny import causal_lm
 
     model = upcycle(causal_lm("llama"), num_experts=4, top_k=2, jitter=0.5)  # causal_lm is in eval mode
     blocks = [m for m in model.modules() if type(m).__name__ == "HFMoEBlock"]

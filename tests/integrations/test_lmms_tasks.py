@@ -134,7 +134,7 @@ def test_exact_match_is_vqa_normalised():
         ([{"turns": []}], "'conversations' or 'messages'"),
         ([{"conversations": [{"from": "human"}]}], "each turn needs"),
         ([], "non-empty JSON list"),
-        ([3], "record 0: expected a JSON object"),
+        ([3], "record 0 must be a JSON object"),
     ],
 )
 def test_bad_records_are_named(tmp_path, records, match):

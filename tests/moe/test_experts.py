@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.moe.activations import ACTIVATION_NAMES, Activation
 from moevl.moe.grouped_mm import can_use_grouped_mm
-from tests.reference import per_token_moe
+from tests.fixtures.reference import per_token_moe
 
 # (N, D, H, E, K): awkward sizes; 16/48 are grouped_mm-aligned in fp32, 17/33 are not (loop fallback).
 SIZES = [(37, 16, 48, 4, 2), (23, 16, 48, 5, 3), (1, 16, 32, 4, 2), (29, 17, 33, 3, 3), (40, 32, 64, 8, 1)]

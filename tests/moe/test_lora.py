@@ -9,7 +9,7 @@ from moevl.moe import GroupedExperts
 from moevl.moe.expert_function import ExpertGrads
 from moevl.moe.lora import LoRAConfig
 from moevl.stgc.cosine import grouped_token_gradient_cosine
-from tests.reference import per_token_moe
+from tests.fixtures.reference import per_token_moe
 
 # (N, D, H, E, K, r): 16/48 grouped_mm-aligned in fp32, 17/33 and r=3 not (loop fallback), a single token.
 SIZES = [(37, 16, 48, 4, 2, 4), (23, 17, 33, 5, 3, 3), (1, 16, 32, 4, 2, 8), (40, 32, 64, 8, 1, 4)]
@@ -172,7 +172,7 @@ def test_bad_lora_settings_name_the_key():
         ({"dropout": 1.0}, r"lora.dropout must be a finite number >= 0.0 and < 1.0, got 1.0"),
         (
             {"targets": ("experts", "mlp")},
-            r"lora.targets\[1\] must be one of 'experts', 'routers', 'attention'; got 'mlp'",
+            r"lora.targets\[1\] must be one of 'experts', 'routers', 'attention', got 'mlp'",
         ),
         ({"targets": ()}, "lora.targets must be a non-empty list"),
         ({"targets": ("experts", "experts")}, "must not repeat"),

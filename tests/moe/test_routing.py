@@ -114,7 +114,7 @@ def test_router_argument_errors():
         router(torch.randn(3, 7))
 
 
-# --- native router semantics (transformers' routers on tiny configs, tests/hf/tiny.py) -----------
+# --- native router semantics (transformers' routers on tiny configs, tests/fixtures/tiny.py) -----------
 
 # Each family's decision written out by hand from transformers' router code (the reference the
 # adopt() table must agree with).
@@ -157,7 +157,7 @@ NATIVE_SEMANTICS = {
 
 
 def _native_gate(case):
-    from tests.hf.tiny import native_moe
+    from tests.fixtures.tiny import native_moe
 
     overrides, semantics = NATIVE_SEMANTICS[case]
     family = case.removesuffix("_raw").removesuffix("_groups")
@@ -394,7 +394,7 @@ def test_shared_experts_add_to_the_routed_output(gated):
 def test_moe_layer_equals_transformers_native_blocks(case):
     """MoEFeedForward built from a native block's weights (copies) computes what the block does:
     outputs, and gradients of the router, experts and shared experts."""
-    from tests.hf.tiny import native_moe
+    from tests.fixtures.tiny import native_moe
 
     overrides, semantics = NATIVE_SEMANTICS[case]
     family = case.removesuffix("_groups")

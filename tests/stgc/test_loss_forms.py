@@ -9,7 +9,7 @@ import torch
 from moevl.hf import MoESettings
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.stgc import STGCConfig, conflict_elimination_grad, conflict_elimination_loss
-from tests.reference import per_token_gradient_cosines
+from tests.fixtures.reference import per_token_gradient_cosines
 
 FORMS = ["neg_softmax", "one_minus_p", "next_best"]
 
@@ -215,8 +215,8 @@ def test_loss_forms_refuse_bad_input():
         ({"threshold_mode": "relative", "relative_c": math.inf}, "stgc.relative_c", ">= 0.0"),
         ({"threshold_mode": "relative", "relative_c": -1.0}, "stgc.relative_c", ">= 0.0"),
         ({"cel": "entropy"}, "stgc.cel", "'neg_softmax', 'one_minus_p', 'next_best'"),
-        ({"threshold_mode": "relative", "threshold": -0.1}, "stgc.threshold", "expected 0.0"),
-        ({"relative_c": 2.0}, "stgc.relative_c", "expected 1.0"),
+        ({"threshold_mode": "relative", "threshold": -0.1}, "stgc.threshold", "must be 0.0"),
+        ({"relative_c": 2.0}, "stgc.relative_c", "must be 1.0"),
     ],
 )
 def test_config_names_the_field_the_expected_and_the_given_value(kwargs, field, expected):
@@ -267,7 +267,7 @@ def test_relative_threshold_flags_what_a_hand_computation_flags(c):
     torch.manual_seed(1)
     x, target = torch.randn(45, 16), torch.randn(45, 16)
     rec = _step(layer, x, target)
-    # cosines from per-token autograd gradients (tests/reference.py), thresholds by hand
+    # cosines from per-token autograd gradients (tests/fixtures/reference.py), thresholds by hand
     grad_out = 2 * (layer.experts(x, rec.indices, rec.weights)[0] - target).detach()
     cos = per_token_gradient_cosines(layer.experts, x, rec.indices, rec.weights, grad_out, scope="all")
     expected = set()

@@ -4,7 +4,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, TopKRouter
 from moevl.stgc import STGCConfig, conflict_elimination_loss
-from tests.reference import mean_delta_cosines, per_token_gradient_cosines
+from tests.fixtures.reference import mean_delta_cosines, per_token_gradient_cosines
 
 
 def _layer(*, d=16, h=48, e=4, k=2, gated=True, bias=False, stgc=None, seed=0, router_cls=TopKRouter):

@@ -19,49 +19,52 @@ def test_defaults_file_equals_builtin_defaults():
     [
         (["stage2.trainabel=[projector]"], "unknown config key 'stage2.trainabel'"),
         (["modle=x"], "unknown config key 'modle'"),
-        (["seed=abc"], "'seed': expected int, got str 'abc'"),
+        (["seed=abc"], "'seed' must be int, got str 'abc'"),
         (["moe.top_k=5"], "top_k must be an integer >= 1 and <= 4, got 5"),
-        (["moe.stgc.scope=some"], "'moe.stgc.scope': expected one of 'all', 'last', 'delta'"),
-        (["moe.stgc.weight=.inf"], "'moe.stgc.weight': expected a finite number, got float inf"),
+        (["moe.stgc.scope=some"], "'moe.stgc.scope' must be one of 'all', 'last', 'delta'"),
+        (["moe.stgc.weight=.inf"], "'moe.stgc.weight' must be a finite number, got float inf"),
         (["moe.balance_coef=.nan"], "'moe.balance_coef'"),
         (["moe.balance_coef=-1"], "balance_coef must be a finite number >= 0.0, got -1.0"),
-        (["moe.layers=[1.7]"], "'moe.layers[0]': expected int, got float 1.7"),
-        (["moe.layers=[true]"], "'moe.layers[0]': expected int, got bool True"),
+        (["moe.layers=[1.7]"], "'moe.layers[0]' must be int, got float 1.7"),
+        (["moe.layers=[true]"], "'moe.layers[0]' must be int, got bool True"),
         (["compare.methods=[moe]"], "'compare.methods[0]'"),
-        (["compare.methods=[baseline,baseline]"], "'compare.methods': expected each method at most once"),
+        (
+            ["compare.methods=[baseline,baseline]"],
+            "'compare.methods' must be a list with each method at most once",
+        ),
         (["stage1.trainable=[decoder]"], "'stage1.trainable[0]'"),
         (["stage2.trainable=[experts]"], "'stage2.trainable[0]'"),
         (["training.learning_rat=1"], "did you mean learning_rate?"),
         (["training.output_dir=x"], "'training.output_dir': set by moevl"),
-        (["training.learning_rate=.nan"], "'training.learning_rate': expected a finite number"),
+        (["training.learning_rate=.nan"], "'training.learning_rate' must be a finite number"),
         (["stage3.training.warmup_steps=.inf"], "'stage3.training.warmup_steps'"),
-        (["method=moe"], "'method': expected one of baseline, stgc, ltdr, stgc+ltdr"),
-        (["seed=-1"], "'seed': expected an integer >= 0, got -1"),
+        (["method=moe"], "'method' must be one of baseline, stgc, ltdr, stgc+ltdr"),
+        (["seed=-1"], "'seed' must be an integer >= 0, got -1"),
         (["moe.ltdr.tail_top_k=1"], "ltdr.tail_top_k must be in [top_k=2, num_experts=4], got 1"),
         # training values: types from TrainingArguments' own fields, ranges of the usual keys
-        (["stage3.training.learning_rate=inf"], "'stage3.training.learning_rate': expected a finite number"),
-        (["training.max_grad_norm=nan"], "'training.max_grad_norm': expected a finite number, got str 'nan'"),
-        (["training.adam_beta1=nan"], "'training.adam_beta1': expected a finite number"),
-        (["training.adam_beta1=1.5"], "'training.adam_beta1': expected a number in [0, 1), got 1.5"),
-        (["training.num_train_epochs=nan"], "'training.num_train_epochs': expected a finite number"),
-        (["training.warmup_steps=nan"], "'training.warmup_steps': expected a finite number"),
+        (["stage3.training.learning_rate=inf"], "'stage3.training.learning_rate' must be a finite number"),
+        (["training.max_grad_norm=nan"], "'training.max_grad_norm' must be a finite number, got str 'nan'"),
+        (["training.adam_beta1=nan"], "'training.adam_beta1' must be a finite number"),
+        (["training.adam_beta1=1.5"], "'training.adam_beta1' must be a number in [0, 1), got 1.5"),
+        (["training.num_train_epochs=nan"], "'training.num_train_epochs' must be a finite number"),
+        (["training.warmup_steps=nan"], "'training.warmup_steps' must be a finite number"),
         (
             ["training.per_device_train_batch_size=0"],
-            "'training.per_device_train_batch_size': expected an integer >= 1, got 0",
+            "'training.per_device_train_batch_size' must be an integer >= 1, got 0",
         ),
         (
             ["training.per_device_train_batch_size=2.5"],
-            "'training.per_device_train_batch_size': expected int, got float 2.5",
+            "'training.per_device_train_batch_size' must be int, got float 2.5",
         ),
         (
             ["stage3.training.learning_rate=-1"],
-            "'stage3.training.learning_rate': expected a number >= 0, got -1",
+            "'stage3.training.learning_rate' must be a number >= 0, got -1",
         ),
         (
             ["training.max_steps=0"],
-            "'training.max_steps': expected -1 (use num_train_epochs) or an integer >= 1",
+            "'training.max_steps' must be -1 (use num_train_epochs) or an integer >= 1",
         ),
-        (["training.bf16=yes please"], "'training.bf16': expected bool"),
+        (["training.bf16=yes please"], "'training.bf16' must be bool"),
         (["training.seed=nan"], "'training.seed': set by moevl, not in the recipe; use the top-level `seed`"),
         (
             ["training.disable_tqdm=true"],
@@ -102,7 +105,7 @@ def test_nan_in_a_config_file_is_refused(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     for value in ("nan", "'inf'", ".nan"):
         recipe.write_text(f"training:\n  learning_rate: {value}\n")
-        with pytest.raises(ConfigError, match=r"'training.learning_rate': expected a finite number"):
+        with pytest.raises(ConfigError, match=r"'training.learning_rate' must be a finite number"):
             load_config(recipe)
 
 
@@ -148,7 +151,7 @@ def test_demo_file_equals_the_builtin_demo_recipe():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["demo.benchmark.grid=5"], "'demo.benchmark.grid': expected 2 or 3, got 5"),
+        (["demo.benchmark.grid=5"], "'demo.benchmark.grid' must be 2 or 3, got 5"),
         (["demo.benchmark.split_fractions=[0.5,0.5,0.5]"], "three positive fractions summing to 1"),
         (["demo.benchmark.palette=[5,2]"], "'demo.benchmark.palette'"),
         (

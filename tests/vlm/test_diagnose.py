@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from moevl.analysis.diagnose import PREMISE, LayerDiagnosis, verdict
 from moevl.cli import app
-from tests.vlm.conftest import TINY
+from tests.fixtures.demo import TINY
 
 
 def _layer(std, clear, persistence, chance):

@@ -11,8 +11,8 @@ from moevl.hf import moe_state
 from moevl.hf.lora import is_lora_parameter
 from moevl.vlm.io import load_model
 from moevl.vlm.parts import parameter_parts
-from tests.processes import run
-from tests.vlm.conftest import ROOT, TINY
+from tests.fixtures.demo import ROOT, TINY
+from tests.fixtures.processes import run
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
 

@@ -11,10 +11,10 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.train import train_stage
-from tests.data.conftest import LLAVA_RECORDS, write_images
-from tests.hf.checkpoints import LLAVA_TEMPLATE, WORDS
-from tests.hf.moe_llava_checkpoint import write_checkpoint
-from tests.vlm.conftest import TINY
+from tests.fixtures.checkpoints import LLAVA_TEMPLATE, WORDS
+from tests.fixtures.demo import TINY
+from tests.fixtures.moe_llava_checkpoint import write_checkpoint
+from tests.fixtures.records import LLAVA_RECORDS, write_images
 
 
 def test_moe_llava_checkpoint_is_tuned_with_stgc_and_evaluated(tmp_path):

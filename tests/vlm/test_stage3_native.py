@@ -22,8 +22,8 @@ from moevl.vlm.evaluate import run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.parts import parameter_parts, set_trainable
 from moevl.vlm.train import prepare_moe, train_stage
-from tests.hf.tiny import moe_config
-from tests.vlm.conftest import TINY
+from tests.fixtures.demo import TINY
+from tests.fixtures.tiny import moe_config
 
 # case: (family, text config overrides, E, top-k, sparse layers of the 3-layer decoder, native block class)
 CASES = {

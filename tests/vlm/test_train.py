@@ -19,8 +19,8 @@ from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts
 from moevl.vlm.train import TrainingInterrupted, last_checkpoint
-from tests.processes import run, torchrun
-from tests.vlm.conftest import ROOT, TINY, run_stage
+from tests.fixtures.demo import ROOT, TINY, run_stage
+from tests.fixtures.processes import run, torchrun
 
 
 def _state(path):
@@ -190,7 +190,7 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         run_stage(demo, 1, tmp_path / "a", demo.init, resume=True)
     with pytest.raises(CheckpointError, match="model directory not found"):
         run_stage(demo, 2, tmp_path / "b", tmp_path / "missing")
-    with pytest.raises(CheckpointError, match=r"config.json: expected a model directory .* got a file"):
+    with pytest.raises(CheckpointError, match=r"config.json must be a model directory .* got a file"):
         run_stage(demo, 2, tmp_path / "b", demo.init / "config.json")
     with pytest.raises(ConfigError, match="only stage 3"):
         run_stage(demo, 1, tmp_path / "c", demo.init, method="stgc")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from moevl import observability as metrics
+from moevl.checks import check
 from moevl.stgc import STGCStats, cosine_histogram, flag_persistence
 
 #: What "the premise holds" means here [our choice]: cosines spread with std >= 0.15, at least 10% of the
@@ -155,10 +156,8 @@ def diagnose(
     from moevl.vlm.parts import set_trainable
     from moevl.vlm.train import prepare_moe
 
-    if steps < 2:
-        raise ConfigError(f"--steps: expected an integer >= 2 (persistence compares steps), got {steps}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    check(steps >= 2, "--steps", "an integer >= 2 (persistence compares steps)", steps, error=ConfigError)
+    check(batch_size >= 1, "--batch-size", "an integer >= 1", batch_size, error=ConfigError)
     model_dir = check_model_dir(model)
     if out is not None:
         out = check_writable_target(out)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from moevl.checks import check_choice
+
 IMAGE_MARKER = "<image>"
 _LLAVA_ROLES = {
     "human": "user",
@@ -134,8 +136,7 @@ def read_records(
         on_bad: ``"error"`` raises ``DataError`` at the first bad record; ``"skip"`` skips and counts.
         check_images: open each image file's header (existence and readability).
     """
-    if on_bad not in ("error", "skip"):
-        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    check_choice("on_bad", on_bad, ("error", "skip"))
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -181,7 +182,7 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records (or JSONL), got {type(data).__name__}")
+        raise DataError(f"{path} must hold a JSON list of records (or JSONL), got {type(data).__name__}")
     for i, raw in enumerate(data):
         yield f"{path}[{i}]", raw
 
@@ -213,7 +214,7 @@ def _datasets_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _record(raw: Any, where: str, root: Path, check_images: bool, sizes: dict) -> Record:
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected a record (a JSON object), got {type(raw).__name__}")
+        raise DataError(f"{where} must be a record (a JSON object), got {type(raw).__name__}")
     rid = str(raw.get("id", where))
 
     def bad(reason: str) -> DataError:

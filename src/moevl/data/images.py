@@ -115,7 +115,7 @@ def load_source(name: str, path: str | None = None) -> ImageSource:
         return load_digits_source()
     if name == "fashion-mnist":
         return load_fashion_mnist_source(path)
-    raise ValueError(f"unknown image source {name!r}; expected 'digits' or 'fashion-mnist'")
+    raise ValueError(f"the image source must be 'digits' or 'fashion-mnist', got {name!r}")
 
 
 def split_indices(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from moevl.checks import check
 from moevl.data.conversations import DataError, Record, last_assistant_text, prompt_messages
 
 IGNORE_INDEX = -100
@@ -236,8 +237,7 @@ class ConversationDataset(Dataset):
     ) -> None:
         from tqdm.auto import tqdm
 
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be None or >= 1, got {max_length}")
+        check(max_length is None or max_length >= 1, "max_length", "None or an integer >= 1", max_length)
         self.processor = processor
         self.template = chat_template_of(processor, chat_template)
         self.max_length = max_length

@@ -195,7 +195,7 @@ def ask(
         sa, sb = _line(scene, axis, a).sum(), _line(scene, axis, b).sum()
         answer = names[a] if sa > sb else names[b] if sb > sa else "same"
         return Question(family, f"which is larger , the {names[a]} {axis} or the {names[b]} {axis}", answer)
-    raise ValueError(f"unknown question family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"the question family must be one of {', '.join(map(repr, FAMILIES))}, got {family!r}")
 
 
 def vocabulary(source: ImageSource, grid: int) -> list[str]:

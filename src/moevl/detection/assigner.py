@@ -38,14 +38,14 @@ def atss_assign(
         ``(A,)`` long: index of the assigned gt, or ``-1`` for background.
     """
     if anchors.ndim != 2 or anchors.shape[1] != 4:
-        raise ValueError(f"anchors: expected shape (A, 4), got {tuple(anchors.shape)}")
+        raise ValueError(f"anchors must be (A, 4), got shape {tuple(anchors.shape)}")
     if sum(num_level_anchors) != anchors.shape[0]:
         raise ValueError(
-            f"num_level_anchors: expected counts summing to {anchors.shape[0]}, got {num_level_anchors} "
+            f"num_level_anchors must be counts summing to {anchors.shape[0]}, got {num_level_anchors} "
             f"(sum {sum(num_level_anchors)})"
         )
     if gt_boxes.ndim != 2 or gt_boxes.shape[1] != 4:
-        raise ValueError(f"gt_boxes: expected shape (G, 4), got {tuple(gt_boxes.shape)}")
+        raise ValueError(f"gt_boxes must be (G, 4), got shape {tuple(gt_boxes.shape)}")
     num_anchors, num_gts = anchors.shape[0], gt_boxes.shape[0]
     assigned = torch.full((num_anchors,), -1, dtype=torch.long, device=anchors.device)
     if num_gts == 0:

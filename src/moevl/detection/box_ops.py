@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moevl.checks import check_choice
+
 __all__ = [
     "batched_nms",
     "bbox2distance",
@@ -22,11 +24,11 @@ _EPS = 1e-6
 
 def _check_boxes(name: str, boxes: Tensor) -> None:
     if not isinstance(boxes, Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor of shape (N, 4), got {type(boxes).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, 4), got {type(boxes).__name__}")
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name}: expected shape (N, 4), got {tuple(boxes.shape)}")
+        raise ValueError(f"{name} must be (N, 4), got shape {tuple(boxes.shape)}")
     if not boxes.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {boxes.dtype}")
+        raise ValueError(f"{name} must have a floating dtype, got {boxes.dtype}")
 
 
 def box_area(boxes: Tensor) -> Tensor:
@@ -49,11 +51,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, *, mode: str = "iou", aligned: bool 
     """
     _check_boxes("boxes1", boxes1)
     _check_boxes("boxes2", boxes2)
-    if mode not in ("iou", "giou"):
-        raise ValueError(f"mode: expected 'iou' or 'giou', got {mode!r}")
+    check_choice("mode", mode, ("iou", "giou"))
     if aligned and boxes1.shape[0] != boxes2.shape[0]:
         raise ValueError(
-            f"boxes2: expected {boxes1.shape[0]} rows to match boxes1 when aligned, got {boxes2.shape[0]}"
+            f"boxes2 must have {boxes1.shape[0]} rows (those of boxes1) when aligned, got {boxes2.shape[0]}"
         )
     if aligned:
         a, b = boxes1, boxes2  # (N, 4) each
@@ -133,7 +134,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """
     _check_boxes("boxes", boxes)
     if scores.ndim != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores: expected shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
+        raise ValueError(f"scores must be ({boxes.shape[0]},), got shape {tuple(scores.shape)}")
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.argsort(scores, descending=True, stable=True)

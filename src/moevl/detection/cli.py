@@ -1,11 +1,14 @@
 """``moevl detect``: train, distill and evaluate the digit detectors; run the BCKD comparison.
 
 Every option and output path is checked before any work starts; a user error ends in one line,
-``error: <option or file>: expected ..., got ...`` (``moevl.cli_errors.fail``), never a traceback.
+``error: <option or file> must be ..., got ...`` (``moevl.cli_errors.fail``), never a traceback. The
+defaults of the schedule and the data are the comparison recipe's (``DetectionCompareConfig``, the values
+of ``configs/detection.yaml``), so the commands and the recipe cannot drift apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,12 +17,15 @@ import typer
 from rich.console import Console
 
 from moevl.atomic import atomic_write_json, check_writable
+from moevl.checks import check_choice, check_int
 from moevl.cli_errors import fail
 from moevl.config import ConfigError
-from moevl.detection.checks import DISTILL_METHODS, ROLES, SPLITS, check_number
+from moevl.detection.names import DISTILL_METHODS, ROLES, SPLITS
 
 if TYPE_CHECKING:
-    from moevl.detection.model import GFLDetector
+    from moevl.detection.model import DetectorConfig, GFLDetector
+    from moevl.detection.recipe import DetectionCompareConfig, DetectionDataConfig
+    from moevl.detection.train import TrainConfig
 
 # NOTE: torch, the detector and the recipes are imported inside the commands: `moevl --help` and a wrong
 # option answer without loading them.
@@ -34,26 +40,63 @@ MAX_SEEDS = 1000  # --seeds N runs seeds 0..N-1; a typo must not build a list of
 T = TypeVar("T")
 
 
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise fail(f"{option}: expected one of {', '.join(choices)}, got {value!r}")
+def _checked(check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``check(*args, **kwargs)``; its ``ValueError`` (a message naming the option) becomes the error."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as error:
+        raise fail(str(error)) from None
+
+
+def _renamed(error: ValueError, name: str, option: str) -> str:
+    """A message about ``name`` (``"teacher must be ..."``) as one about ``option`` (``"--teacher must be"``)."""
+    message = str(error)
+    return option + message.removeprefix(name) if message.startswith(f"{name} ") else f"{option}: {message}"
 
 
 def _from_options(make: Callable[..., T], **options: Any) -> T:
-    """``make(**options)``; a config's ``"field: expected ..."`` error becomes ``--field: expected ...``
-    (every option passed here has the name of its field)."""
+    """``make(**options)``; a config's ``"batch_size must be ..."`` error becomes ``"--batch-size must be
+    ..."`` (every option passed here has the name of its field)."""
     try:
         return make(**options)
     except ValueError as error:
-        name, _, rest = str(error).partition(":")
-        raise fail(f"--{name.replace('_', '-')}:{rest}") from None
+        name = str(error).partition(" ")[0]
+        raise fail(_renamed(error, name, f"--{name.replace('_', '-')}")) from None
+
+
+def _recipe() -> DetectionCompareConfig:
+    """The comparison recipe's defaults: the one place the commands' schedule and data sizes come from."""
+    from moevl.detection.recipe import DetectionCompareConfig
+
+    return DetectionCompareConfig()
+
+
+def _schedule(
+    role: str, steps: int | None, batch_size: int | None, lr: float | None, seed: int
+) -> TrainConfig:
+    """The ``TrainConfig`` of ``train`` / ``distill``: the options given, the recipe's values for the rest
+    (its ``teacher_steps`` for a teacher, its ``student_steps`` for a student)."""
+    from moevl.detection.train import TrainConfig
+
+    recipe = _recipe()
+    if steps is None:
+        steps = recipe.teacher_steps if role == "teacher" else recipe.student_steps
+    batch_size = recipe.batch_size if batch_size is None else batch_size
+    lr = recipe.lr if lr is None else lr
+    return _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+
+def _data(train_scenes: int | None, test_scenes: int | None) -> DetectionDataConfig:
+    """The ``DetectionDataConfig`` of ``train`` / ``distill``: the options given, the recipe's for the rest."""
+    from moevl.detection.recipe import DetectionDataConfig
+
+    given = {"train_scenes": train_scenes, "test_scenes": test_scenes}
+    options = {**dataclasses.asdict(_recipe().data), **{k: v for k, v in given.items() if v is not None}}
+    return _from_options(DetectionDataConfig, **options)
 
 
 def _check_output(option: str, path: Path, *, directory: bool = False) -> None:
-    try:
-        check_writable(path, directory=directory)
-    except ValueError as error:
-        raise fail(f"{option}: {error}") from None
+    _checked(check_writable, path, directory=directory, name=option)
 
 
 def _check_checkpoint_output(path: Path) -> None:
@@ -68,11 +111,20 @@ def _load_checkpoint(option: str, path: Path) -> tuple[GFLDetector, dict]:
     from moevl.detection.train import load_checkpoint
 
     if not path.is_file():
-        raise fail(f"{option}: expected an existing checkpoint file, got {str(path)!r}")
+        raise fail(f"{option} must be an existing checkpoint file, got {str(path)!r}")
     try:
         return load_checkpoint(path)
     except ValueError as error:
-        raise fail(f"{option}: {str(error).removeprefix('checkpoint: ')}") from None
+        raise fail(_renamed(error, "checkpoint", option)) from None
+
+
+def _check_teacher(teacher: GFLDetector, student: DetectorConfig) -> None:
+    from moevl.detection.train import check_teacher
+
+    try:
+        check_teacher(teacher.config, student)
+    except ValueError as error:
+        raise fail(_renamed(error, "teacher", "--teacher")) from None
 
 
 def _save_checkpoint(path: Path, model: GFLDetector, extra: dict) -> None:
@@ -98,31 +150,35 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def train(
     role: str = typer.Option("student", help="Model size: teacher or student."),
     output: Path = typer.Option(Path("runs/detection/model.safetensors"), help="Checkpoint to write."),
-    steps: int = typer.Option(1000, help="Optimizer steps (>= 1)."),
-    batch_size: int = typer.Option(32, help="Scenes per step (>= 1)."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (> 0)."),
+    steps: int | None = typer.Option(
+        None, help="Optimizer steps (>= 1; default: the recipe's teacher_steps or student_steps)."
+    ),
+    batch_size: int | None = typer.Option(None, help="Scenes per step (>= 1; default: the recipe's)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (> 0; default: the recipe's)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order (>= 0)."),
-    train_scenes: int = typer.Option(2000, help="Training scenes (>= 1)."),
-    test_scenes: int = typer.Option(300, help="Test scenes (>= 1)."),
+    train_scenes: int | None = typer.Option(None, help="Training scenes (>= 1; default: the recipe's)."),
+    test_scenes: int | None = typer.Option(None, help="Test scenes (>= 1; default: the recipe's)."),
 ) -> None:
-    """Train a teacher or a student alone (GFL loss), save it and evaluate it on the test scenes."""
-    _check_choice("--role", role, ROLES)
+    """Train a teacher or a student alone (GFL loss), save it and evaluate it on the test scenes.
+
+    The schedule and the data sizes not given are the comparison recipe's (configs/detection.yaml)."""
+    _checked(check_choice, "--role", role, ROLES)
     import torch
 
     from moevl.detection.evaluation import evaluate_detector
     from moevl.detection.model import GFLDetector
-    from moevl.detection.recipe import STUDENT, TEACHER, DetectionDataConfig, load_scenes
-    from moevl.detection.train import TrainConfig, train_detector
+    from moevl.detection.recipe import load_scenes
+    from moevl.detection.train import train_detector
 
-    config = _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    data = _from_options(DetectionDataConfig, train_scenes=train_scenes, test_scenes=test_scenes)
+    config = _schedule(role, steps, batch_size, lr, seed)
+    data = _data(train_scenes, test_scenes)
     _check_checkpoint_output(output)
     train_set, test_set = load_scenes(data)
     torch.manual_seed(seed)
-    model = GFLDetector({"teacher": TEACHER, "student": STUDENT}[role])
+    model = GFLDetector(getattr(_recipe(), role))
     result = train_detector(model, train_set, config=config, description=role)
     metrics = evaluate_detector(model, test_set)
-    extra = {"role": role, "steps": steps, "seed": seed, "train_seconds": result.seconds, **metrics}
+    extra = {"role": role, "steps": config.steps, "seed": seed, "train_seconds": result.seconds, **metrics}
     _save_checkpoint(output, model, extra)
     _print_metrics(f"{role} ({result.seconds:.0f}s) -> {output}", metrics)
 
@@ -132,40 +188,36 @@ def distill(
     teacher: Path = typer.Option(..., help="Teacher checkpoint (.safetensors) written by `train`."),
     method: str = typer.Option("bckd", help=f"Distillation method: {', '.join(DISTILL_METHODS)}."),
     output: Path = typer.Option(Path("runs/detection/student.safetensors"), help="Checkpoint to write."),
-    steps: int = typer.Option(1000, help="Optimizer steps (>= 1)."),
-    batch_size: int = typer.Option(32, help="Scenes per step (>= 1)."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (> 0)."),
+    steps: int | None = typer.Option(
+        None, help="Optimizer steps (>= 1; default: the recipe's student_steps)."
+    ),
+    batch_size: int | None = typer.Option(None, help="Scenes per step (>= 1; default: the recipe's)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (> 0; default: the recipe's)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order (>= 0)."),
-    train_scenes: int = typer.Option(2000, help="Training scenes (>= 1)."),
-    test_scenes: int = typer.Option(300, help="Test scenes (>= 1)."),
+    train_scenes: int | None = typer.Option(None, help="Training scenes (>= 1; default: the recipe's)."),
+    test_scenes: int | None = typer.Option(None, help="Test scenes (>= 1; default: the recipe's)."),
 ) -> None:
-    """Train the student with a distillation method from a frozen teacher checkpoint."""
-    _check_choice("--method", method, DISTILL_METHODS)
+    """Train the student with a distillation method from a frozen teacher checkpoint.
+
+    The schedule and the data sizes not given are the comparison recipe's (configs/detection.yaml)."""
+    _checked(check_choice, "--method", method, DISTILL_METHODS)
     import torch
 
     from moevl.detection.evaluation import evaluate_detector
     from moevl.detection.model import GFLDetector
-    from moevl.detection.recipe import STUDENT, DetectionDataConfig, load_scenes
-    from moevl.detection.train import (
-        DistillConfig,
-        TrainConfig,
-        check_teacher,
-        teacher_outputs,
-        train_detector,
-    )
+    from moevl.detection.recipe import load_scenes
+    from moevl.detection.train import DistillConfig, teacher_outputs, train_detector
 
-    config = _from_options(TrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    data = _from_options(DetectionDataConfig, train_scenes=train_scenes, test_scenes=test_scenes)
+    config = _schedule("student", steps, batch_size, lr, seed)
+    data = _data(train_scenes, test_scenes)
+    student = _recipe().student
     teacher_model, _ = _load_checkpoint("--teacher", teacher)
-    try:
-        check_teacher(teacher_model.config, STUDENT)
-    except ValueError as error:
-        raise fail(f"--teacher: {error}") from None
+    _check_teacher(teacher_model, student)
     _check_checkpoint_output(output)
     train_set, test_set = load_scenes(data)
     cached = teacher_outputs(teacher_model, train_set.images)
     torch.manual_seed(seed)
-    model = GFLDetector(STUDENT)
+    model = GFLDetector(student)
     result = train_detector(
         model,
         train_set,
@@ -183,19 +235,22 @@ def distill(
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) to evaluate."),
     split: str = typer.Option("test", help=f"Scene split: {', '.join(SPLITS)}."),
-    scenes: int = typer.Option(300, help="Number of scenes (>= 1)."),
+    scenes: int | None = typer.Option(
+        None, help="Number of scenes (>= 1; default: the recipe's test_scenes)."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
 ) -> None:
-    """COCO mAP / AP50 / AP75 of a checkpoint on digit scenes."""
-    _check_choice("--split", split, SPLITS)
+    """COCO mAP / AP50 / AP75 of a checkpoint on digit scenes (of the recipe's image size)."""
+    _checked(check_choice, "--split", split, SPLITS)
     from moevl.detection.data import make_digit_scenes
     from moevl.detection.evaluation import evaluate_detector
 
-    _from_options(check_number, name="scenes", value=scenes, minimum=1, integer=True)
+    data = _recipe().data
+    scenes = data.test_scenes if scenes is None else _checked(check_int, "--scenes", scenes, minimum=1)
     if json_out is not None:
         _check_output("--json", json_out)
     model, _ = _load_checkpoint("checkpoint", checkpoint)
-    metrics = evaluate_detector(model, make_digit_scenes(split, scenes))
+    metrics = evaluate_detector(model, make_digit_scenes(split, scenes, image_size=data.image_size))
     _print_metrics(f"{checkpoint} on {split} ({scenes} scenes)", metrics)
     if json_out is not None:
         try:
@@ -229,21 +284,19 @@ def compare(
 
     from moevl.detection.recipe import load_detection_config, run_comparison
     from moevl.detection.report import write_detection_report
-    from moevl.detection.train import check_teacher
 
     options = {
-        "seeds": seeds,
-        "teacher_steps": teacher_steps,
-        "student_steps": student_steps,
-        "train_scenes": train_scenes,
-        "test_scenes": test_scenes,
-        "threads": threads,
+        "--seeds": seeds,
+        "--teacher-steps": teacher_steps,
+        "--student-steps": student_steps,
+        "--train-scenes": train_scenes,
+        "--test-scenes": test_scenes,
+        "--threads": threads,
     }
-    for name, value in options.items():
+    for option, value in options.items():
         if value is not None:
-            _from_options(check_number, name=name, value=value, minimum=1, integer=True)
-    if seeds is not None and seeds > MAX_SEEDS:
-        raise fail(f"--seeds: expected an integer <= {MAX_SEEDS}, got {seeds}")
+            maximum = MAX_SEEDS if option == "--seeds" else None
+            _checked(check_int, option, value, minimum=1, maximum=maximum)
     from_options = {
         "teacher_steps": teacher_steps,
         "student_steps": student_steps,
@@ -253,19 +306,16 @@ def compare(
     }
     overrides = [*(set_ or []), *(f"{k}={v}" for k, v in from_options.items() if v is not None)]
     if config_file is not None and not config_file.is_file():
-        raise fail(f"--config: expected an existing YAML file, got {str(config_file)!r}")
+        raise fail(f"--config must be an existing YAML file, got {str(config_file)!r}")
     try:
         config = load_detection_config(config_file, overrides)
     except ConfigError as error:
         raise fail(str(error)) from None
     if not prefix or Path(prefix).name != prefix:
-        raise fail(f"--prefix: expected a file name prefix without '/', got {prefix!r}")
+        raise fail(f"--prefix must be a file name prefix without '/', got {prefix!r}")
     if teacher is not None:
         teacher_model, _ = _load_checkpoint("--teacher", teacher)
-        try:
-            check_teacher(teacher_model.config, config.student)
-        except ValueError as error:
-            raise fail(f"--teacher: {error}") from None
+        _check_teacher(teacher_model, config.student)
     _check_output("--out-dir", out_dir, directory=True)
     if checkpoint_dir is not None:
         _check_output("--checkpoint-dir", checkpoint_dir, directory=True)

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moevl.checks import check_choice, check_int
 from moevl.data.images import load_digits_source
 from moevl.detection.assigner import atss_assign
 from moevl.detection.box_ops import box_iou
-from moevl.detection.checks import SPLITS
 from moevl.detection.model import Anchors
+from moevl.detection.names import SPLITS
 
 __all__ = ["SPLITS", "DigitScenes", "assign_targets", "digit_pool", "digit_pool_indices", "make_digit_scenes"]
 
@@ -58,8 +59,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def digit_pool_indices(split: str) -> np.ndarray:
     """Indices into ``load_digits()`` of a split's digit images; the three splits are disjoint."""
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    check_choice("split", split, SPLITS)
     count = len(_load_digits()[0])
     order = np.random.default_rng(0).permutation(count)
     lo, hi = _SPLIT_FRACTIONS[split]
@@ -91,12 +91,11 @@ def make_digit_scenes(
     with ``max`` at positions whose boxes overlap any earlier box by IoU at most ``max_overlap``;
     Gaussian pixel noise of std ``noise`` is added.
     """
-    if num_scenes <= 0:
-        raise ValueError(f"num_scenes: expected a positive integer, got {num_scenes}")
+    check_int("num_scenes", num_scenes, minimum=1)
     if not 4 <= min_digit_size <= max_digit_size <= image_size:
         raise ValueError(
-            f"min_digit_size/max_digit_size: expected 4 <= min <= max <= image_size={image_size}, "
-            f"got {min_digit_size}/{max_digit_size}"
+            f"min_digit_size and max_digit_size must be 4 <= min <= max <= image_size={image_size}, "
+            f"got {min_digit_size} and {max_digit_size}"
         )
     pool_images, pool_labels = digit_pool(split)
     rng = np.random.default_rng(_SPLIT_SEEDS[split] * 1_000_003 + num_scenes)

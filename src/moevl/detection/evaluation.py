@@ -23,7 +23,7 @@ def coco_evaluate(
     from pycocotools.cocoeval import COCOeval
 
     if len(detections) != len(scenes):
-        raise ValueError(f"detections: expected {len(scenes)} entries (one per scene), got {len(detections)}")
+        raise ValueError(f"detections must have {len(scenes)} entries (one per scene), got {len(detections)}")
     size = scenes.image_size
     images, annotations, results = [], [], []
     for image_id, (boxes, labels) in enumerate(zip(scenes.boxes, scenes.labels, strict=True)):

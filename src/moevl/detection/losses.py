@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moevl.checks import check_choice, check_float
 from moevl.detection.box_ops import box_iou
 
 __all__ = [
@@ -43,18 +44,18 @@ _BCKD_BETA = 1.0
 
 def _check_tensor(name: str, x: object, *, ndim: int, floating: bool = True) -> Tensor:
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor with {ndim} dims, got {type(x).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor with {ndim} dims, got {type(x).__name__}")
     if x.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
     return x
 
 
 def _check_same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
     if x.shape != ref.shape:
         raise ValueError(
-            f"{name}: expected shape {tuple(ref.shape)} (same as {ref_name}), got {tuple(x.shape)}"
+            f"{name} must be {tuple(ref.shape)} (the shape of {ref_name}), got shape {tuple(x.shape)}"
         )
 
 
@@ -63,12 +64,12 @@ def _check_weight(weight: Tensor | None, num: int) -> Tensor | None:
         return None
     if not isinstance(weight, Tensor):
         raise ValueError(
-            f"weight: expected a torch.Tensor of shape ({num},) or None, got {type(weight).__name__}"
+            f"weight must be a torch.Tensor of shape ({num},) or None, got {type(weight).__name__}"
         )
     if weight.shape != (num,):
-        raise ValueError(f"weight: expected shape ({num},), got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be ({num},), got shape {tuple(weight.shape)}")
     if not (weight.is_floating_point() or weight.dtype == torch.bool):
-        raise ValueError(f"weight: expected a floating or bool dtype, got {weight.dtype}")
+        raise ValueError(f"weight must have a floating or bool dtype, got {weight.dtype}")
     return weight
 
 
@@ -94,7 +95,7 @@ def _reduce(per_anchor: Tensor, weight: Tensor | None, avg_factor: float | Tenso
     if avg_factor is None:
         return total
     if not isinstance(avg_factor, Tensor) and avg_factor <= 0:
-        raise ValueError(f"avg_factor: expected a positive number or None, got {avg_factor!r}")
+        raise ValueError(f"avg_factor must be a positive number or None, got {avg_factor!r}")
     return total / avg_factor
 
 
@@ -178,12 +179,11 @@ def bckd_localization_loss(
     _check_tensor("student_boxes", student_boxes, ndim=2)
     if student_boxes.shape != (student_logits.shape[0], 4):
         raise ValueError(
-            f"student_boxes: expected shape ({student_logits.shape[0]}, 4), got {tuple(student_boxes.shape)}"
+            f"student_boxes must be ({student_logits.shape[0]}, 4), got shape {tuple(student_boxes.shape)}"
         )
     _check_tensor("teacher_boxes", teacher_boxes, ndim=2)
     _check_same_shape("teacher_boxes", teacher_boxes, "student_boxes", student_boxes)
-    if iou not in ("iou", "giou"):
-        raise ValueError(f"iou: expected 'iou' or 'giou', got {iou!r}")
+    check_choice("iou", iou, ("iou", "giou"))
     weight = _check_weight(weight, student_logits.shape[0])
     student_logits, teacher_logits, student_boxes, teacher_boxes = _zero_ignored(
         weight, student_logits, teacher_logits, student_boxes, teacher_boxes
@@ -220,8 +220,7 @@ def kl_distillation_loss(
     _check_tensor("student_logits", student_logits, ndim=2)
     _check_tensor("teacher_logits", teacher_logits, ndim=2)
     _check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
-    if temperature <= 0:
-        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    check_float("temperature", temperature, minimum=0.0, exclusive_minimum=True)
     weight = _check_weight(weight, student_logits.shape[0])
     log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
@@ -254,13 +253,12 @@ def localization_distillation_loss(
     _check_tensor("teacher_distributions", teacher_distributions, ndim=3)
     if student_distributions.shape[1] != 4:
         raise ValueError(
-            f"student_distributions: expected shape (N, 4, R), got {tuple(student_distributions.shape)}"
+            f"student_distributions must be (N, 4, R), got shape {tuple(student_distributions.shape)}"
         )
     _check_same_shape(
         "teacher_distributions", teacher_distributions, "student_distributions", student_distributions
     )
-    if temperature <= 0:
-        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    check_float("temperature", temperature, minimum=0.0, exclusive_minimum=True)
     weight = _check_weight(weight, student_distributions.shape[0])
     log_p_t = F.log_softmax(teacher_distributions.detach() / temperature, dim=2)
     log_p_s = F.log_softmax(student_distributions / temperature, dim=2)
@@ -329,7 +327,7 @@ def distribution_focal_loss(
     _check_tensor("targets", targets, ndim=2)
     if targets.shape != distributions.shape[:2]:
         raise ValueError(
-            f"targets: expected shape {tuple(distributions.shape[:2])}, got {tuple(targets.shape)}"
+            f"targets must be {tuple(distributions.shape[:2])}, got shape {tuple(targets.shape)}"
         )
     weight = _check_weight(weight, distributions.shape[0])
     left = targets.long().clamp(max=distributions.shape[2] - 2)

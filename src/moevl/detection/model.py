@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moevl.checks import check, check_float, check_int
 from moevl.config import build
 from moevl.detection.box_ops import batched_nms, box_iou, distance2bbox
-from moevl.detection.checks import check_fields, check_number
 from moevl.detection.losses import distribution_focal_loss, giou_loss, quality_focal_loss
 
 __all__ = [
@@ -50,16 +50,19 @@ class DetectorConfig:
     anchor_scale: float = 3.0  # ATSS anchor side = anchor_scale * stride
 
     def __post_init__(self) -> None:
-        positive = ("num_classes", "in_channels", "stage_depth", "neck_width", "reg_max")
-        check_fields(
-            self, {**dict.fromkeys(positive, (1, True)), "head_convs": (0, True), "anchor_scale": (0, False)}
+        for name in ("num_classes", "in_channels", "stage_depth", "neck_width", "reg_max"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("head_convs", self.head_convs, minimum=0)
+        check_float("anchor_scale", self.anchor_scale, minimum=0.0, exclusive_minimum=True)
+        widths = self.stage_widths
+        check(
+            isinstance(widths, tuple) and bool(widths),
+            "stage_widths",
+            "a non-empty tuple of integers >= 1",
+            widths,
         )
-        if not isinstance(self.stage_widths, tuple) or not self.stage_widths:
-            raise ValueError(
-                f"stage_widths: expected a non-empty tuple of integers >= 1, got {self.stage_widths!r}"
-            )
-        for i, width in enumerate(self.stage_widths):
-            check_number(f"stage_widths[{i}]", width, minimum=1, integer=True)
+        for i, width in enumerate(widths):
+            check_int(f"stage_widths[{i}]", width, minimum=1)
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -225,7 +228,7 @@ class GFLDetector(nn.Module):
     def forward(self, images: Tensor) -> DetectorOutput:
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(
-                f"images: expected shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
+                f"images must be (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}"
             )
         return self.head(self.neck(self.backbone(images)))
 

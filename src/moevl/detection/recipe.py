@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from moevl.atomic import check_writable
+from moevl.checks import check, check_choice, check_float, check_int, check_seed
 from moevl.config import ConfigError, apply_overrides, build, read_yaml, to_plain
-from moevl.detection.checks import check_fields, check_number, check_seed
 from moevl.detection.data import DigitScenes, make_digit_scenes
 from moevl.detection.evaluation import evaluate_detector
 from moevl.detection.model import DetectorConfig, GFLDetector
@@ -53,9 +53,9 @@ class DetectionDataConfig:
     image_size: int = 48
 
     def __post_init__(self) -> None:
-        check_fields(
-            self, {"train_scenes": (1, True), "test_scenes": (1, True), "image_size": (MIN_IMAGE_SIZE, True)}
-        )
+        check_int("train_scenes", self.train_scenes, minimum=1)
+        check_int("test_scenes", self.test_scenes, minimum=1)
+        check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -73,27 +73,29 @@ class DetectionCompareConfig:
     methods: tuple[DistillMethod, ...] = DISTILL_METHODS  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        check_fields(self, {"teacher_steps": (1, True), "student_steps": (1, True), "batch_size": (1, True)})
-        check_number("lr", self.lr, minimum=0, inclusive=False)
+        for name in ("teacher_steps", "student_steps", "batch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_float("lr", self.lr, minimum=0.0, exclusive_minimum=True)
         for role in ("teacher", "student"):
             detector = getattr(self, role)
             # The digit scenes are grey images of ten classes.
             if (detector.num_classes, detector.in_channels) != (10, 1):
                 raise ValueError(
-                    f"{role}: expected num_classes 10 and in_channels 1 (grey digit scenes), "
+                    f"{role} must have num_classes 10 and in_channels 1 (grey digit scenes), "
                     f"got {detector.num_classes} and {detector.in_channels}"
                 )
         for name in ("seeds", "methods"):
             values = getattr(self, name)
-            if not values or len(set(values)) != len(values):
-                raise ValueError(f"{name}: expected a non-empty list without repeats, got {list(values)}")
+            check(
+                bool(values) and len(set(values)) == len(values),
+                name,
+                "a non-empty list without repeats",
+                list(values),
+            )
         for i, seed in enumerate(self.seeds):
             check_seed(f"seeds[{i}]", seed)
         for i, method in enumerate(self.methods):
-            if method not in DISTILL_METHODS:
-                raise ValueError(
-                    f"methods[{i}]: expected one of {', '.join(DISTILL_METHODS)}, got {method!r}"
-                )
+            check_choice(f"methods[{i}]", method, DISTILL_METHODS)
 
     @classmethod
     def from_dict(cls, data: Any) -> DetectionCompareConfig:
@@ -115,9 +117,7 @@ def load_detection_config(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path}: expected a mapping at the top level, got {type(data).__name__}"
-        )
+        raise ConfigError(f"config file {path} must be a mapping at the top level, got {type(data).__name__}")
     return DetectionCompareConfig.from_dict(apply_overrides(data, overrides))
 
 
@@ -154,7 +154,7 @@ def run_comparison(
     instead of trained (its recorded ``train_seconds`` is reported, and not counted in the total).
     """
     if checkpoint_dir is not None:
-        check_writable(checkpoint_dir, directory=True)  # before any training, not after it
+        check_writable(checkpoint_dir, directory=True, name="checkpoint_dir")  # before any training
     start = time.perf_counter()
     train, test = load_scenes(config.data)
     if teacher_checkpoint is not None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moevl.atomic import atomic_write_json, atomic_write_to
-from moevl.detection.checks import DISTILL_METHODS, DistillMethod, check_fields, check_seed
+from moevl.checks import check_choice, check_float, check_int, check_seed
 from moevl.detection.data import DigitScenes, assign_targets
 from moevl.detection.losses import (
     bckd_classification_loss,
@@ -41,6 +41,7 @@ from moevl.detection.model import (
     detection_loss,
     make_anchors,
 )
+from moevl.detection.names import DISTILL_METHODS, DistillMethod
 
 __all__ = [
     "DISTILL_METHODS",
@@ -67,16 +68,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_fields(
-            self,
-            {
-                "steps": (1, True),
-                "batch_size": (1, True),
-                "lr": (0, False),
-                "weight_decay": (0, True),
-                "warmup_steps": (0, True),
-            },
-        )
+        check_int("steps", self.steps, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_float("lr", self.lr, minimum=0.0, exclusive_minimum=True)
+        check_float("weight_decay", self.weight_decay, minimum=0.0)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_seed("seed", self.seed)
 
 
@@ -94,15 +90,12 @@ class DistillConfig:
     ld_temperature: float = 10.0  # LD paper
 
     def __post_init__(self) -> None:
-        if self.method not in DISTILL_METHODS:
-            raise ValueError(f"method: expected one of {', '.join(DISTILL_METHODS)}, got {self.method!r}")
-        if self.bckd_iou not in ("iou", "giou"):
-            raise ValueError(f"bckd_iou: expected 'iou' or 'giou', got {self.bckd_iou!r}")
-        weights = ("bckd_cls_weight", "bckd_loc_weight", "kl_weight", "ld_weight")
-        check_fields(
-            self,
-            {**dict.fromkeys(weights, (0, True)), "kl_temperature": (0, False), "ld_temperature": (0, False)},
-        )
+        check_choice("method", self.method, DISTILL_METHODS)
+        check_choice("bckd_iou", self.bckd_iou, ("iou", "giou"))
+        for name in ("bckd_cls_weight", "bckd_loc_weight", "kl_weight", "ld_weight"):
+            check_float(name, getattr(self, name), minimum=0.0)
+        for name in ("kl_temperature", "ld_temperature"):
+            check_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)
 
 
 def check_teacher(teacher: DetectorConfig, student: DetectorConfig) -> None:
@@ -112,7 +105,7 @@ def check_teacher(teacher: DetectorConfig, student: DetectorConfig) -> None:
     expected = (student.strides, student.num_classes, student.reg_max)
     if got != expected:
         raise ValueError(
-            f"teacher: expected a detector with the student's strides, num_classes and reg_max {expected}, got {got}"
+            f"teacher must be a detector with the student's strides, num_classes and reg_max {expected}, got {got}"
         )
 
 
@@ -218,11 +211,11 @@ def train_detector(
     if distill.method != "none":
         if teacher is None:
             raise ValueError(
-                f"teacher: expected precomputed teacher outputs for method {distill.method!r}, got None"
+                f"teacher must be precomputed teacher outputs for method {distill.method!r}, got None"
             )
         if teacher.cls_logits.shape[0] != len(scenes):
             raise ValueError(
-                f"teacher: expected outputs for {len(scenes)} scenes, got {teacher.cls_logits.shape[0]}"
+                f"teacher must be the outputs of {len(scenes)} scenes, got {teacher.cls_logits.shape[0]}"
             )
     anchors = make_anchors(model.config, scenes.image_size)
     labels, box_targets = assign_targets(scenes, anchors, num_classes=model.config.num_classes)
@@ -300,18 +293,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GFLDetector, dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(
-            f"checkpoint: expected an existing .safetensors file written by moevl, got {str(path)!r}"
+            f"checkpoint must be an existing .safetensors file written by moevl, got {str(path)!r}"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error type for corrupt files
         raise ValueError(
-            f"checkpoint: expected a readable .safetensors file, got {str(path)!r} ({error})"
+            f"checkpoint must be a readable .safetensors file, got {str(path)!r} ({error})"
         ) from error
     if "moevl" not in metadata:
         raise ValueError(
-            f"checkpoint: expected moevl metadata (detector_config) in {str(path)!r}, got keys {list(metadata)}"
+            f"checkpoint must hold moevl metadata (detector_config), got {str(path)!r} with keys {list(metadata)}"
         )
     try:
         info = json.loads(metadata["moevl"])
@@ -328,7 +321,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GFLDetector, dict]:
     except (ValueError, TypeError, KeyError, RuntimeError) as error:  # corrupt metadata or weights
         reason = " ".join(str(error).split())  # one line: torch's shape errors span several
         raise ValueError(
-            f"checkpoint: {str(path)!r} is not a valid moevl detector checkpoint ({reason})"
+            f"checkpoint must be a valid moevl detector checkpoint, got {str(path)!r} ({reason})"
         ) from None
     model.eval()
     return model, info

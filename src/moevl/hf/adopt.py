@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moevl.checks import check_choice
 from moevl.hf.runtime import (
     HFMoEBlock,
     RoutingContext,
@@ -1064,8 +1065,7 @@ def adopt(
     if find_moe_state(model) is not None:
         raise ValueError("adopt: this model is already upcycled or adopted (it has moevl MoE layers)")
     settings = settings_from(settings, kwargs, caller="adopt")
-    if implementation not in ("auto", "grouped", "loop"):
-        raise ValueError(f"implementation must be 'auto', 'grouped' or 'loop', got {implementation!r}")
+    check_choice("implementation", implementation, ("auto", "grouped", "loop"))
     layers, sparse = _native_layers(model)
     if not sparse:
         raise ValueError(

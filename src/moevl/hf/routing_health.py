@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_float, check_int
+from moevl.checks import check_float, check_int
 
 
 def entropy(probs: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moevl.moe.checks import check_choice, check_float, check_int
+from moevl.checks import check_choice, check_float, check_int
 from moevl.moe.lora import LoRAConfig
 from moevl.moe.ltdr import LTDRConfig
 from moevl.stgc import STGCConfig

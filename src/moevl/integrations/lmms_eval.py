@@ -27,6 +27,8 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from moevl.checks import check_int
+
 MODEL_NAME = "moevl"
 IMAGE_PLACEHOLDER = "<image>"
 #: generation keys a task may set; anything else is refused rather than silently ignored
@@ -68,10 +70,8 @@ class MoevlLMM(lmms):
     ) -> None:
         super().__init__()
         batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("max_new_tokens", max_new_tokens, minimum=1)
         if max_batch_size is not None:
             raise ValueError(
                 f"max_batch_size: automatic batch sizes are not supported, got {max_batch_size!r}"
@@ -190,12 +190,11 @@ class MoevlLMM(lmms):
             or (kwargs.get("num_beams") or 1) != 1
         ):
             raise ValueError(
-                "generation_kwargs: the moevl model decodes greedily; expected do_sample false, temperature 0 "
-                f"and num_beams 1, got {kwargs}"
+                "generation_kwargs must be greedy (the moevl model decodes greedily): do_sample false, "
+                f"temperature 0 and num_beams 1, got {kwargs}"
             )
         budget = kwargs.get("max_new_tokens", self.max_new_tokens)
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"generation_kwargs: max_new_tokens: expected an integer >= 1, got {budget!r}")
+        check_int("generation_kwargs['max_new_tokens']", budget, minimum=1)
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         return budget, until

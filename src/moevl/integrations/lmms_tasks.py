@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moevl.atomic import atomic_write_jsonl, atomic_write_text
+from moevl.checks import check_int
 from moevl.vlm.answers import vqa_accuracy
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -53,10 +54,9 @@ def write_llava_task(
     """
     if not isinstance(task_name, str) or _TASK_NAME.fullmatch(task_name) is None:
         raise ValueError(
-            f"task_name: expected letters, digits, '_', '.' or '-' (e.g. 'my_vqa'), got {task_name!r}"
+            f"task_name must be letters, digits, '_', '.' or '-' (e.g. 'my_vqa'), got {task_name!r}"
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
     data_file = Path(data_file)
     if not data_file.is_file():
         raise ValueError(f"data_file: no such file: {data_file}")
@@ -69,7 +69,7 @@ def write_llava_task(
         raise ValueError(f"data_file: {data_file} is not valid JSON ({e})") from None
     if not isinstance(records, list) or not records:
         raise ValueError(
-            f"data_file: expected a non-empty JSON list of records, got {type(records).__name__}"
+            f"data_file must hold a non-empty JSON list of records, got {type(records).__name__}"
         )
     rows = [_row(record, i, image_root.resolve()) for i, record in enumerate(records)]
     task_dir = Path(task_dir)
@@ -113,7 +113,7 @@ def _task_yaml(task_name: str, data_path: Path, max_new_tokens: int) -> str:
 def _row(record: Any, index: int, image_root: Path) -> dict[str, Any]:
     where = f"record {index}"
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise ValueError(f"{where} must be a JSON object, got {type(record).__name__}")
     if "id" in record:
         where = f"record {index} (id {record['id']!r})"
     turns = _turns(record, where)
@@ -147,7 +147,7 @@ def _turns(record: dict, where: str) -> list[tuple[str, str]]:
     elif "messages" in record:
         raw, role_key, text_key = record["messages"], "role", "content"
     else:
-        raise ValueError(f"{where}: expected a 'conversations' or 'messages' list, got keys {sorted(record)}")
+        raise ValueError(f"{where} must have a 'conversations' or 'messages' list, got keys {sorted(record)}")
     if not isinstance(raw, list):
         raise ValueError(f"{where}: turns must be a list, got {type(raw).__name__}")
     turns = []

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moevl.checks import check_choice, check_int
 from moevl.moe.activations import Activation
 from moevl.moe.expert_function import Dispatch, ExpertGradientObserver, ExpertsFunction, LoRAInputs, dispatch
 from moevl.moe.grouped_mm import can_use_grouped_mm
@@ -64,13 +65,10 @@ class GroupedExperts(nn.Module):
         implementation: Implementation = "auto",
     ) -> None:
         super().__init__()
-        if num_experts < 1 or hidden_size < 1 or intermediate_size < 1:
-            raise ValueError(
-                "num_experts, hidden_size and intermediate_size must be >= 1, got "
-                f"{num_experts}, {hidden_size}, {intermediate_size}"
-            )
-        if implementation not in ("auto", "grouped", "loop"):
-            raise ValueError(f"implementation must be 'auto', 'grouped' or 'loop', got {implementation!r}")
+        check_int("num_experts", num_experts, minimum=1)
+        check_int("hidden_size", hidden_size, minimum=1)
+        check_int("intermediate_size", intermediate_size, minimum=1)
+        check_choice("implementation", implementation, ("auto", "grouped", "loop"))
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

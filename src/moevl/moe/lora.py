@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moevl.moe.checks import check_float, check_int
+from moevl.checks import check_choice, check_float, check_int
 from moevl.moe.expert_function import LoRAInputs
 
 #: What ``LoRAConfig.targets`` may name: the routed experts, the routers, the decoder's attention projections.
@@ -66,10 +66,7 @@ class LoRAConfig:
                 f"lora.targets must be a non-empty list of {list(LORA_TARGETS)}, got {targets!r}"
             )
         for i, t in enumerate(targets):
-            if t not in LORA_TARGETS:
-                raise ValueError(
-                    f"lora.targets[{i}] must be one of {', '.join(map(repr, LORA_TARGETS))}; got {t!r}"
-                )
+            check_choice(f"lora.targets[{i}]", t, LORA_TARGETS)
         if len(set(targets)) != len(targets):
             raise ValueError(f"lora.targets must not repeat a target, got {list(targets)}")
         object.__setattr__(self, "targets", tuple(targets))

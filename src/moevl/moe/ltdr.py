@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_bool, check_float, check_int
+from moevl.checks import check_bool, check_float, check_int
 from moevl.moe.routing import (
     RoutingRecord,
     TopKRouter,

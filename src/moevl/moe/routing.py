@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moevl.moe.checks import check_bool, check_choice, check_float, check_int
+from moevl.checks import check_bool, check_choice, check_float, check_int
 
 BalanceFrom = Literal["top1", "topk"]
 Scoring = Literal["softmax", "sigmoid"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_int
+from moevl.checks import check_int
 from moevl.stgc.observer import STGCStats
 
 

@@ -44,6 +44,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from moevl.checks import check_choice
+
 CELForm = Literal["neg_softmax", "one_minus_p", "next_best"]
 CEL_FORMS: tuple[str, ...] = ("neg_softmax", "one_minus_p", "next_best")
 
@@ -56,8 +58,7 @@ def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | No
             f"conflicts must be a bool tensor of shape {tuple(logits.shape)}, got {conflicts.dtype} "
             f"{tuple(conflicts.shape)}"
         )
-    if form not in CEL_FORMS:
-        raise ValueError(f"form must be one of {', '.join(map(repr, CEL_FORMS))}; got {form!r}")
+    check_choice("form", form, CEL_FORMS)
     if form == "next_best" or centered:
         if dispatched is None:
             needs = "form='next_best'" if form == "next_best" else "centered=True"

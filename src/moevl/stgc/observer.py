@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moevl.moe.checks import check_bool, check_choice, check_float, check_int
+from moevl.checks import check_bool, check_choice, check_float, check_int
 from moevl.moe.expert_function import ExpertGrads
 from moevl.stgc.cosine import grouped_token_gradient_cosine
 from moevl.stgc.loss import CEL_FORMS, CELForm, conflict_elimination_grad
@@ -101,13 +101,13 @@ class STGCConfig:
         # a field the chosen rule does not read is refused rather than silently ignored
         if self.threshold_mode == "relative" and self.threshold != 0.0:
             raise ValueError(
-                "stgc.threshold is not used by threshold_mode='relative' (set relative_c instead); "
-                f"expected 0.0, got {self.threshold!r}"
+                "stgc.threshold must be 0.0 with threshold_mode='relative', which does not use it (set "
+                f"relative_c instead), got {self.threshold!r}"
             )
         if self.threshold_mode == "absolute" and self.relative_c != 1.0:
             raise ValueError(
-                "stgc.relative_c is only used by threshold_mode='relative'; with 'absolute' expected "
-                f"1.0, got {self.relative_c!r}"
+                "stgc.relative_c must be 1.0 with threshold_mode='absolute' (only 'relative' uses it), "
+                f"got {self.relative_c!r}"
             )
 
     def conflicts(self, cosine: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:

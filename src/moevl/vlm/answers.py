@@ -163,7 +163,7 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """VQAv2 accuracy of one prediction: ``min(1, #matching human answers / 3)`` after normalisation;
     with a single reference answer this is exact match (1.0 or 0.0)."""
     if not answers:
-        raise ValueError("answers: expected at least one reference answer, got none")
+        raise ValueError("answers must hold at least one reference answer, got none")
     pred = normalize_answer(prediction)
     matches = sum(normalize_answer(a) == pred for a in answers)
     if len(answers) == 1:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moevl.atomic import atomic_directory
+from moevl.checks import check_float, check_int
 
 #: Renders each message's parts separated by spaces; an assistant turn ends with the end-of-sequence
 #: token. Prefixes render as prefixes (moevl.data.processing locates the assistant tokens that way).
@@ -62,18 +63,15 @@ class TinyModelConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        if self.patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        check_int("patch_size", self.patch_size, minimum=1)
         for prefix in ("vision", "text"):
             hidden, heads = getattr(self, f"{prefix}_hidden_size"), getattr(self, f"{prefix}_heads")
             if heads < 1 or hidden < 1 or hidden % heads:
                 raise ValueError(
                     f"{prefix}_hidden_size must be a positive multiple of {prefix}_heads ({heads}), got {hidden}"
                 )
-            if getattr(self, f"{prefix}_layers") < 1:
-                raise ValueError(f"{prefix}_layers must be >= 1, got {getattr(self, f'{prefix}_layers')}")
-        if self.initializer_range <= 0:
-            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
+            check_int(f"{prefix}_layers", getattr(self, f"{prefix}_layers"), minimum=1)
+        check_float("initializer_range", self.initializer_range, minimum=0.0, exclusive_minimum=True)
 
 
 def word_tokenizer(words: list[str] | tuple[str, ...], chat_template: str = CHAT_TEMPLATE):

@@ -69,7 +69,7 @@ def demo_config(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"the config's top level must be a mapping, got {type(data).__name__}")
     return config_from_dict(_merge(DEMO_DEFAULTS, data), overrides)
 
 

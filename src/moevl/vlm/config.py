@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moevl.config import ConfigError, apply_overrides, build, read_yaml, require
+from moevl.checks import check
+from moevl.config import ConfigError, apply_overrides, build, read_yaml
 from moevl.data.digits import BenchmarkConfig
 from moevl.data.scenes import FAMILIES
 from moevl.hf.settings import MoESettings
@@ -152,7 +153,7 @@ class RunConfig:
 
     def stage(self, n: int) -> StageSection:
         if n not in (1, 2, 3):
-            raise ConfigError(f"stage: expected 1, 2 or 3, got {n!r}")
+            raise ConfigError(f"stage must be 1, 2 or 3, got {n!r}")
         return (self.stage1, self.stage2, self.stage3)[n - 1]
 
     def training_arguments(self, n: int) -> dict[str, Any]:
@@ -171,7 +172,7 @@ def method_settings(moe: MoESettings, method: str, *, monitor_conflicts: bool = 
     (their options, or the defaults); the others are off. ``monitor_conflicts`` keeps STGC's measurement
     with weight 0 when STGC is off."""
     if method not in METHODS:
-        raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     stgc_options = moe.stgc or STGCConfig()
     if "stgc" in method:
         stgc = stgc_options
@@ -246,71 +247,79 @@ def _check_training(training: dict[str, Any], key: str) -> None:
         value = convert(v, tp, f"{key}.{k}")
         if k in _TRAINING_RANGES:
             ok, expected = _TRAINING_RANGES[k]
-            require(ok(value), f"{key}.{k}", expected, v)
+            _check(ok(value), f"{key}.{k}", expected, v)
+
+
+def _check(ok: bool, key: str, what: str, given: Any) -> None:
+    """``moevl.checks.check`` for a recipe key: ``ConfigError("config key '<key>' must be ..., got ...")``."""
+    check(ok, f"config key '{key}'", what, given, error=ConfigError)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Ranges and relations between keys (types are checked while building)."""
-    require(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)
-    require(cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
-    require(cfg.method in METHODS, "method", f"one of {', '.join(METHODS)}", cfg.method)
+    _check(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)
+    _check(cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+    _check(cfg.method in METHODS, "method", f"one of {', '.join(METHODS)}", cfg.method)
     if cfg.data.max_length is not None:
-        require(cfg.data.max_length >= 1, "data.max_length", "null or an integer >= 1", cfg.data.max_length)
+        _check(cfg.data.max_length >= 1, "data.max_length", "null or an integer >= 1", cfg.data.max_length)
     _check_training(cfg.training, "training")
     for n in (1, 2, 3):
         s, p = cfg.stage(n), f"stage{n}"
         allowed = DENSE_PARTS if n < 3 else MOE_PARTS + DENSE_PARTS
-        require(len(s.trainable) > 0, f"{p}.trainable", f"a non-empty list of {allowed}", s.trainable)
+        _check(len(s.trainable) > 0, f"{p}.trainable", f"a non-empty list of {allowed}", s.trainable)
         for i, part in enumerate(s.trainable):
-            require(part in allowed, f"{p}.trainable[{i}]", f"one of {allowed}", part)
+            _check(part in allowed, f"{p}.trainable[{i}]", f"one of {allowed}", part)
         _check_training(s.training, f"{p}.training")
-    require(cfg.eval.batch_size >= 1, "eval.batch_size", "an integer >= 1", cfg.eval.batch_size)
-    require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", cfg.eval.max_new_tokens)
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "an integer >= 1", cfg.eval.batch_size)
+    _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", cfg.eval.max_new_tokens)
     c = cfg.compare
-    require(len(c.methods) > 0, "compare.methods", f"a non-empty list of {METHODS}", c.methods)
+    _check(len(c.methods) > 0, "compare.methods", f"a non-empty list of {METHODS}", c.methods)
     for i, m in enumerate(c.methods):
-        require(m in METHODS, f"compare.methods[{i}]", f"one of {METHODS}", m)
-    require(
-        len(set(c.methods)) == len(c.methods), "compare.methods", "each method at most once", list(c.methods)
+        _check(m in METHODS, f"compare.methods[{i}]", f"one of {METHODS}", m)
+    _check(
+        len(set(c.methods)) == len(c.methods),
+        "compare.methods",
+        "a list with each method at most once",
+        list(c.methods),
     )
-    require(c.seeds >= 1, "compare.seeds", "an integer >= 1", c.seeds)
+    _check(c.seeds >= 1, "compare.seeds", "an integer >= 1", c.seeds)
     _validate_benchmark(cfg.demo.benchmark, "demo.benchmark")
     return cfg
 
 
 def _validate_benchmark(d: BenchmarkConfig, p: str) -> None:
-    require(d.source in ("digits", "fashion-mnist"), f"{p}.source", "'digits' or 'fashion-mnist'", d.source)
-    require(d.grid in (2, 3), f"{p}.grid", "2 or 3", d.grid)
-    require(0.0 <= d.empty_prob < 1.0, f"{p}.empty_prob", "a probability in [0, 1)", d.empty_prob)
-    require(0.0 <= d.inverted_share <= 1.0, f"{p}.inverted_share", "a share in [0, 1]", d.inverted_share)
-    require(0.0 <= d.negated_share <= 1.0, f"{p}.negated_share", "a share in [0, 1]", d.negated_share)
-    require(len(d.families) > 0, f"{p}.families", f"a non-empty list of {FAMILIES}", d.families)
+    _check(d.source in ("digits", "fashion-mnist"), f"{p}.source", "'digits' or 'fashion-mnist'", d.source)
+    _check(d.grid in (2, 3), f"{p}.grid", "2 or 3", d.grid)
+    _check(0.0 <= d.empty_prob < 1.0, f"{p}.empty_prob", "a probability in [0, 1)", d.empty_prob)
+    _check(0.0 <= d.inverted_share <= 1.0, f"{p}.inverted_share", "a share in [0, 1]", d.inverted_share)
+    _check(0.0 <= d.negated_share <= 1.0, f"{p}.negated_share", "a share in [0, 1]", d.negated_share)
+    _check(len(d.families) > 0, f"{p}.families", f"a non-empty list of {FAMILIES}", d.families)
     for i, f in enumerate(d.families):
-        require(f in FAMILIES, f"{p}.families[{i}]", f"one of {FAMILIES}", f)
+        _check(f in FAMILIES, f"{p}.families[{i}]", f"one of {FAMILIES}", f)
     lo, hi = d.palette
-    require(1 <= lo <= hi <= 10, f"{p}.palette", "[lo, hi] with 1 <= lo <= hi <= 10", list(d.palette))
+    _check(1 <= lo <= hi <= 10, f"{p}.palette", "[lo, hi] with 1 <= lo <= hi <= 10", list(d.palette))
     if d.family_weights:
-        require(
+        _check(
             len(d.family_weights) == len(FAMILIES) and all(w >= 1 for w in d.family_weights),
             f"{p}.family_weights",
             f"empty, or one integer >= 1 per family of {FAMILIES}",
             list(d.family_weights),
         )
     fr = d.split_fractions
-    require(
+    _check(
         all(x > 0 for x in fr) and abs(sum(fr) - 1.0) < 1e-6,
         f"{p}.split_fractions",
         "three positive fractions summing to 1",
         list(fr),
     )
     for k in ("train_scenes", "validation_scenes", "test_scenes", "questions_per_scene", "caption_scenes"):
-        require(getattr(d, k) >= 1, f"{p}.{k}", "an integer >= 1", getattr(d, k))
+        _check(getattr(d, k) >= 1, f"{p}.{k}", "an integer >= 1", getattr(d, k))
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"the config's top level must be a mapping, got {type(data).__name__}")
     return validate(build(RunConfig, apply_overrides(data, list(overrides))))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moevl.atomic import atomic_write_json, atomic_write_jsonl
+from moevl.checks import check
 from moevl.vlm.answers import normalize_answer, vqa_accuracy
 from moevl.vlm.config import RunConfig
 from moevl.vlm.io import OutputDirError, check_writable_target
@@ -89,10 +90,8 @@ def evaluate(
     chat template's end-of-turn token (``moevl.data.processing.turn_end``)."""
     from moevl.data.processing import GenerationCollator, vision_token_ids
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens}")
+    check(batch_size >= 1, "batch_size", "an integer >= 1", batch_size)
+    check(max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", max_new_tokens)
     collate = GenerationCollator(processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     suppress = vision_token_ids(processor, model.config)
@@ -188,7 +187,7 @@ def run_eval(
     if out is not None:
         out = Path(out)
         if out.is_dir():
-            raise OutputDirError(f"--out {out} is a directory; expected a JSON file path")
+            raise OutputDirError(f"--out must be a JSON file path, got {str(out)!r} which is a directory")
         check_writable_target(out.parent)
     records = read_records(data, image_folder=image_folder or cfg.data.image_folder, on_bad="error")
     if cfg.threads > 0:

@@ -47,7 +47,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise CheckpointError(f"model directory not found: {path}")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a model directory (config.json and weights), got a file")
+        raise CheckpointError(f"{path} must be a model directory (config.json and weights), got a file")
     model_dir = resolve_model_dir(path)
     config = model_dir / "config.json"
     if not config.is_file():

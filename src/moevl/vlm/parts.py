@@ -73,7 +73,7 @@ def set_trainable(model: nn.Module, parts: Iterable[str]) -> int:
     parts = set(parts)
     unknown = parts - set(PARTS)
     if unknown:
-        raise ValueError(f"parts: expected names among {PARTS}, got {sorted(unknown)}")
+        raise ValueError(f"parts must be names among {PARTS}, got {sorted(unknown)}")
     by_name = parameter_parts(model)
     present = set(by_name.values())
     missing = parts - present

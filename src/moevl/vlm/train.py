@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from moevl.atomic import atomic_write_json
+from moevl.checks import check
 from moevl.config import ConfigError, to_plain
 from moevl.vlm.config import RunConfig
 from moevl.vlm.io import (
@@ -355,17 +356,15 @@ def train_stage(
     from moevl.hf.settings import RECONFIGURABLE_FIELDS
 
     if stage not in (1, 2, 3):
-        raise ConfigError(f"stage: expected 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"stage must be 1, 2 or 3, got {stage!r}")
     if method is not None and stage != 3:
         raise ConfigError(
             f"method: only stage 3 (MoE-tuning) takes a method, got {method!r} for stage {stage}"
         )
     method = method or cfg.method
     seed = cfg.seed if seed is None else seed
-    if seed < 0:
-        raise ConfigError(f"seed: expected an integer >= 0, got {seed}")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"max_steps: expected an integer >= 1, got {max_steps}")
+    check(seed >= 0, "seed", "an integer >= 0", seed, error=ConfigError)
+    check(max_steps is None or max_steps >= 1, "max_steps", "an integer >= 1", max_steps, error=ConfigError)
     model_path = model if model is not None else cfg.model
     if model_path is None:
         raise CheckpointError("no model: give --model (a checkpoint directory) or `model:` in the recipe")
