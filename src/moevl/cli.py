@@ -50,7 +50,7 @@ def user_errors() -> Iterator[None]:
     """Turns the errors a user can cause (bad recipe, data, paths, checkpoints, NaNs, Ctrl-C) into ``fail``."""
     from moevl.config import ConfigError
     from moevl.data import DataError
-    from moevl.hf.trainer import NonFiniteTrainingError
+    from moevl.training.trainer import NonFiniteTrainingError
     from moevl.vlm.io import CheckpointError, OutputDirError
     from moevl.vlm.train import TrainingInterrupted
 

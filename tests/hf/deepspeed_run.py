@@ -18,10 +18,11 @@ from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moevl.hf import MoETrainer, upcycle
+from moevl.hf import upcycle
 from moevl.stgc import STGCConfig
-from tests.hf.test_trainer import _Data
+from moevl.training import MoETrainer
 from tests.hf.tiny import tiny_llava
+from tests.training.test_trainer import _Data
 
 
 def main() -> None:

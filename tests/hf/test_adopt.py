@@ -340,7 +340,7 @@ def test_adopted_model_trains_with_moe_trainer(tmp_path):
 
     from transformers import TrainingArguments
 
-    from moevl.hf import MoETrainer
+    from moevl.training import MoETrainer
 
     native = _native("qwen3_moe", output_router_logits=True)  # the model's own aux loss in training
     model = adopt(native, stgc=STGCConfig(threshold=0.3), freeze_dense=True)

@@ -148,7 +148,7 @@ def diagnose(
     from moevl.config import ConfigError
     from moevl.data import DataError, read_records
     from moevl.data.processing import ConversationCollator, ConversationDataset
-    from moevl.hf.stats import routing_statistics
+    from moevl.training.stats import routing_statistics
     from moevl.vlm.config import method_settings
     from moevl.vlm.io import check_model_dir, check_writable_target, is_sparse_checkpoint, load_model
     from moevl.vlm.parts import set_trainable

@@ -355,7 +355,7 @@ def train_stage(
     from moevl.data import DataError, read_records
     from moevl.data.dryrun import dry_run
     from moevl.data.processing import ConversationCollator, ConversationDataset
-    from moevl.hf import MoETrainer
+    from moevl.training import MoETrainer
 
     if stage not in (1, 2, 3):
         raise ConfigError(f"stage: expected 1, 2 or 3, got {stage!r}")

@@ -18,8 +18,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from moevl import observability as metrics
 from moevl.atomic import atomic_write_json
 from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
-from moevl.hf.routing_health import UniformRoutingMonitor
-from moevl.hf.stats import routing_statistics
+from moevl.training.routing_health import UniformRoutingMonitor
+from moevl.training.stats import routing_statistics
 
 STATS_FILE = "moe_stats.json"
 

@@ -3,9 +3,10 @@ import json
 import torch
 from transformers import TrainingArguments
 
-from moevl.hf import MoETrainer, routing_statistics, upcycle
-from moevl.hf.trainer import console_line
+from moevl.hf import upcycle
 from moevl.stgc import STGCConfig
+from moevl.training import MoETrainer, routing_statistics
+from moevl.training.trainer import console_line
 from tests.hf.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
 
 
@@ -115,7 +116,7 @@ def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
 def test_a_router_that_stays_uniform_is_reported_once(tmp_path):
     import pytest
 
-    from moevl.hf import UniformRoutingMonitor
+    from moevl.training import UniformRoutingMonitor
 
     model = upcycle(tiny_llava(), num_experts=4, top_k=2, freeze_dense=True)
     for name, p in model.named_parameters():
