@@ -2,7 +2,7 @@
 
 After ``import moevl``, ``AutoConfig.from_pretrained(d)`` returns a ``MoevlConfig`` and
 ``AutoModelForCausalLM`` / ``AutoModelForImageTextToText.from_pretrained(d)`` load a moevl
-checkpoint exactly (``moevl.hf.io.load_moe_model``). Without moevl they raise.
+checkpoint exactly (``moevl.checkpoint.format.load_moe_model``). Without moevl they raise.
 
 Registering needs transformers' Auto modules, whose import costs seconds (they import torch).
 ``register_auto_classes`` therefore registers at once what is already imported and, for what is

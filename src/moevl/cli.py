@@ -229,7 +229,7 @@ def export(
     """Write a checkpoint plain transformers loads (native MoE class) where one exists exactly; otherwise
     the moevl format, which only moevl loads (never silently wrong). LoRA adapters are merged (or, with
     --lora adapter, written in PEFT's format beside the base)."""
-    from moevl.hf import export as export_model
+    from moevl.checkpoint import export as export_model
     from moevl.vlm.io import check_writable_target, load_model
 
     _set_progress(progress)

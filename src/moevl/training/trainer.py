@@ -17,7 +17,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from moevl import observability as metrics
 from moevl.atomic import atomic_write_json
-from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
+from moevl.checkpoint.format import is_moevl_checkpoint, load_moe_state_into, save_moe_model
 from moevl.training.routing_health import UniformRoutingMonitor
 from moevl.training.stats import routing_statistics
 
@@ -240,7 +240,7 @@ class MoETrainer(Trainer):
                 del model.save_pretrained
             return
         # A MoE model: the moevl format, which plain transformers refuses instead of loading random experts
-        # (moevl.hf.io); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
+        # (moevl.checkpoint.format); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         main = self.args.should_save
         processor = self.processing_class if main else None

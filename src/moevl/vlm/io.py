@@ -82,15 +82,15 @@ def load_model(
     """``(model, processor)`` from a local checkpoint directory; nothing downloads.
 
     Dense and natively sparse checkpoints load with ``AutoModelForImageTextToText``; checkpoints moevl saved
-    with MoE layers load exactly through ``moevl.hf.load_moe_model``, released MoE-LLaVA checkpoints through
-    ``moevl.hf.load_moe_llava``, both with ``moe_overrides`` (``MoESettings`` fields that leave the weights'
+    with MoE layers load exactly through ``moevl.checkpoint.load_moe_model``, released MoE-LLaVA checkpoints through
+    ``moevl.checkpoint.load_moe_llava``, both with ``moe_overrides`` (``MoESettings`` fields that leave the weights'
     layout alone: STGC, LTDR, balancing) replacing the stored ones.
     ``chat_template`` (Jinja text) replaces the processor's template.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from moevl.hf import is_moevl_checkpoint, load_moe_model
+    from moevl.checkpoint import is_moevl_checkpoint, load_moe_model
 
     model_dir = check_model_dir(path)
     processor = None
@@ -123,13 +123,13 @@ def _set_chat_template(processor: Any, chat_template: str | None) -> None:
 
 def is_sparse_checkpoint(model_dir: str | os.PathLike) -> bool:
     """A checkpoint whose MoE layers moevl loads itself (the moevl format, or a released MoE-LLaVA one)."""
-    from moevl.hf import is_moevl_checkpoint
+    from moevl.checkpoint import is_moevl_checkpoint
 
     return is_moevl_checkpoint(model_dir) or is_moe_llava_checkpoint(model_dir)
 
 
 def is_moe_llava_checkpoint(model_dir: str | os.PathLike) -> bool:
-    from moevl.hf.moe_llava import SUPPORTED_MODEL_TYPES
+    from moevl.checkpoint.moe_llava import SUPPORTED_MODEL_TYPES
 
     config = Path(model_dir) / "config.json"
     if not config.is_file():
@@ -141,12 +141,12 @@ def is_moe_llava_checkpoint(model_dir: str | os.PathLike) -> bool:
 def _load_moe_llava(
     model_dir: Path, overrides: dict[str, Any], chat_template: str | None
 ) -> tuple[nn.Module, Any]:
-    """A released MoE-LLaVA checkpoint (``moevl.hf.moe_llava``) with a ``LlavaProcessor`` around its tokenizer:
+    """A released MoE-LLaVA checkpoint (``moevl.checkpoint.moe_llava``) with a ``LlavaProcessor`` around its tokenizer:
     CLIP's image processing at the tower's resolution (OpenAI CLIP's mean and std, as MoE-LLaVA's towers)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from moevl.hf.moe_llava import load_moe_llava
+    from moevl.checkpoint.moe_llava import load_moe_llava
 
     model, tokenizer = load_moe_llava(model_dir, **overrides)
     if tokenizer is None:

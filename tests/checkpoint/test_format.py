@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moevl.hf import adopt, moe_blocks, upcycle
-from moevl.hf.io import (
+from moevl.checkpoint.format import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     is_moevl_checkpoint,
@@ -18,6 +17,7 @@ from moevl.hf.io import (
     save_moe_model,
     save_upcycled,
 )
+from moevl.hf import adopt, moe_blocks, upcycle
 from moevl.moe import LTDRConfig, LTDRRouter
 from moevl.stgc import STGCConfig
 from tests.hf.tiny import causal_lm, llava_batch, native_moe, tiny_llava

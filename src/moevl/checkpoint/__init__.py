@@ -1,0 +1,32 @@
+"""Checkpoint formats: the moevl format (``format``), native export (``export``), MoE-LLaVA import
+(``moe_llava``).
+
+Model surgery is ``moevl.hf``'s; this package sits above it (loading a checkpoint rebuilds the model with
+``upcycle`` / ``adopt``), and ``moevl.hf`` never imports it.
+"""
+
+from moevl.checkpoint.export import ExportResult, export, export_adapter
+from moevl.checkpoint.format import (
+    CheckpointConfig,
+    is_moevl_checkpoint,
+    load_moe_model,
+    load_moe_state_into,
+    read_checkpoint_config,
+    save_moe_model,
+)
+from moevl.checkpoint.format import load_upcycled as load_upcycled  # older name, not in __all__
+from moevl.checkpoint.format import save_upcycled as save_upcycled  # older name, not in __all__
+from moevl.checkpoint.moe_llava import load_moe_llava
+
+__all__ = [
+    "CheckpointConfig",
+    "ExportResult",
+    "export",
+    "export_adapter",
+    "is_moevl_checkpoint",
+    "load_moe_llava",
+    "load_moe_model",
+    "load_moe_state_into",
+    "read_checkpoint_config",
+    "save_moe_model",
+]
