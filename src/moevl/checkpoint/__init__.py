@@ -1,10 +1,11 @@
 """Checkpoint formats: the moevl format (``format``), native export (``export``), MoE-LLaVA import
-(``moe_llava``).
+(``moe_llava``), the moevl format's registration with transformers' Auto classes (``auto``).
 
 Model surgery is ``moevl.hf``'s; this package sits above it (loading a checkpoint rebuilds the model with
 ``upcycle`` / ``adopt``), and ``moevl.hf`` never imports it.
 """
 
+from moevl.checkpoint.auto import register_auto_classes
 from moevl.checkpoint.export import ExportResult, export, export_adapter
 from moevl.checkpoint.format import (
     CheckpointConfig,
@@ -28,5 +29,6 @@ __all__ = [
     "load_moe_model",
     "load_moe_state_into",
     "read_checkpoint_config",
+    "register_auto_classes",
     "save_moe_model",
 ]

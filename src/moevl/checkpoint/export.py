@@ -43,7 +43,8 @@ class ExportResult:
         format: ``"native"`` (plain transformers loads it) or ``"moevl"`` (``moevl.checkpoint.format``).
         directory: the checkpoint folder.
         model_class: the class that loads it: the native class, or for the moevl format the
-            model's own class (rebuilt by ``load_moe_model`` / the Auto classes after ``import moevl``).
+            model's own class (rebuilt by ``load_moe_model``, or by the Auto classes after
+            ``register_auto_classes()``).
         reason: why this format (which native class, or what has none).
         notes: facts worth knowing about the export (e.g. a router weight cast to the model dtype).
     """

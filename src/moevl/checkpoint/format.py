@@ -14,8 +14,9 @@ MLPs, drop the experts as "unexpected keys" and run. The format makes every plai
   model.safetensors" instead of random-initialising the experts.
 
 ``load_moe_model`` rebuilds the base model from the stored config, re-applies ``upcycle`` /
-``adopt`` with the stored settings and loads every tensor strictly. After ``import moevl``,
-``AutoModelForCausalLM`` / ``AutoModelForImageTextToText`` load the format too (``moevl.auto``).
+``adopt`` with the stored settings and loads every tensor strictly. After
+``moevl.checkpoint.register_auto_classes()``, ``AutoModelForCausalLM`` / ``AutoModelForImageTextToText``
+load the format too (``moevl.checkpoint.auto``).
 
 Writes are atomic: everything goes to a temporary directory beside ``directory`` first. A new (or
 empty) ``directory`` is then a single rename; into an existing directory the files are moved with
@@ -55,7 +56,7 @@ _HF_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _STALE_WEIGHTS = re.compile(
     r"(moevl-)?model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|pytorch_model(-\d{5}-of-\d{5})?\.bin(\.index\.json)?"
 )
-#: Architecture names the Auto classes see (``moevl.auto`` registers them).
+#: Architecture names the Auto classes see (``moevl.checkpoint.auto`` registers them).
 CAUSAL_LM_ARCHITECTURE = "MoevlForCausalLM"
 IMAGE_TEXT_ARCHITECTURE = "MoevlForImageTextToText"
 

@@ -1,4 +1,5 @@
-"""The classes transformers' Auto classes see for a moevl checkpoint (registered by ``moevl.auto``).
+"""The classes transformers' Auto classes see for a moevl checkpoint (``moevl.checkpoint.auto`` registers
+them).
 
 ``MoevlConfig`` only carries ``config.json`` (the model's own fields plus ``config.moevl``);
 ``MoevlForCausalLM`` / ``MoevlForImageTextToText`` are thin: ``from_pretrained`` checks that the
