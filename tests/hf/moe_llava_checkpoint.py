@@ -2,7 +2,7 @@
 
 ``write_checkpoint`` writes what MoE-LLaVA's Trainer saves (``config.json`` with the ``moe`` dict
 and the original ``model_type``/``architectures``; safetensors with the original keys, see
-``moevl/hf/moe_llava.py``) for tiny Phi-2 and StableLM-2 backbones with random weights.
+``moevl/checkpoint/moe_llava.py``) for tiny Phi-2 and StableLM-2 backbones with random weights.
 ``reference_logits`` computes MoE-LLaVA's forward from the raw tensors with plain torch ops only
 (no transformers, no moevl): the CLIP tower, ``mm_projector``, the splice of the image features at
 ``IMAGE_TOKEN_INDEX``, the decoder with the DeepSpeed MoE computed per token (softmax gate, top-2

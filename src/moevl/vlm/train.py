@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from moevl.atomic import atomic_write_json
+from moevl.checkpoint.load import is_sparse_checkpoint
 from moevl.config import ConfigError, to_plain
 from moevl.vlm.config import RunConfig
 from moevl.vlm.io import (
@@ -39,7 +40,6 @@ from moevl.vlm.io import (
     check_writable_target,
     clear_previous_run,
     ensure_writable,
-    is_sparse_checkpoint,
     load_model,
     previous_run,
     read_meta,
