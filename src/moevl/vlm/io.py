@@ -153,6 +153,8 @@ def save_final_model(trainer: Any, path: str | os.PathLike, meta: dict[str, Any]
     which then replaces ``path`` in one rename.
     """
     path = Path(path)
+    # NOTE: every process passes the same directory to ``save_model``, so the staging name is fixed here, not
+    # a unique temporary one (``atomic_directory``); ``replace_directory`` renames it into place.
     staging = path.with_name(f".{path.name}.staging")
     main = trainer.is_world_process_zero()
     if main:
