@@ -1,5 +1,5 @@
 """moevl.atomic: a failed write leaves no file and no temporary; files get the umask's mode; output
-paths are checked without creating anything."""
+paths are checked without creating anything; directories are replaced whole or merged, marker last."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moevl.atomic import atomic_savefig, atomic_write_json, atomic_write_to, check_writable
+from moevl.atomic import atomic_directory, atomic_savefig, atomic_write_json, atomic_write_to, check_writable
 
 
 def _umask_mode() -> int:
@@ -68,3 +68,55 @@ def test_check_writable_creates_nothing_and_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="which is a file"):
         check_writable(blocker, directory=True)
     assert check_writable(blocker) == blocker  # an existing file may be replaced
+
+
+def test_atomic_directory_replaces_whole_or_leaves_the_old_one(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert not (target / "new.txt").exists()  # nothing in place before the end
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    with pytest.raises(RuntimeError, match="crash"), atomic_directory(target) as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("crash")
+    with atomic_directory(target, commit=False) as tmp:  # a process that takes part but writes nothing
+        (tmp / "other.txt").write_text("x")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+
+
+def test_atomic_directory_merge_keeps_other_files_removes_stale_ones_marker_last(tmp_path, monkeypatch):
+    target = tmp_path / "ck"
+    target.mkdir()
+    for name in ("config.json", "weights.bin", "notes.txt", "old-weights.bin"):
+        (target / name).write_text("old")
+
+    def write(tmp):
+        (tmp / "config.json").write_text("new")
+        (tmp / "weights.bin").write_text("new")
+
+    with atomic_directory(
+        target, merge=True, marker="config.json", stale=lambda n: n.endswith(".bin")
+    ) as tmp:
+        write(tmp)
+    files = {p.name: p.read_text() for p in target.iterdir()}
+    assert files == {"config.json": "new", "weights.bin": "new", "notes.txt": "old"}
+
+    replace = os.replace
+
+    def fail_on_weights(source, destination):
+        if Path(destination).name == "weights.bin":
+            raise OSError("disk full")
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", fail_on_weights)
+    with (
+        pytest.raises(OSError, match="disk full"),
+        atomic_directory(target, merge=True, marker="config.json") as tmp,
+    ):
+        write(tmp)
+    # the old marker went first and the new one was not yet in: an interrupted merge is not complete-looking
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt", "weights.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary left

@@ -10,7 +10,7 @@ import lmms_eval  # noqa: F401  (make test-lmms installs it; the default suite d
 import pytest
 import torch
 
-from moevl.hf.io import save_moe_model
+from moevl.checkpoint.format import save_moe_model
 from moevl.hf.upcycle import upcycle
 from moevl.integrations.lmms_eval import MoevlLMM, model_manifest
 from moevl.integrations.lmms_tasks import doc_to_visual, write_llava_task

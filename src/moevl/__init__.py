@@ -1,9 +1,8 @@
-"""moevl: sparse MoE vision-language models with better routing (STGC, LTDR) and BCKD distillation."""
+"""moevl: sparse MoE vision-language models with better routing (STGC, LTDR) and BCKD distillation.
 
-from moevl.auto import register_auto_classes
+Importing moevl has no side effects: it imports neither torch nor transformers and registers nothing.
+The moevl checkpoint format loads with ``moevl.checkpoint.load_moe_model``, or with transformers' Auto
+classes after ``moevl.checkpoint.register_auto_classes()``.
+"""
 
 __version__ = "0.1.0"
-
-# The moevl checkpoint format loads with transformers' Auto classes once moevl is imported
-# (lazily: nothing of transformers is imported here; see moevl.auto).
-register_auto_classes()

@@ -1,5 +1,8 @@
 """Every file moevl writes goes to a temporary name beside its target, then ``os.replace``: a crash or a
 Ctrl-C leaves either the old complete file or the new complete file, never half of one.
+
+Directories likewise: ``atomic_directory`` yields a temporary directory beside the target, and
+``replace_directory`` renames the complete one into place (whole, or merged into an existing directory).
 """
 
 from __future__ import annotations
@@ -128,9 +131,18 @@ def _json_default(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary directory beside ``path``; on success it replaces ``path`` (an older directory
-    there is removed only after the new one is in place), on error it is removed and ``path`` is untouched."""
+def atomic_directory(
+    path: str | os.PathLike,
+    *,
+    merge: bool = False,
+    marker: str | None = None,
+    stale: Callable[[str], object] | None = None,
+    commit: bool = True,
+) -> Iterator[Path]:
+    """Yields a new temporary directory beside ``path`` to write into; on success ``replace_directory`` puts
+    it in ``path``'s place (``merge``, ``marker``, ``stale`` are its options), on error it is removed and
+    ``path`` is untouched. With ``commit=False`` it is removed and ``path`` is untouched either way (the
+    processes of a distributed save that take part in it but write nothing)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
@@ -138,18 +150,38 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if commit:
+            replace_directory(tmp, path, merge=merge, marker=marker, stale=stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing there once renamed into place
 
 
-def replace_directory(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Renames the complete directory ``source`` to ``path`` (same file system); an older directory at
-    ``path`` is moved aside first and removed only once the new one is in place."""
+def replace_directory(
+    source: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    merge: bool = False,
+    marker: str | None = None,
+    stale: Callable[[str], object] | None = None,
+) -> Path:
+    """Renames the complete directory ``source`` to ``path`` (same file system).
+
+    Without ``merge``, ``source`` replaces ``path`` whole: an older directory there is moved aside first
+    and removed only once the new one is in place.
+
+    With ``merge``, a missing or empty ``path`` is replaced in one rename as well; into a directory with
+    entries, ``source``'s entries are moved one by one, replacing those of the same name, and ``path``'s
+    other entries stay, except the files for which ``stale(name)`` is true, which are removed. ``marker``
+    names the file that marks the directory complete (a checkpoint's ``config.json``): it is removed first
+    and moved in last, so that an interrupted merge leaves a directory without it, never new files under an
+    old marker.
+    """
     source, path = Path(source), Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
+    if merge and path.exists():
+        _merge_directory(source, path, marker=marker, stale=stale)
+        return path
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -158,3 +190,25 @@ def replace_directory(source: str | os.PathLike, path: str | os.PathLike) -> Pat
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _merge_directory(
+    source: Path, path: Path, *, marker: str | None, stale: Callable[[str], object] | None
+) -> None:
+    if not any(path.iterdir()):
+        with contextlib.suppress(OSError):  # an empty folder is replaced in one rename (POSIX)
+            os.replace(source, path)
+            return
+    new = {p.name for p in source.iterdir()}
+    if marker is not None:
+        (path / marker).unlink(missing_ok=True)
+    for old in path.iterdir():
+        if old.name not in new and stale is not None and old.is_file() and stale(old.name):
+            old.unlink()
+    for name in sorted(new - {marker}):
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(source / name, target)
+    if marker in new:
+        os.replace(source / marker, path / marker)

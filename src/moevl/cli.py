@@ -50,7 +50,7 @@ def user_errors() -> Iterator[None]:
     """Turns the errors a user can cause (bad recipe, data, paths, checkpoints, NaNs, Ctrl-C) into ``fail``."""
     from moevl.config import ConfigError
     from moevl.data import DataError
-    from moevl.hf.trainer import NonFiniteTrainingError
+    from moevl.training.trainer import NonFiniteTrainingError
     from moevl.vlm.io import CheckpointError, OutputDirError
     from moevl.vlm.train import TrainingInterrupted
 
@@ -229,7 +229,7 @@ def export(
     """Write a checkpoint plain transformers loads (native MoE class) where one exists exactly; otherwise
     the moevl format, which only moevl loads (never silently wrong). LoRA adapters are merged (or, with
     --lora adapter, written in PEFT's format beside the base)."""
-    from moevl.hf import export as export_model
+    from moevl.checkpoint import export as export_model
     from moevl.hf import find_moe_state, moe_state
     from moevl.vlm.io import check_writable_target, load_model
 

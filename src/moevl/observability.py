@@ -6,12 +6,12 @@ Every scalar is logged averaged over the MoE layers under its name, and per laye
 
 from __future__ import annotations
 
-# --- the MoE layer (moevl.hf.stats) --------------------------------------------------------------------
+# --- the MoE layer (moevl.training.stats) --------------------------------------------------------------
 BALANCE_LOSS = "moe/balance_loss"  # 1.0 = perfectly balanced load (MoE-LLaVA's E * sum_i f_i P_i)
 Z_LOSS = "moe/z_loss"
 EXPERTS_PER_TOKEN = "moe/experts_per_token"
 
-# --- router health (moevl.hf.stats, issue 11) ---------------------------------------------------------
+# --- router health (moevl.training.stats, issue 11) ---------------------------------------------------
 ROUTER_ENTROPY = "router/entropy_normalized"  # 1 = uniform routing
 ROUTER_TOP1 = "router/top1_prob"
 ROUTER_LOGIT_STD = "router/logit_std"

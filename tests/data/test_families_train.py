@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from moevl.checkpoint import export
 from moevl.data import ConversationCollator, ConversationDataset, read_records
-from moevl.hf import export, moe_state
+from moevl.hf import moe_state
 from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model

@@ -340,7 +340,7 @@ def test_adopted_model_trains_with_moe_trainer(tmp_path):
 
     from transformers import TrainingArguments
 
-    from moevl.hf import MoETrainer
+    from moevl.training import MoETrainer
 
     native = _native("qwen3_moe", output_router_logits=True)  # the model's own aux loss in training
     model = adopt(native, stgc=STGCConfig(threshold=0.3), freeze_dense=True)
@@ -368,7 +368,7 @@ def test_adopted_model_trains_with_moe_trainer(tmp_path):
 
 
 def test_export_of_an_adopted_model_notes_that_ltdr_changes_inference(tmp_path):
-    from moevl.hf import export
+    from moevl.checkpoint import export
 
     ltdr = LTDRConfig(tail_top_k=3)
     model = adopt(tiny_qwen3_vl_moe(), router="ltdr", ltdr=ltdr, balance_coef=0.01)

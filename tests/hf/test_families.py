@@ -9,7 +9,7 @@ its vision/audio towers tiny too), built from the config class's defaults with t
 * one STGC training step gives finite, non-zero gradients on every adopted router (families whose
   experts compute a gate function moevl's experts function does not are adopted without STGC: the
   refusal of STGC names the class, and a plain step is checked instead);
-* ``moevl.hf.export`` writes a native checkpoint that plain transformers reloads with equal logits;
+* ``moevl.checkpoint.export`` writes a native checkpoint that plain transformers reloads with equal logits;
 
 or ``adopt`` refuses the family, naming its block class and why. The shrinking keeps one decoder layer of
 each kind (attention type, sparse or dense MLP), renumbers layer-index lists and tables, shrinks widths that
@@ -32,7 +32,8 @@ import torch
 import transformers
 from transformers import CONFIG_MAPPING
 
-from moevl.hf import adopt, export, is_native_moe, moe_blocks, moe_state
+from moevl.checkpoint import export
+from moevl.hf import adopt, is_native_moe, moe_blocks, moe_state
 from moevl.stgc import STGCConfig
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them

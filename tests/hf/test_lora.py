@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from moevl.checkpoint.export import export
+from moevl.checkpoint.format import load_moe_model, save_moe_model
 from moevl.hf import adopt, moe_blocks, moe_state, upcycle
-from moevl.hf.export import export
-from moevl.hf.io import load_moe_model, save_moe_model
 from moevl.hf.lora import apply_lora, is_lora_parameter, merge_lora
 from moevl.moe.lora import LoRAConfig
 from tests.fixtures.tiny import causal_lm, llava_batch, native_moe, tiny_llava

@@ -194,8 +194,7 @@ def test_reconfigure_refuses_every_structural_change_by_name(change, message):
 
 
 def test_every_path_refuses_the_same_structural_changes(tmp_path):
-    from moevl.hf import save_moe_model
-    from moevl.hf.io import load_moe_model
+    from moevl.checkpoint import load_moe_model, save_moe_model
 
     model = upcycle(causal_lm("llama"), num_experts=4, top_k=2)
     save_moe_model(model, tmp_path)

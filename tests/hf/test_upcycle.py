@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from moevl.hf import load_upcycled, moe_blocks, moe_state, save_upcycled, upcycle
+from moevl.checkpoint import load_upcycled, save_upcycled
+from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.hf.runtime import HFMoEBlock
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig

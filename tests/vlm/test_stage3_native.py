@@ -10,11 +10,11 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
+from moevl.checkpoint import export
 from moevl.cli import app
 from moevl.config import ConfigError
 from moevl.data import read_records
 from moevl.data.processing import ConversationCollator, ConversationDataset
-from moevl.hf import export
 from moevl.hf.adopt import AdoptedMoEBlock
 from moevl.hf.runtime import decoder_layers
 from moevl.vlm.compare import demo_config

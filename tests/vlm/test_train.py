@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from moevl.config import ConfigError
 from moevl.data import DataError
 from moevl.hf import moe_state
-from moevl.hf.trainer import NonFiniteTrainingError
+from moevl.training.trainer import NonFiniteTrainingError
 from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts

@@ -146,13 +146,14 @@ def diagnose(
     from tqdm.auto import tqdm
 
     from moevl.atomic import atomic_write_json
+    from moevl.checkpoint.load import is_sparse_checkpoint
     from moevl.config import ConfigError
     from moevl.data import DataError, read_records
     from moevl.data.processing import ConversationCollator, ConversationDataset
     from moevl.hf import moe_state
-    from moevl.hf.stats import routing_statistics
+    from moevl.training.stats import routing_statistics
     from moevl.vlm.config import method_settings
-    from moevl.vlm.io import check_model_dir, check_writable_target, is_sparse_checkpoint, load_model
+    from moevl.vlm.io import check_model_dir, check_writable_target, load_model
     from moevl.vlm.parts import set_trainable
     from moevl.vlm.train import prepare_moe
 

@@ -577,7 +577,7 @@ class ConversationCollator:
 
     With ``categories`` (category name -> id) the batch also carries ``category_ids`` (B, T): each token gets
     its record's category id (-1 for padding and records without one), which a moevl MoE model reads for
-    the mutual information between expert choice and category (``moevl.hf.routing_statistics``).
+    the mutual information between expert choice and category (``moevl.training.routing_statistics``).
     """
 
     def __init__(

@@ -1,11 +1,13 @@
-"""Hugging Face integration: upcycling, adopting native MoE models, the runtime, the Trainer."""
+"""Hugging Face integration, model surgery: upcycling, adopting native MoE models, LoRA, the routing runtime.
 
+Checkpoint formats are in ``moevl.checkpoint``, the Trainer in ``moevl.training`` (both import this package).
+"""
+
+from __future__ import annotations
+
+from moevl._deprecated import moved_names
 from moevl.hf.adopt import adopt, is_native_moe
-from moevl.hf.export import ExportResult, export
-from moevl.hf.io import is_moevl_checkpoint, load_moe_model, load_upcycled, save_moe_model, save_upcycled
 from moevl.hf.lora import apply_lora, merge_lora
-from moevl.hf.moe_llava import load_moe_llava
-from moevl.hf.routing_health import UniformRoutingMonitor
 from moevl.hf.runtime import (
     MoEState,
     RoutingContext,
@@ -18,34 +20,40 @@ from moevl.hf.runtime import (
 )
 from moevl.hf.settings import MoESettings
 from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # older name, not in __all__
-from moevl.hf.stats import routing_statistics
-from moevl.hf.trainer import MoETrainer
 from moevl.hf.upcycle import upcycle
 
 __all__ = [
-    "ExportResult",
     "MoESettings",
     "MoEState",
-    "MoETrainer",
     "RoutingContext",
-    "UniformRoutingMonitor",
     "adopt",
     "apply_lora",
     "attach",
     "aux_loss",
     "detach",
-    "export",
     "find_moe_state",
-    "is_moevl_checkpoint",
     "is_native_moe",
-    "load_moe_llava",
-    "load_moe_model",
-    "load_upcycled",
     "merge_lora",
     "moe_blocks",
     "moe_state",
-    "routing_statistics",
-    "save_moe_model",
-    "save_upcycled",
     "upcycle",
 ]
+
+#: Names ``moevl.hf`` exported before they moved (issue 25) -> their package now. They still resolve here,
+#: with a ``DeprecationWarning``, for one release; imported on first use, since those packages import ``hf``.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "ExportResult": "moevl.checkpoint",
+        "export": "moevl.checkpoint",
+        "is_moevl_checkpoint": "moevl.checkpoint",
+        "load_moe_llava": "moevl.checkpoint",
+        "load_moe_model": "moevl.checkpoint",
+        "load_upcycled": "moevl.checkpoint",
+        "save_moe_model": "moevl.checkpoint",
+        "save_upcycled": "moevl.checkpoint",
+        "MoETrainer": "moevl.training",
+        "UniformRoutingMonitor": "moevl.training",
+        "routing_statistics": "moevl.training",
+    },
+)

@@ -1,9 +1,9 @@
 """lmms-eval model ``moevl``: any model directory a moevl stage writes, answered by greedy generation.
 
 The directory is loaded by ``moevl.vlm.io.load_model``, the loader ``moevl train`` / ``moevl eval`` use, from
-local files only: a plain Hugging Face checkpoint as transformers loads it, a moevl-format MoE checkpoint exactly
-(``moevl.hf.load_moe_model``), a released MoE-LLaVA checkpoint; the processor and its chat template come from
-the same directory. Nothing downloads.
+local files only: a plain Hugging Face checkpoint as transformers loads it, a moevl-format MoE checkpoint
+exactly (``moevl.checkpoint.load_moe_model``), a released MoE-LLaVA checkpoint; the processor and its chat
+template come from the same directory. Nothing downloads.
 
 lmms-eval finds the class through the ``lmms_eval.models`` entry point that ``pyproject.toml`` declares
 (``model_manifest``), so ``lmms-eval --model moevl --model_args pretrained=DIR`` works once moevl is

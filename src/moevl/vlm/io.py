@@ -81,16 +81,16 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """``(model, processor)`` from a local checkpoint directory; nothing downloads.
 
-    Dense and natively sparse checkpoints load with ``AutoModelForImageTextToText``; checkpoints moevl saved
-    with MoE layers load exactly through ``moevl.hf.load_moe_model``, released MoE-LLaVA checkpoints through
-    ``moevl.hf.load_moe_llava``, both with ``moe_overrides`` (``MoESettings`` fields that leave the weights'
-    layout alone: STGC, LTDR, balancing) replacing the stored ones.
-    ``chat_template`` (Jinja text) replaces the processor's template.
+    The model loads with the loader its format needs (``moevl.checkpoint.load_checkpoint``): dense and
+    natively sparse checkpoints with ``AutoModelForImageTextToText``, the moevl format exactly, released
+    MoE-LLaVA checkpoints through ``moevl.checkpoint.load_moe_llava``; for the sparse ones ``moe_overrides``
+    (``MoESettings`` fields that leave the weights' layout alone: STGC, LTDR, balancing) replace the stored
+    settings. ``chat_template`` (Jinja text) replaces the processor's template.
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    from moevl.hf import is_moevl_checkpoint, load_moe_model
+    from moevl.checkpoint.load import is_moe_llava_checkpoint, load_checkpoint
 
     model_dir = check_model_dir(path)
     processor = None
@@ -102,12 +102,9 @@ def load_model(
             raise CheckpointError(f"{model_dir}: cannot load the processor ({e})") from None
         _set_chat_template(processor, chat_template)
     try:
-        if is_moevl_checkpoint(model_dir):
-            model = load_moe_model(model_dir, **(moe_overrides or {}))
-        elif moe_llava:
-            model, processor = _load_moe_llava(model_dir, moe_overrides or {}, chat_template)
-        else:
-            model = AutoModelForImageTextToText.from_pretrained(str(model_dir), local_files_only=True)
+        model, tokenizer = load_checkpoint(model_dir, moe_overrides=moe_overrides)
+        if moe_llava:
+            processor = _moe_llava_processor(model_dir, model, tokenizer, chat_template)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # e.g. a truncated weights file
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from None
     return model, processor
@@ -121,34 +118,12 @@ def _set_chat_template(processor: Any, chat_template: str | None) -> None:
             tokenizer.chat_template = chat_template
 
 
-def is_sparse_checkpoint(model_dir: str | os.PathLike) -> bool:
-    """A checkpoint whose MoE layers moevl loads itself (the moevl format, or a released MoE-LLaVA one)."""
-    from moevl.hf import is_moevl_checkpoint
-
-    return is_moevl_checkpoint(model_dir) or is_moe_llava_checkpoint(model_dir)
-
-
-def is_moe_llava_checkpoint(model_dir: str | os.PathLike) -> bool:
-    from moevl.hf.moe_llava import SUPPORTED_MODEL_TYPES
-
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return False
-    model_type = json.loads(config.read_text()).get("model_type", "")
-    return model_type in SUPPORTED_MODEL_TYPES or model_type.startswith("moe_llava")
-
-
-def _load_moe_llava(
-    model_dir: Path, overrides: dict[str, Any], chat_template: str | None
-) -> tuple[nn.Module, Any]:
-    """A released MoE-LLaVA checkpoint (``moevl.hf.moe_llava``) with a ``LlavaProcessor`` around its tokenizer:
+def _moe_llava_processor(model_dir: Path, model: nn.Module, tokenizer: Any, chat_template: str | None) -> Any:
+    """A ``LlavaProcessor`` around a released MoE-LLaVA checkpoint's tokenizer (``moevl.checkpoint.moe_llava``):
     CLIP's image processing at the tower's resolution (OpenAI CLIP's mean and std, as MoE-LLaVA's towers)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from moevl.hf.moe_llava import load_moe_llava
-
-    model, tokenizer = load_moe_llava(model_dir, **overrides)
     if tokenizer is None:
         raise CheckpointError(f"{model_dir}: a MoE-LLaVA checkpoint without a tokenizer")
     vision = model.config.vision_config
@@ -166,7 +141,7 @@ def _load_moe_llava(
         num_additional_image_tokens=1,
     )
     _set_chat_template(processor, chat_template if chat_template is not None else tokenizer.chat_template)
-    return model, processor
+    return processor
 
 
 def save_final_model(trainer: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
@@ -178,6 +153,8 @@ def save_final_model(trainer: Any, path: str | os.PathLike, meta: dict[str, Any]
     which then replaces ``path`` in one rename.
     """
     path = Path(path)
+    # NOTE: every process passes the same directory to ``save_model``, so the staging name is fixed here, not
+    # a unique temporary one (``atomic_directory``); ``replace_directory`` renames it into place.
     staging = path.with_name(f".{path.name}.staging")
     main = trainer.is_world_process_zero()
     if main:

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from moevl.atomic import atomic_write_json
+from moevl.checkpoint.load import is_sparse_checkpoint
 from moevl.checks import check
 from moevl.config import ConfigError, to_plain
 from moevl.vlm.config import RunConfig
@@ -40,7 +41,6 @@ from moevl.vlm.io import (
     check_writable_target,
     clear_previous_run,
     ensure_writable,
-    is_sparse_checkpoint,
     load_model,
     previous_run,
     read_meta,
@@ -352,8 +352,9 @@ def train_stage(
     from moevl.data import DataError, read_records
     from moevl.data.dryrun import dry_run
     from moevl.data.processing import ConversationCollator, ConversationDataset
-    from moevl.hf import MoETrainer, moe_state
+    from moevl.hf import moe_state
     from moevl.hf.settings import RECONFIGURABLE_FIELDS
+    from moevl.training import MoETrainer
 
     if stage not in (1, 2, 3):
         raise ConfigError(f"stage must be 1, 2 or 3, got {stage!r}")

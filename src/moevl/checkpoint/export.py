@@ -9,7 +9,7 @@ transformers class computes exactly what the model computes at inference:
 * a LLaVA-family wrapper whose language model converts -> the same wrapper, MoE ``text_config``;
 * an adopted native MoE model -> its own class, its own config and key names.
 
-Everything else is written in the moevl format (``moevl.hf.io``), which plain transformers refuses
+Everything else is written in the moevl format (``moevl.checkpoint.format``), which plain transformers refuses
 to load, and ``ExportResult.reason`` says why. Inference-relevant settings are checked one by one;
 training-only ones (STGC, balancing and z-loss coefficients, ``balance_from``, router jitter,
 LTDR's language-only balancing) never block an export.
@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from moevl.checkpoint.format import save_moe_model, staged_directory
 from moevl.hf.adopt import AdoptedMoEBlock
-from moevl.hf.io import save_moe_model, staged_directory
 from moevl.hf.runtime import HFMoEBlock, decoder_layers, find_moe_state, moe_state
 from moevl.hf.settings import FIELD_KINDS, MoESettings
 from moevl.moe import LTDRRouter
@@ -41,10 +41,11 @@ class ExportResult:
     """What ``export`` wrote.
 
     Attributes:
-        format: ``"native"`` (plain transformers loads it) or ``"moevl"`` (``moevl.hf.io``).
+        format: ``"native"`` (plain transformers loads it) or ``"moevl"`` (``moevl.checkpoint.format``).
         directory: the checkpoint folder.
         model_class: the class that loads it: the native class, or for the moevl format the
-            model's own class (rebuilt by ``load_moe_model`` / the Auto classes after ``import moevl``).
+            model's own class (rebuilt by ``load_moe_model``, or by the Auto classes after
+            ``register_auto_classes()``).
         reason: why this format (which native class, or what has none).
         notes: facts worth knowing about the export (e.g. a router weight cast to the model dtype).
     """
@@ -245,7 +246,7 @@ def export(
     lora: Literal["merge", "adapter"] = "merge",
 ) -> ExportResult:
     """Write ``model`` as a native transformers checkpoint when a class computes exactly what it
-    computes, else in the moevl format (module doc); atomically (``moevl.hf.io.staged_directory``).
+    computes, else in the moevl format (module doc); atomically (``moevl.checkpoint.format.staged_directory``).
     LoRA adapters (``moevl.hf.lora``) are merged into the weights of a copy first.
 
     Args:

@@ -14,8 +14,9 @@ MLPs, drop the experts as "unexpected keys" and run. The format makes every plai
   model.safetensors" instead of random-initialising the experts.
 
 ``load_moe_model`` rebuilds the base model from the stored config, re-applies ``upcycle`` /
-``adopt`` with the stored settings and loads every tensor strictly. After ``import moevl``,
-``AutoModelForCausalLM`` / ``AutoModelForImageTextToText`` load the format too (``moevl.auto``).
+``adopt`` with the stored settings and loads every tensor strictly. After
+``moevl.checkpoint.register_auto_classes()``, ``AutoModelForCausalLM`` / ``AutoModelForImageTextToText``
+load the format too (``moevl.checkpoint.auto``).
 
 Writes are atomic: everything goes to a temporary directory beside ``directory`` first. A new (or
 empty) ``directory`` is then a single rename; into an existing directory the files are moved with
@@ -25,21 +26,19 @@ never a mix of two checkpoints that loads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from moevl.atomic import atomic_write_text
+from moevl.atomic import atomic_directory, atomic_write_text
 from moevl.hf.runtime import find_moe_state
 from moevl.hf.settings import STRUCTURAL_FIELDS, MoESettings
 
@@ -56,7 +55,7 @@ _HF_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _STALE_WEIGHTS = re.compile(
     r"(moevl-)?model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|pytorch_model(-\d{5}-of-\d{5})?\.bin(\.index\.json)?"
 )
-#: Architecture names the Auto classes see (``moevl.auto`` registers them).
+#: Architecture names the Auto classes see (``moevl.checkpoint.auto`` registers them).
 CAUSAL_LM_ARCHITECTURE = "MoevlForCausalLM"
 IMAGE_TEXT_ARCHITECTURE = "MoevlForImageTextToText"
 
@@ -129,49 +128,20 @@ def save_upcycled(model: nn.Module, directory: str | os.PathLike, **kwargs: Any)
     return save_moe_model(model, directory, **kwargs)
 
 
-@contextlib.contextmanager
-def staged_directory(directory: str | os.PathLike, *, commit: bool = True) -> Iterator[Path]:
-    """A temporary folder beside ``directory`` to write a checkpoint into; on success its files
-    replace ``directory``'s (module doc: atomic), on error nothing in ``directory`` changes."""
+def staged_directory(directory: str | os.PathLike, *, commit: bool = True) -> AbstractContextManager[Path]:
+    """A temporary folder beside ``directory`` to write a checkpoint into (``moevl.atomic.atomic_directory``);
+    on success its files replace ``directory``'s by a checkpoint's rules (module doc: ``config.json`` last,
+    stale weight files removed, other files kept), on error nothing in ``directory`` changes."""
     directory = Path(directory)
     _check_not_a_file(directory, "save")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".moevl-tmp", dir=directory.parent))
-    try:
-        yield tmp
-        if commit:
-            _commit(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_directory(
+        directory, merge=True, marker="config.json", stale=_STALE_WEIGHTS.fullmatch, commit=commit
+    )
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """JSON with sorted keys, written to a temporary file and renamed into place."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _commit(tmp: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.rename(tmp, directory)
-        return
-    if not any(directory.iterdir()):
-        with contextlib.suppress(OSError):  # an empty folder is replaced in one rename (POSIX)
-            os.replace(tmp, directory)
-            return
-    new = {p.name for p in tmp.iterdir()}
-    # config.json marks a checkpoint: remove it first and write it last, so that an interrupted
-    # commit leaves a folder that does not load, never new weights under an old config.
-    (directory / "config.json").unlink(missing_ok=True)
-    for old in directory.iterdir():
-        if old.name not in new and old.is_file() and _STALE_WEIGHTS.fullmatch(old.name):
-            old.unlink()
-    for name in sorted(new - {"config.json"}):
-        target = directory / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
-    if "config.json" in new:
-        os.replace(tmp / "config.json", directory / "config.json")
 
 
 def _rename_weights(folder: Path) -> str:

@@ -1,5 +1,5 @@
 """The moevl checkpoint format: exact round trips, strict loading, plain transformers refusing it,
-the Auto classes after ``import moevl``, atomic writes."""
+the Auto classes after ``register_auto_classes()``, atomic writes."""
 
 import json
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moevl.hf import adopt, moe_blocks, moe_state, upcycle
-from moevl.hf.io import (
+from moevl.checkpoint.format import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     is_moevl_checkpoint,
@@ -18,6 +17,7 @@ from moevl.hf.io import (
     save_moe_model,
     save_upcycled,
 )
+from moevl.hf import adopt, moe_blocks, moe_state, upcycle
 from moevl.moe import LTDRConfig, LTDRRouter
 from moevl.stgc import STGCConfig
 from tests.fixtures.tiny import causal_lm, llava_batch, native_moe, tiny_llava
@@ -252,9 +252,12 @@ def test_a_failed_save_changes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no new folder, no temporary left
 
 
-def test_auto_classes_load_the_format_after_import_moevl(tmp_path):
+def test_auto_classes_load_the_format_after_register_auto_classes(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from moevl.checkpoint import register_auto_classes
+
+    register_auto_classes()
     llama, llava = _upcycled_llama(), _upcycled_llava()
     save_moe_model(llama, tmp_path / "llama")
     save_moe_model(llava, tmp_path / "llava")
@@ -308,22 +311,33 @@ def test_plain_transformers_refuses_the_format(tmp_path):
     assert lines["moevl"] == "imported: False"
 
 
-def test_import_moevl_is_lazy_and_registers_on_first_use(tmp_path):
+def test_import_moevl_registers_nothing_and_register_auto_classes_does(tmp_path):
     save_moe_model(_upcycled_llama(), tmp_path / "llama")
     out = run_python(
         """
         import sys
+        finders = list(sys.meta_path)
         import moevl
-        print("after import:", "torch" in sys.modules, "transformers" in sys.modules)
-        moevl.register_auto_classes()  # idempotent
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained("llama")
+        print("after import:", "torch" in sys.modules, "transformers" in sys.modules, sys.meta_path == finders)
+        import transformers
+        try:
+            transformers.AutoConfig.from_pretrained("llama")
+            print("before registering: LOADED")
+        except ValueError as err:
+            print("before registering:", "model type `moevl`" in str(err))
+        from moevl.checkpoint import register_auto_classes
+        register_auto_classes()
+        register_auto_classes()  # idempotent
+        model = transformers.AutoModelForCausalLM.from_pretrained("llama")
         from moevl.hf import moe_state
         print("loaded:", type(model).__name__, len(moe_state(model).settings.layers))
-        from moevl.auto import _RegisterAfterImport
-        print("hook left:", any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path))
-        moevl.register_auto_classes()
+        print("moevl finders:", [f for f in sys.meta_path if type(f).__module__.startswith("moevl")])
         """,
         tmp_path,
     )
-    assert out.splitlines() == ["after import: False False", "loaded: LlamaForCausalLM 2", "hook left: False"]
+    assert out.splitlines() == [
+        "after import: False False True",
+        "before registering: True",
+        "loaded: LlamaForCausalLM 2",
+        "moevl finders: []",
+    ]

@@ -4,7 +4,7 @@
 (CLIP tower, ``multi_modal_projector``, Phi / StableLM language model), upcycles it with
 ``moevl.hf.upcycle`` at the checkpoint's MoE layers and copies every tensor in, strictly: a missing
 or unexpected key is an error, never a random weight. The model can then be evaluated and tuned
-with STGC / LTDR like any upcycled moevl model (``moevl.hf.MoETrainer``, ``save_moe_model``).
+with STGC / LTDR like any upcycled moevl model (``moevl.training.MoETrainer``, ``save_moe_model``).
 
 The layout of a MoE-LLaVA checkpoint (read from github.com/PKU-YuanGroup/MoE-LLaVA at 6cb5f66):
 

@@ -6,13 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from moevl import observability as metrics
-from moevl.hf.routing_health import (
+from moevl.hf.runtime import RoutingContext, find_moe_state
+from moevl.training.routing_health import (
     contingency_table,
     mutual_information,
     normalized_entropy,
     normalized_mutual_information,
 )
-from moevl.hf.runtime import RoutingContext, find_moe_state
 
 
 def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
@@ -27,7 +27,7 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
     - ``router/mi_modality``: mutual information in nats between X, the token's first-choice
       expert (slot 0 of the record's indices; tokens without one left out), and M, its modality
       (vision / text), from the empirical joint of X and M over the layer's real tokens
-      (``moevl.hf.routing_health.mutual_information``). ``router/mi_modality_normalized`` is
+      (``moevl.training.routing_health.mutual_information``). ``router/mi_modality_normalized`` is
       ``I(X; M) / H(M)`` in [0, 1] (0 when H(M) = 0). Only for records with a vision mask.
     - ``router/mi_category``, ``router/mi_category_normalized``: the same with the category ids
       of the context (``RoutingContext.category_ids``, ``-1`` positions left out) instead of M,

@@ -106,7 +106,7 @@ _LAYER_KEY = re.compile(r"^router/entropy_normalized/L(\d+)$")
 class UniformRoutingMonitor:
     """Warns once per MoE layer whose router stays within ``tolerance`` of uniform.
 
-    ``update(stats)`` takes the scalars of ``moevl.hf.routing_statistics`` (it reads the
+    ``update(stats)`` takes the scalars of ``moevl.training.routing_statistics`` (it reads the
     per-layer keys ``router/entropy_normalized/L{i}``). A layer whose normalised entropy is
     ``>= 1 − tolerance`` for ``patience`` consecutive updates is reported once; a lower value
     resets its count. Updates without a layer's key leave its count unchanged.

@@ -3,9 +3,10 @@ import json
 import torch
 from transformers import TrainingArguments
 
-from moevl.hf import MoETrainer, moe_state, routing_statistics, upcycle
-from moevl.hf.trainer import console_line
+from moevl.hf import moe_state, upcycle
 from moevl.stgc import STGCConfig
+from moevl.training import MoETrainer, routing_statistics
+from moevl.training.trainer import console_line
 from tests.fixtures.tiny import IMAGE_TOKEN, llava_batch, tiny_llava
 
 
@@ -112,10 +113,47 @@ def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
         assert torch.equal(v, trained[k]), k
 
 
+def test_a_dense_llava_saves_its_own_key_names_and_resumes_every_weight(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    saves = []
+    save_pretrained = type(tiny_llava()).save_pretrained
+
+    def spy(self, *args, **kwargs):  # how the Trainer saves: the class's method, never one set on the model
+        saves.append(("save_pretrained" in vars(self), kwargs.get("save_original_format")))
+        return save_pretrained(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_llava()), "save_pretrained", spy)
+    args = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        save_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = MoETrainer(model=tiny_llava(0), args=TrainingArguments(**args), train_dataset=_Data())
+    trainer.train()
+    assert saves == [(False, False)]
+    trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    checkpoint = tmp_path / "checkpoint-2"
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) <= set(trained)  # the model's own names (the legacy ones would not resume)
+    assert (checkpoint / "training_args.bin").is_file()
+    fresh = tiny_llava(seed=1)
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
+    resumed = MoETrainer(model=fresh, args=TrainingArguments(**args), train_dataset=_Data())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+
 def test_a_router_that_stays_uniform_is_reported_once(tmp_path):
     import pytest
 
-    from moevl.hf import UniformRoutingMonitor
+    from moevl.training import UniformRoutingMonitor
 
     model = upcycle(tiny_llava(), num_experts=4, top_k=2, freeze_dense=True)
     for name, p in model.named_parameters():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moevl.hf.routing_health import (
+from moevl.training.routing_health import (
     UniformRoutingMonitor,
     contingency_table,
     entropy,

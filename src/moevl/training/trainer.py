@@ -3,7 +3,6 @@ a stop on non-finite losses or gradients, and checkpoints that reload exactly.""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -11,16 +10,17 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import is_peft_available
 
 from moevl import observability as metrics
 from moevl.atomic import atomic_write_json
-from moevl.hf.io import is_moevl_checkpoint, load_moe_state_into, save_moe_model
-from moevl.hf.routing_health import UniformRoutingMonitor
+from moevl.checkpoint.format import is_moevl_checkpoint, load_moe_state_into, save_moe_model
 from moevl.hf.runtime import find_moe_state
-from moevl.hf.stats import routing_statistics
+from moevl.training.routing_health import UniformRoutingMonitor
+from moevl.training.stats import routing_statistics
 
 STATS_FILE = "moe_stats.json"
 
@@ -229,25 +229,56 @@ class MoETrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if find_moe_state(model) is None:
-            # NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by default,
-            # and the Trainer's resume loads them with a plain load_state_dict(strict=False): the weights
-            # silently do not come back. Save the model's own key names instead.
-            model.save_pretrained = functools.partial(
-                type(model).save_pretrained, model, save_original_format=False
-            )
-            try:
-                super()._save(output_dir, state_dict)
-            finally:
-                del model.save_pretrained
+            self._save_dense(model, output_dir, state_dict)
             return
         # A MoE model: the moevl format, which plain transformers refuses instead of loading random experts
-        # (moevl.hf.io); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
+        # (moevl.checkpoint.format); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         main = self.args.should_save
         processor = self.processing_class if main else None
         save_moe_model(model, output_dir, processor=processor, state_dict=state_dict, is_main_process=main)
         if main:
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_dense(self, model, output_dir: str | None, state_dict) -> None:
+        """What transformers' ``Trainer._save`` (5.25) does, calling ``save_pretrained`` with
+        ``save_original_format=False``.
+
+        NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by default, and the
+        Trainer's resume loads them with a plain load_state_dict(strict=False): the weights silently do not
+        come back. Save the model's own key names instead. A model that is neither a ``PreTrainedModel`` nor
+        a PEFT model has no ``save_pretrained``: transformers' own ``_save`` writes its state dict.
+        """
+        supported: tuple[type, ...] = (PreTrainedModel,)
+        if is_peft_available():
+            from peft import PeftModel
+
+            supported = (PreTrainedModel, PeftModel)
+        if not isinstance(model, supported):
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # non-writer ranks stay only when the model was sharded at load time, for the gathers in save_pretrained
+        if not self.args.should_save and not self.is_distributed_loading_by_transformers:
+            return
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        if state_dict is None and not isinstance(self.model, supported):  # a wrapped model
+            state_dict = self.model.state_dict()
+        model.save_pretrained(
+            output_dir,
+            state_dict=state_dict,
+            is_main_process=self.args.should_save,
+            save_original_format=False,
+        )
+        if not self.args.should_save:
+            return
+        tokenizer = getattr(self.data_collator, "tokenizer", None)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif tokenizer is not None:  # as the Trainer does when processing_class is None
+            tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # type: ignore[override]
         target = model if model is not None else self.model

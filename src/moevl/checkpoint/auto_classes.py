@@ -1,9 +1,10 @@
-"""The classes transformers' Auto classes see for a moevl checkpoint (registered by ``moevl.auto``).
+"""The classes transformers' Auto classes see for a moevl checkpoint (``moevl.checkpoint.auto`` registers
+them).
 
 ``MoevlConfig`` only carries ``config.json`` (the model's own fields plus ``config.moevl``);
 ``MoevlForCausalLM`` / ``MoevlForImageTextToText`` are thin: ``from_pretrained`` checks that the
 stored model is of the Auto class's kind, exactly as transformers' mapping for the original
-``model_type`` says, then calls ``moevl.hf.io.load_moe_model``. They are never instantiated.
+``model_type`` says, then calls ``moevl.checkpoint.format.load_moe_model``. They are never instantiated.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class _MoevlAutoModel:
         ``MoESettings`` overrides of ``load_moe_model`` (e.g. ``stgc=None``), ``implementation``,
         ``freeze_dense``. ``config`` is read from the folder.
         """
-        from moevl.hf.io import load_moe_model, read_checkpoint_config
+        from moevl.checkpoint.format import load_moe_model, read_checkpoint_config
 
         if model_args:
             raise TypeError(

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from moevl.checkpoint.moe_llava import IMAGE_TOKEN_INDEX, expand_image_tokens, load_moe_llava
 from moevl.hf import moe_blocks, moe_state
-from moevl.hf.moe_llava import IMAGE_TOKEN_INDEX, expand_image_tokens, load_moe_llava
 from moevl.stgc import STGCConfig
 from tests.fixtures.moe_llava_checkpoint import (
     IMAGE_TOKEN_ID,
@@ -297,7 +297,7 @@ def test_bf16_load_is_a_rounding_of_fp32(checkpoint):
 
 
 def test_saved_in_the_moevl_format_reloads_exactly(checkpoint, tmp_path):
-    from moevl.hf.io import load_moe_model, save_moe_model
+    from moevl.checkpoint.format import load_moe_model, save_moe_model
 
     directory, _, _ = checkpoint
     model, _ = load_moe_llava(directory, image_token_id=IMAGE_TOKEN_ID)

@@ -1,0 +1,7 @@
+"""Training with the Hugging Face Trainer: ``MoETrainer``, the routing statistics it logs, router health."""
+
+from moevl.training.routing_health import UniformRoutingMonitor
+from moevl.training.stats import routing_statistics
+from moevl.training.trainer import MoETrainer, NonFiniteTrainingError
+
+__all__ = ["MoETrainer", "NonFiniteTrainingError", "UniformRoutingMonitor", "routing_statistics"]
