@@ -13,12 +13,15 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-#: package -> the other moevl packages and modules it may import (anywhere in its files)
+#: Top-level modules that import nothing of moevl: any layer may use them.
+LEAVES = {"_deprecated", "atomic", "checks", "observability"}
+#: package -> the other moevl packages it may import (anywhere in its files), besides the leaves
 ALLOWED = {
     "moe": set(),
     "stgc": {"moe"},
     "hf": {"moe", "stgc"},
-    "checkpoint": {"moe", "stgc", "hf", "atomic"},
+    "checkpoint": {"moe", "stgc", "hf"},
+    "training": {"moe", "stgc", "hf", "checkpoint"},
 }
 
 
@@ -29,6 +32,8 @@ def _imported_packages(package: str) -> set[str]:
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "moevl":
+                names = [f"moevl.{alias.name}" for alias in node.names]  # from moevl import observability
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
             else:
@@ -42,7 +47,15 @@ def _imported_packages(package: str) -> set[str]:
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_packages_import_only_the_layers_below(package):
-    assert _imported_packages(package) <= ALLOWED[package]
+    assert _imported_packages(package) <= ALLOWED[package] | LEAVES
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_leaves_import_nothing_of_moevl(leaf):
+    tree = ast.parse((SRC / "moevl" / f"{leaf}.py").read_text())
+    modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [m for m in modules if m == "moevl" or m.startswith("moevl.")]
 
 
 def _run(code: str) -> str:
@@ -66,3 +79,27 @@ def test_import_moevl_hf_imports_neither_checkpoint_nor_training():
         "print(sorted(m for m in sys.modules if m.startswith(('moevl.checkpoint', 'moevl.training'))))"
     )
     assert out == "[]"
+
+
+def test_no_two_parts_of_moevl_import_each_other():
+    units = [p.stem for p in (SRC / "moevl").glob("*.py") if p.stem != "__init__"]
+    units += [p.name for p in (SRC / "moevl").iterdir() if (p / "__init__.py").is_file()]
+    graph = {u: _imported_packages(u) if (SRC / "moevl" / u).is_dir() else _module_imports(u) for u in units}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    assert [u for u in sorted(graph) if u in reachable(u)] == []
+
+
+def _module_imports(module: str) -> set[str]:
+    tree = ast.parse((SRC / "moevl" / f"{module}.py").read_text())
+    found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    return {m.split(".")[1] for m in found if m.startswith("moevl.")} - {module}

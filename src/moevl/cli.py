@@ -272,7 +272,7 @@ def diagnose(
 ) -> None:
     """Does STGC's premise hold for this model and data? Token-gradient cosines, conflict ratio, flag
     persistence and router health per MoE layer, and a plain verdict."""
-    from moevl.analysis.diagnose import diagnose as run_diagnosis
+    from moevl.vlm.diagnose import diagnose as run_diagnosis
 
     progress = _set_progress(progress)
     with user_errors():

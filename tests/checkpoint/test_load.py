@@ -10,7 +10,7 @@ from moevl.checkpoint import (
     load_checkpoint,
     save_moe_model,
 )
-from moevl.hf import moe_blocks, upcycle
+from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.stgc import STGCConfig
 from moevl.vlm.checkpoint import word_tokenizer
 from tests.fixtures.checkpoints import WORDS
@@ -32,7 +32,7 @@ def test_moevl_format_loads_exactly_with_overrides(tmp_path):
     assert not is_moe_llava_checkpoint(tmp_path)
     loaded, tokenizer = load_checkpoint(tmp_path, moe_overrides={"stgc": None})
     assert tokenizer is None and type(loaded) is type(model) and not loaded.training
-    assert loaded.moe_settings.stgc is None and model.moe_settings.stgc is not None
+    assert moe_state(loaded).settings.stgc is None and moe_state(model).settings.stgc is not None
     _same_weights(model, loaded)
 
 
@@ -52,5 +52,8 @@ def test_moe_llava_checkpoint_loads_with_its_tokenizer(tmp_path):
     assert not is_moevl_checkpoint(tmp_path)
     loaded, tokenizer = load_checkpoint(tmp_path, moe_overrides={"stgc": STGCConfig()})
     assert tokenizer is not None and "<image>" in tokenizer.get_vocab()
-    assert loaded.moe_settings.num_experts == NUM_EXPERTS and loaded.moe_settings.stgc == STGCConfig()
+    assert (
+        moe_state(loaded).settings.num_experts == NUM_EXPERTS
+        and moe_state(loaded).settings.stgc == STGCConfig()
+    )
     assert type(loaded).__name__ == "LlavaForConditionalGeneration" and moe_blocks(loaded)

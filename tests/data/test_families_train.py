@@ -93,7 +93,7 @@ def test_a_model_tuned_on_the_stock_llava_template_learns_to_stop(checkpoints, l
 def test_diagnose_on_a_users_checkpoint(checkpoints, llava_file, tmp_path, family):
     """``moevl diagnose`` on a dense checkpoint of the walk-through's kind (upcycled in memory, unchanged on
     disk): every layer the recipe makes sparse is measured, vision and text tokens apart."""
-    from moevl.analysis.diagnose import diagnose
+    from moevl.vlm.diagnose import diagnose
 
     cfg = demo_config(TINY, ["moe.layers=all"])
     before = {p.name: p.read_bytes() for p in checkpoints[family].glob("*.safetensors")}

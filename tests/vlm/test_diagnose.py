@@ -6,8 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moevl.analysis.diagnose import PREMISE, LayerDiagnosis, verdict
 from moevl.cli import app
+from moevl.vlm.diagnose import PREMISE, LayerDiagnosis, verdict
 from tests.fixtures.demo import TINY
 
 

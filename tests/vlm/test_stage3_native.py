@@ -227,7 +227,7 @@ def test_the_command_line_adopts_and_refuses_a_different_expert_count(demo, spar
 
 
 def test_diagnose_adopts_a_native_moe_model_in_memory(demo, sparse, tmp_path):
-    from moevl.analysis.diagnose import diagnose
+    from moevl.vlm.diagnose import diagnose
 
     model = sparse("mixtral")
     result = diagnose(
