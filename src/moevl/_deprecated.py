@@ -18,16 +18,19 @@ REMOVED_IN = "0.3"
 
 
 def moved_names(package: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package``: ``moved[name]`` is the module that holds ``name`` now."""
+    """A module ``__getattr__`` for ``package``: ``moved[name]`` is the module that holds ``name`` now, or
+    ``"module:new_name"`` for an older name of another object (``UpcycleSettings`` -> ``MoESettings``)."""
 
     def __getattr__(name: str) -> Any:
         if name not in moved:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, _, new = moved[name].partition(":")
+        where = f"use {module}.{new}" if new else f"import it from {module}"
         warnings.warn(
-            f"{package}.{name} is deprecated and goes in moevl {REMOVED_IN}: import it from {moved[name]}",
+            f"{package}.{name} is deprecated and goes in moevl {REMOVED_IN}: {where}",
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(importlib.import_module(moved[name]), name)
+        return getattr(importlib.import_module(module), new or name)
 
     return __getattr__

@@ -230,7 +230,8 @@ def export(
     the moevl format, which only moevl loads (never silently wrong). LoRA adapters are merged (or, with
     --lora adapter, written in PEFT's format beside the base)."""
     from moevl.checkpoint import export as export_model
-    from moevl.hf import find_moe_state, moe_state
+    from moevl.hf import moe_state
+    from moevl.hf.runtime import find_moe_state
     from moevl.vlm.io import check_writable_target, load_model
 
     _set_progress(progress)

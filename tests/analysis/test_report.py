@@ -9,8 +9,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from moevl.analysis import MeanStd, format_mean_std, mean_std, method_color, summarize, write_report
 from moevl.analysis import report as report_module
+from moevl.analysis import summarize, write_report
+from moevl.analysis.display import MeanStd, format_mean_std, mean_std, method_color
 
 FAMILIES = ["position", "count"]
 

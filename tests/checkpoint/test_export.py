@@ -8,7 +8,8 @@ import torch
 
 from moevl.checkpoint.export import export, plan_export
 from moevl.checkpoint.format import WEIGHTS_NAME, is_moevl_checkpoint, load_moe_model
-from moevl.hf import adopt, find_moe_state, moe_blocks, upcycle
+from moevl.hf import adopt, moe_blocks, upcycle
+from moevl.hf.runtime import find_moe_state
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
 from tests.fixtures.tiny import (

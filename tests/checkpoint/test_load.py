@@ -3,13 +3,9 @@ checkpoint, anything else through transformers' Auto class."""
 
 import torch
 
-from moevl.checkpoint import (
-    is_moe_llava_checkpoint,
-    is_moevl_checkpoint,
-    is_sparse_checkpoint,
-    load_checkpoint,
-    save_moe_model,
-)
+from moevl.checkpoint import save_moe_model
+from moevl.checkpoint.format import is_moevl_checkpoint
+from moevl.checkpoint.load import is_moe_llava_checkpoint, is_sparse_checkpoint, load_checkpoint
 from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.stgc import STGCConfig
 from moevl.vlm.checkpoint import word_tokenizer

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from moevl.data import ConversationCollator, ConversationDataset, last_assistant_text, read_records
+from moevl.data import ConversationCollator, ConversationDataset, read_records
+from moevl.data.conversations import last_assistant_text
 from moevl.data.digits import BenchmarkConfig, build_benchmark, write_digit_benchmark
 from moevl.data.images import load_fashion_mnist_source
 from moevl.data.scenes import FAMILIES, ask, caption, vocabulary

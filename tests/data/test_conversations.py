@@ -3,7 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from moevl.data import DataError, last_assistant_text, prompt_messages, read_records
+from moevl.data import DataError, read_records
+from moevl.data.conversations import last_assistant_text, prompt_messages
 from tests.fixtures.records import LLAVA_RECORDS, write_images
 
 TEXT = lambda t: {"type": "text", "text": t}  # noqa: E731

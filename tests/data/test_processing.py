@@ -2,15 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from moevl.data import (
-    ConversationCollator,
-    ConversationDataset,
-    DataError,
-    GenerationCollator,
-    read_records,
-    vision_token_ids,
-)
-from moevl.data.processing import ChatRenderer, assistant_spans
+from moevl.data import ConversationCollator, ConversationDataset, DataError, read_records
+from moevl.data.processing import ChatRenderer, GenerationCollator, assistant_spans, vision_token_ids
 from tests.fixtures.checkpoints import END_OF_TURN, FAMILIES, load_processor
 from tests.fixtures.records import records_for
 

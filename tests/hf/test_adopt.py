@@ -3,9 +3,10 @@ import copy
 import pytest
 import torch
 
-from moevl.hf import MoESettings, adopt, is_native_moe, moe_blocks, moe_state, upcycle
-from moevl.hf.adopt import AdoptedMoEBlock
-from moevl.moe import LTDRConfig, balance_loss
+from moevl.hf import MoESettings, adopt, moe_blocks, moe_state, upcycle
+from moevl.hf.adopt import AdoptedMoEBlock, is_native_moe
+from moevl.moe import LTDRConfig
+from moevl.moe.routing import balance_loss
 from moevl.stgc import STGCConfig
 from tests.fixtures.tiny import (
     QWEN3VL_IMAGE,

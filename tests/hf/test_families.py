@@ -33,7 +33,8 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 from moevl.checkpoint import export
-from moevl.hf import adopt, is_native_moe, moe_blocks, moe_state
+from moevl.hf import adopt, moe_blocks, moe_state
+from moevl.hf.adopt import is_native_moe
 from moevl.stgc import STGCConfig
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them

@@ -4,19 +4,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moevl.hf import (
-    MoESettings,
+from moevl.hf import MoESettings, moe_blocks, moe_state, upcycle
+from moevl.hf.runtime import (
     MoEState,
     RoutingContext,
     attach,
     aux_loss,
     detach,
     find_moe_state,
-    moe_blocks,
-    moe_state,
-    upcycle,
+    vision_token_ids,
 )
-from moevl.hf.runtime import vision_token_ids
 from moevl.stgc import STGCConfig
 from tests.fixtures.tiny import IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
 

@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from moevl.hf import MoESettings, UpcycleSettings, moe_state, upcycle
+import moevl.hf
+from moevl.hf import MoESettings, moe_state, upcycle
 from moevl.hf.settings import FIELD_KINDS, RECONFIGURABLE_FIELDS, STRUCTURAL_FIELDS, FixedSettingError
 from moevl.moe import LoRAConfig, LTDRConfig, LTDRRouter, TopKRouter
 from moevl.stgc import STGCConfig
@@ -37,7 +38,10 @@ def test_to_dict_is_json_and_round_trips_exactly(settings):
 def test_layers_are_normalised_and_router_follows_ltdr():
     assert FULL.layers == (1, 3)
     assert FULL.router == "ltdr" and MoESettings().router == "topk"
-    assert UpcycleSettings is MoESettings
+    with pytest.warns(
+        DeprecationWarning, match="moevl.hf.UpcycleSettings is deprecated .*: use moevl.hf.MoESettings"
+    ):
+        assert moevl.hf.UpcycleSettings is MoESettings
 
 
 def test_reads_the_dict_older_versions_stored():

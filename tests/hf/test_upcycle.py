@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moevl.checkpoint import load_upcycled, save_upcycled
+from moevl.checkpoint.format import load_upcycled, save_upcycled
 from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.hf.runtime import HFMoEBlock
 from moevl.moe import LTDRConfig

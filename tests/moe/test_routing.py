@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter, balance_loss, router_z_loss
-from moevl.moe.routing import apply_capacity
+from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
+from moevl.moe.routing import apply_capacity, balance_loss, router_z_loss
 
 
 def test_balance_loss_top1_hand_formula():

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from moevl.stgc import conflict_elimination_grad, conflict_elimination_loss, token_gradient_cosine
+from moevl.stgc import conflict_elimination_loss, token_gradient_cosine
+from moevl.stgc.loss import conflict_elimination_grad
 
 
 def _mlp_layers_and_per_sample(n, d, h, seed=0):

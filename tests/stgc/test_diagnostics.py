@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
-from moevl.stgc import STGCConfig, STGCStats, cosine_histogram, flag_persistence
+from moevl.stgc import STGCConfig, flag_persistence
+from moevl.stgc.diagnostics import cosine_histogram
+from moevl.stgc.observer import STGCStats
 
 
 def _stats(pairs, flags, cosines=None, num_experts=3):

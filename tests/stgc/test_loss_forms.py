@@ -8,7 +8,8 @@ import torch
 
 from moevl.hf import MoESettings
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
-from moevl.stgc import STGCConfig, conflict_elimination_grad, conflict_elimination_loss
+from moevl.stgc import STGCConfig, conflict_elimination_loss
+from moevl.stgc.loss import conflict_elimination_grad
 from tests.fixtures.reference import per_token_gradient_cosines
 
 FORMS = ["neg_softmax", "one_minus_p", "next_best"]

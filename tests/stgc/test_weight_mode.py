@@ -4,7 +4,8 @@ of the rest of the router logits' gradient), against a plain layer and autograd.
 import pytest
 import torch
 
-from moevl.stgc import STGCConfig, conflict_elimination_grad
+from moevl.stgc import STGCConfig
+from moevl.stgc.loss import conflict_elimination_grad
 from tests.stgc.test_loss_forms import FORMS, _layer, _step
 
 

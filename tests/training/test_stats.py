@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moevl.hf import MoESettings, MoEState, RoutingContext, moe_state, upcycle
-from moevl.moe import RoutingRecord
+from moevl.hf import MoESettings, moe_state, upcycle
+from moevl.hf.runtime import MoEState, RoutingContext
+from moevl.moe.routing import RoutingRecord
 from moevl.training import routing_statistics
 from tests.fixtures.tiny import llava_batch, tiny_llava
 

@@ -11,13 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from moevl._deprecated import moved_names
+
 if TYPE_CHECKING:
-    from moevl.detection.losses import (
-        bckd_classification_loss,
-        bckd_localization_loss,
-        kl_distillation_loss,
-        localization_distillation_loss,
-    )
+    from moevl.detection.losses import bckd_classification_loss, bckd_localization_loss
     from moevl.detection.model import DetectorConfig, GFLDetector
 
 # Where each public name lives. NOTE: loaded on first use, so that `moevl --help` and `moevl detect` option
@@ -27,20 +24,18 @@ _EXPORTS = {
     "GFLDetector": "moevl.detection.model",
     "bckd_classification_loss": "moevl.detection.losses",
     "bckd_localization_loss": "moevl.detection.losses",
-    "kl_distillation_loss": "moevl.detection.losses",
-    "localization_distillation_loss": "moevl.detection.losses",
 }
-__all__ = [
-    "DetectorConfig",
-    "GFLDetector",
-    "bckd_classification_loss",
-    "bckd_localization_loss",
-    "kl_distillation_loss",
-    "localization_distillation_loss",
-]
+
+__all__ = ["DetectorConfig", "GFLDetector", "bckd_classification_loss", "bckd_localization_loss"]
+
+#: Names this package exported before issue 25 cut its surface -> their module (one release, with a warning).
+_moved = moved_names(
+    __name__,
+    {n: "moevl.detection.losses" for n in ("kl_distillation_loss", "localization_distillation_loss")},
+)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moevl.detection' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    return _moved(name)

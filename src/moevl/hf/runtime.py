@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from moevl.hf.settings import MoESettings
-from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, RoutingRecord, TopKRouter
+from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, TopKRouter
+from moevl.moe.routing import RoutingRecord
 from moevl.stgc import STGCConfig
 
 #: Config attributes (of the model's top config) holding token ids whose positions are vision

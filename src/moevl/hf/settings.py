@@ -233,9 +233,6 @@ class FixedSettingError(ValueError):
 #: What settings saved before ``STGCConfig.weight_mode`` and ``centered`` existed meant: the paper's CEL.
 _STGC_BEFORE_WEIGHT_MODE = {"weight_mode": "absolute", "centered": False}
 
-#: The name this object had before adopt() existed; kept so that old code keeps working.
-UpcycleSettings = MoESettings
-
 
 def settings_from(settings: MoESettings | None, kwargs: dict[str, Any], *, caller: str) -> MoESettings:
     """The settings of an ``upcycle``/``adopt`` call: the object, or the keyword arguments."""

@@ -29,7 +29,6 @@ from moevl.hf.runtime import (
     vision_token_ids,
 )
 from moevl.hf.settings import UPCYCLE_BALANCE_COEF, MoESettings, select_layers, settings_from
-from moevl.hf.settings import UpcycleSettings as UpcycleSettings  # re-export: older imports
 
 
 def upcycle(

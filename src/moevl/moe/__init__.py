@@ -4,11 +4,12 @@ Knows nothing of Hugging Face or of training. Axis legend: ``N`` tokens, ``E`` e
 slots per token, ``D`` model dim, ``H`` expert hidden dim.
 """
 
+from moevl._deprecated import moved_names
 from moevl.moe.experts import GroupedExperts
-from moevl.moe.layer import MoEFeedForward, MoEOutput
-from moevl.moe.lora import LoRAConfig, RouterLoRA
+from moevl.moe.layer import MoEFeedForward
+from moevl.moe.lora import LoRAConfig
 from moevl.moe.ltdr import LTDRConfig, LTDRRouter, ltdr_tail_mask
-from moevl.moe.routing import RoutingRecord, TopKRouter, balance_loss, router_z_loss
+from moevl.moe.routing import TopKRouter
 
 __all__ = [
     "GroupedExperts",
@@ -16,11 +17,18 @@ __all__ = [
     "LTDRRouter",
     "LoRAConfig",
     "MoEFeedForward",
-    "MoEOutput",
-    "RouterLoRA",
-    "RoutingRecord",
     "TopKRouter",
-    "balance_loss",
     "ltdr_tail_mask",
-    "router_z_loss",
 ]
+
+#: Names this package exported before issue 25 cut its surface -> their module (one release, with a warning).
+__getattr__ = moved_names(
+    __name__,
+    {
+        "MoEOutput": "moevl.moe.layer",
+        "RouterLoRA": "moevl.moe.lora",
+        "RoutingRecord": "moevl.moe.routing",
+        "balance_loss": "moevl.moe.routing",
+        "router_z_loss": "moevl.moe.routing",
+    },
+)

@@ -2,6 +2,6 @@
 
 from moevl.training.routing_health import UniformRoutingMonitor
 from moevl.training.stats import routing_statistics
-from moevl.training.trainer import MoETrainer, NonFiniteTrainingError
+from moevl.training.trainer import MoETrainer
 
-__all__ = ["MoETrainer", "NonFiniteTrainingError", "UniformRoutingMonitor", "routing_statistics"]
+__all__ = ["MoETrainer", "UniformRoutingMonitor", "routing_statistics"]

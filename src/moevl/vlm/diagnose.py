@@ -30,7 +30,9 @@ import torch
 
 from moevl import observability as metrics
 from moevl.checks import check
-from moevl.stgc import STGCStats, cosine_histogram, flag_persistence
+from moevl.stgc import flag_persistence
+from moevl.stgc.diagnostics import cosine_histogram
+from moevl.stgc.observer import STGCStats
 
 #: What "the premise holds" means here [our choice]: cosines spread with std >= 0.15, at least 10% of the
 #: dispatched pairs below -0.1, and flags persisting at least 0.1 above chance. The digit benchmark

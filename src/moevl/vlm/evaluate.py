@@ -53,7 +53,7 @@ class EvalResult:
 
 def majority_answers(records: list) -> dict[str, str]:
     """The most common reference answer of each category (normalised): the "always answer X" baseline."""
-    from moevl.data import last_assistant_text
+    from moevl.data.conversations import last_assistant_text
 
     by_cat: dict[str, Counter] = defaultdict(Counter)
     for r in records:
@@ -64,7 +64,7 @@ def majority_answers(records: list) -> dict[str, str]:
 
 def chance_accuracy(train_records: list, eval_records: list) -> dict[str, float]:
     """Per category, the accuracy of always giving the category's most common *training* answer."""
-    from moevl.data import last_assistant_text
+    from moevl.data.conversations import last_assistant_text
 
     common = majority_answers(train_records)
     hits, totals = Counter(), Counter()

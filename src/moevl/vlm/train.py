@@ -222,7 +222,8 @@ def prepare_moe(model: torch.nn.Module, settings) -> str:
     the model cannot take ``settings``."""
     import dataclasses
 
-    from moevl.hf import adopt, is_native_moe, upcycle
+    from moevl.hf import adopt, upcycle
+    from moevl.hf.adopt import is_native_moe
 
     try:
         if is_native_moe(model):
