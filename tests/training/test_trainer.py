@@ -88,12 +88,9 @@ def test_routing_statistics_hand_checked():
     assert "stgc/conflict_ratio" not in scalars and "ltdr/tail_share" not in scalars
 
 
-def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
-    def make(seed):
-        return upcycle(tiny_llava(seed=seed), num_experts=4, top_k=2, stgc=STGCConfig(), freeze_dense=True)
-
-    args = dict(
-        output_dir=str(tmp_path),
+def _two_steps_saving_at_2(output_dir) -> dict:
+    return dict(
+        output_dir=str(output_dir),
         per_device_train_batch_size=4,
         max_steps=2,
         save_steps=2,
@@ -102,6 +99,13 @@ def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
         use_cpu=True,
         disable_tqdm=True,
     )
+
+
+def test_resume_restores_every_weight_of_an_upcycled_llava(tmp_path):
+    def make(seed):
+        return upcycle(tiny_llava(seed=seed), num_experts=4, top_k=2, stgc=STGCConfig(), freeze_dense=True)
+
+    args = _two_steps_saving_at_2(tmp_path)
     trainer = MoETrainer(model=make(0), args=TrainingArguments(**args), train_dataset=_Data())
     trainer.train()
     trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -124,16 +128,7 @@ def test_a_dense_llava_saves_its_own_key_names_and_resumes_every_weight(tmp_path
         return save_pretrained(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_llava()), "save_pretrained", spy)
-    args = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        save_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = _two_steps_saving_at_2(tmp_path)
     trainer = MoETrainer(model=tiny_llava(0), args=TrainingArguments(**args), train_dataset=_Data())
     trainer.train()
     assert saves == [(False, False)]
