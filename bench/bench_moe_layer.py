@@ -32,8 +32,9 @@ import torch
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
-from bench.common import saved_activation_bytes, time_interleaved, write
+from bench.common import load_average, saved_activation_bytes, time_interleaved, write
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
+from moevl.moe.expert_function import expert_layout
 
 CPU_SHAPES = [dict(T=2048, D=512, H=1024, E=8, k=2), dict(T=2048, D=512, H=256, E=64, k=8)]
 GPU_SHAPES = [*CPU_SHAPES, dict(T=8192, D=2048, H=768, E=128, k=8)]
@@ -72,16 +73,18 @@ def build(shape, dtype, device, hf_impls):
     return moe, hf
 
 
-def step_fn(module, x, is_moevl):
+def step_fn(module, x, is_moevl, layout="auto"):
     def run():
         module.zero_grad(set_to_none=True)
         xx = x.detach().requires_grad_()
         if is_moevl:
-            out, rec = module(xx)
-            loss = out.float().square().mean() + 0.01 * rec.balance_loss
+            with expert_layout(layout):
+                out, rec = module(xx)
+                loss = out.float().square().mean() + 0.01 * rec.balance_loss
+                loss.backward()
         else:
             loss = module(xx).float().square().mean()
-        loss.backward()
+            loss.backward()
         return loss
 
     return run
@@ -132,6 +135,8 @@ def measure(shape, dtype, device, hf_impls, repeats):
                 unavailable[k] = f"{type(exc).__name__}: {exc}"[:200]
                 del hf[k]
     fns = {"moevl": step_fn(moe, x, True), "dense": dense_fn(shape, dtype, device)}
+    if device == "cpu":  # the experts' rows as torch's grouped_mm takes them, one mm per expert (issue 24)
+        fns["moevl_sorted"] = step_fn(moe, x, True, layout="sorted")
     fns |= {f"hf_{k}": step_fn(b, x, False) for k, b in hf.items()}
     sync = torch.cuda.synchronize if device == "cuda" else None
     times, ratios = time_interleaved(fns, repeats=repeats, warmup=2, sync=sync, ratio_to="dense")
@@ -159,7 +164,7 @@ def shape_name(s):
 
 def run_rows(args, allocator: str | None) -> tuple[list[dict], list[list]]:
     """This process's measurements (``allocator``: the host allocator setting it runs under, CPU only)."""
-    repeats = 3 if args.quick else 7
+    repeats = args.repeats or (3 if args.quick else 7)
     records, rows = [], []
     if args.device == "cuda":
         runs = [(None, s, torch.bfloat16) for s in GPU_SHAPES]
@@ -168,16 +173,20 @@ def run_rows(args, allocator: str | None) -> tuple[list[dict], list[list]]:
         threads = [int(t) for t in args.threads.split(",")]
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
         runs = [(t, s, dt) for t in threads for s in CPU_SHAPES for dt in dtypes]
-        hf_impls = CPU_HF_IMPLS
+        hf_impls = args.hf.split(",")
     for t, shape, dtype in runs:
         if t is not None:
             torch.set_num_threads(t)
         rec = measure(shape, dtype, args.device, hf_impls, repeats) | {"allocator": allocator}
         records.append(rec)
         sec = rec["seconds"]
-        row = [shape_name(shape), rec["dtype"], rec["threads"], sec["moevl"] * 1e3, sec["dense"] * 1e3]
+        row = [shape_name(shape), rec["dtype"], rec["threads"], sec["moevl"] * 1e3]
+        row += [] if args.device == "cuda" else [sec["moevl_sorted"] * 1e3]
+        row += [sec["dense"] * 1e3]
         row += [sec[f"hf_{k}"] * 1e3 if f"hf_{k}" in sec else "n/a" for k in hf_impls]
-        row += [rec["dense_ratio"]["moevl"], rec["dense_ratio"][rec["best_hf"]], rec["speedup_vs_best_hf"]]
+        row += [rec["dense_ratio"]["moevl"]]
+        row += [] if args.device == "cuda" else [rec["dense_ratio"]["moevl_sorted"]]
+        row += [rec["dense_ratio"][rec["best_hf"]], rec["speedup_vs_best_hf"]]
         row += [rec["tflops"]["moevl"], rec["tflops"]["dense"]]
         rows.append(row if allocator is None else [allocator, *row])
         print(rows[-1], file=sys.stderr, flush=True)
@@ -199,6 +208,11 @@ def _run_beside(cmd: list[str], *, busy: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--repeats", type=int, default=0, help="timed rounds per row (default 7, --quick 3)")
+    parser.add_argument(
+        "--hf", default=",".join(CPU_HF_IMPLS), help="CPU: transformers implementations to time"
+    )
+    parser.add_argument("--out", default="", help="results name (default moe_layer, moe_layer_cuda on GPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="CPU dtypes, comma-separated")
@@ -225,9 +239,13 @@ def main() -> None:
                 )
         print(json.dumps(run_rows(args, args.worker)))
         return
-    hf_impls = GPU_HF_IMPLS if args.device == "cuda" else CPU_HF_IMPLS
-    header = ["shape", "dtype", "threads", "moevl ms", "dense mm ms"] + [f"HF {k} ms" for k in hf_impls]
-    header += ["moevl / dense rate", "best HF / dense rate", "speedup vs best HF (x)"]
+    load_start = load_average()
+    cpu = args.device == "cpu"
+    hf_impls = GPU_HF_IMPLS if args.device == "cuda" else args.hf.split(",")
+    header = ["shape", "dtype", "threads", "moevl ms", *(["moevl sorted ms"] if cpu else []), "dense mm ms"]
+    header += [f"HF {k} ms" for k in hf_impls]
+    header += ["moevl / dense rate", *(["moevl sorted / dense rate"] if cpu else [])]
+    header += ["best HF / dense rate", "speedup vs best HF (x)"]
     header += ["moevl TFLOP/s", "dense TFLOP/s"]
     if args.device == "cuda":
         records, rows = run_rows(args, None)
@@ -242,7 +260,8 @@ def main() -> None:
             parser.error(f"--competing must be a comma-separated subset of none,busy, got {args.competing!r}")
         header = ["competing process", "host allocator", *header]
         records, rows = [], []
-        passed = ["--threads", args.threads, "--dtypes", args.dtypes] + (["--quick"] if args.quick else [])
+        passed = ["--threads", args.threads, "--dtypes", args.dtypes, "--hf", args.hf]
+        passed += ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
         for load in competing:
             for allocator in allocators:
                 cmd = [sys.executable, "-m", "bench.bench_moe_layer", "--worker", allocator, *passed]
@@ -260,10 +279,15 @@ def main() -> None:
         "`retain` (moevl's commands' default, moevl.allocator) keeps freed buffers for reuse, `system` is\n"
         "glibc's default; it applies to every column of a row alike (the dense side and HF too).\n"
         "Competing process: `busy` rows ran with a second process spinning on one core beside the bench\n"
-        "(the contended case of issue 24); `none`, without."
+        "(the contended case of issue 24); `none`, without.\n"
+        "`moevl` runs the experts' default layout (`auto`: on CPU with 2+ threads, every expert padded to the\n"
+        "largest group and one torch.bmm per projection, while that adds at most 25% rows);\n"
+        "`moevl sorted` forces the sorted layout, torch's grouped_mm (one mm per expert on CPU)."
     )
-    name = "moe_layer" if args.device == "cpu" else "moe_layer_cuda"
-    write(name, {"results": records}, header, rows, notes)
+    load = {"start": load_start, "end": load_average()}
+    notes += f"\nLoad average (1, 5, 15 min) of the machine at the start: {load['start']}, at the end: {load['end']}."
+    name = args.out or ("moe_layer" if args.device == "cpu" else "moe_layer_cuda")
+    write(name, {"results": records, "load_average": load}, header, rows, notes)
 
 
 if __name__ == "__main__":

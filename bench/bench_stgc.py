@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.common import saved_activation_bytes, time_interleaved, write
+import moevl.stgc.observer as stgc_observer
+from bench.common import load_average, saved_activation_bytes, time_interleaved, write
 from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
+from moevl.moe.grouped_mm import grouped_matmul
 from moevl.stgc import STGCConfig, token_gradient_cosine
+from moevl.stgc.cosine import grouped_token_gradient_cosine
 
 SCOPES = ["all", "last", "delta"]
 
@@ -90,7 +93,36 @@ def model_overhead(repeats):
 
         return run
 
-    times = time_interleaved({n: make(c) for n, c in configs.items()}, repeats=repeats)
+    # the floor of `all`: what the backward hands the cosine (captured from one step), and the cosine's
+    # extra grouped matmuls alone (one per linear layer: x_t against the weight gradient)
+    captured = []
+
+    def capture(grads, scope):
+        captured.append(grads)
+        return grouped_token_gradient_cosine(grads, scope)
+
+    stgc_observer.grouped_token_gradient_cosine = capture
+    try:
+        make(STGCConfig(scope="all"))()
+    finally:
+        stgc_observer.grouped_token_gradient_cosine = grouped_token_gradient_cosine
+
+    def cosine_only():
+        for grads in captured:
+            grouped_token_gradient_cosine(grads, "all")
+
+    def extra_gemms_only():
+        for grads in captured:
+            for layer in grads.layers:
+                x, d, w = layer.inputs, layer.out_grads, layer.weight_grad
+                if x.shape[1] <= d.shape[1]:
+                    grouped_matmul(d, w, grads.offsets)
+                else:
+                    grouped_matmul(x, w.transpose(1, 2), grads.offsets)
+
+    fns = {n: make(c) for n, c in configs.items()}
+    fns |= {"cosine_only": cosine_only, "extra_gemms_only": extra_gemms_only}
+    times = time_interleaved(fns, repeats=repeats)
     return {
         "shape": "Llama 4 layers, D=256, H=512, 2 MoE layers E=4 k=2, batch 8x256 (dense frozen)",
         "seconds": times,
@@ -212,8 +244,10 @@ def agreement(train_steps):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=0, help="timed steps (default 7, --quick 3)")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 7
+    load_start = load_average()
+    repeats = args.repeats or (3 if args.quick else 7)
     layer = layer_overhead(repeats)
     print(layer, flush=True)
     model = model_overhead(repeats)
@@ -228,6 +262,23 @@ def main() -> None:
             mem = res.get("saved_bytes", {})
             mem_ratio = mem[s] / mem["none"] if mem else "-"
             rows.append([where, s, res["seconds"][s] / base, mem_ratio])
+    sec = model["seconds"]
+    rows.append(
+        [
+            "small upcycled Llama",
+            "floor of all: no-STGC + the cosine alone",
+            1 + sec["cosine_only"] / sec["none"],
+            "-",
+        ]
+    )
+    rows.append(
+        [
+            "small upcycled Llama",
+            "floor of all: no-STGC + its extra matmuls alone",
+            1 + sec["extra_gemms_only"] / sec["none"],
+            "-",
+        ]
+    )
     rows2 = [
         [r["N"], r["exact_s"] * 1e3, r["per_sample_s"] * 1e3, r["speedup"], r["max_abs_diff"]] for r in exact
     ]
@@ -240,10 +291,14 @@ def main() -> None:
         "overhead_model": model,
         "exact_vs_per_sample": exact,
         "agreement": agree,
+        "load_average": {"start": load_start, "end": load_average()},
     }
     notes = (
-        "Step time and saved-activation memory relative to the same step without STGC (ratios; median of\n"
-        "7 interleaved steps on a 2-core CPU, which varies by about ±10%: `delta` below 1 is that noise)."
+        f"Step time and saved-activation memory relative to the same step without STGC (ratios; median of\n"
+        f"{repeats} interleaved steps on a 2-core CPU, which varies by about ±10%: `delta` below 1 is that noise).\n"
+        "The floor rows time, interleaved with the steps, the cosine of `all` alone on the gradients one step\n"
+        "handed it, and only its extra grouped matmuls (one per expert linear layer), added to the no-STGC step.\n"
+        f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {payload['load_average']['end']}."
     )
     header = ["where", "scope", "step time (x no-STGC)", "saved activations (x no-STGC)"]
     write("stgc", payload, header, rows, notes)

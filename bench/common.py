@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -64,6 +65,14 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
         out = fn()
     del out
     return sum(seen.values())
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def machine() -> dict[str, object]:

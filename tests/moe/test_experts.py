@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.moe.activations import ACTIVATION_NAMES, Activation
-from moevl.moe.grouped_mm import can_use_grouped_mm
+from moevl.moe.expert_function import choose_capacity, dispatch, expert_layout, pad_to_capacity
+from moevl.moe.grouped_mm import can_use_grouped_mm, grouped_matmul, grouped_weight_grad
 from tests.fixtures.reference import per_token_moe
 
 # (N, D, H, E, K): awkward sizes; 16/48 are grouped_mm-aligned in fp32, 17/33 are not (loop fallback).
@@ -42,12 +43,14 @@ def _grads(experts, x, idx, w, run):
     return y.detach(), grads
 
 
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
-def test_grouped_equals_loop_and_per_token(size, gated, bias):
+def test_grouped_equals_loop_and_per_token(size, gated, bias, layout):
     experts, x, idx, w = _make(*size, gated=gated, bias=bias)
     # Make one expert empty (where there are enough experts) so that empty groups are exercised.
-    y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
+    with expert_layout(layout):
+        y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
     experts.implementation = "loop"
     y_loop, g_loop = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
     y_ref, g_ref = _grads(experts, x, idx, w, per_token_moe)
@@ -71,18 +74,24 @@ def test_aligned_sizes_really_use_grouped_mm():
         odd(x, idx, w)
 
 
-def test_unused_slots_and_all_padding():
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+def test_unused_slots_and_all_padding(layout):
     experts, x, idx, w = _make(10, 16, 32, 4, 2)
     idx[3] = -1
     w[3] = 0
     idx[5, 1] = -1
     w[5, 1] = 0
-    y = experts(x, idx, w)[0]
-    torch.testing.assert_close(y, per_token_moe(experts, x, idx, w), atol=1e-5, rtol=1e-5)
-    assert torch.all(y[3] == 0)
+    with expert_layout(layout):
+        y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
+    y_ref, g_ref = _grads(experts, x, idx, w, per_token_moe)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.all(y_fast[3] == 0)
     none = torch.full_like(idx, -1)
     x = x.requires_grad_()
-    y = experts(x, none, torch.zeros_like(w))[0]
+    with expert_layout(layout):
+        y = experts(x, none, torch.zeros_like(w))[0]
     assert torch.all(y == 0)
     y.sum().backward()
     assert torch.all(x.grad == 0)
@@ -237,3 +246,52 @@ def test_torch_compile_fullgraph_equals_eager(bias):
     assert torch.all(out_c[1, 5:] == 0)
     for gc, ge in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge)
+
+
+def test_padded_dispatch_layout():
+    """Every expert's used rows first, in the sorted layout's order, then padding rows whose slot,
+    token and expert are one past the last real one; the capacity groups end at C·(e+1)."""
+    idx = torch.tensor([[2, 0], [2, -1], [0, 2], [2, 1]])
+    d = dispatch(idx, 3)  # groups: expert 0 slots 1, 4; expert 1 slot 7; expert 2 slots 0, 2, 5, 6
+    p = pad_to_capacity(d, 4, num_tokens=4)
+    assert p.capacity == 4 and p.offsets.tolist() == [4, 8, 12]
+    assert p.order.tolist() == [1, 4, 8, 8, 7, 8, 8, 8, 0, 2, 5, 6]
+    assert p.token_ids.tolist() == [0, 2, 4, 4, 3, 4, 4, 4, 0, 1, 2, 3]
+    assert p.expert_ids.tolist() == [0, 0, 3, 3, 1, 3, 3, 3, 2, 2, 2, 2]
+    assert p.counts.tolist() == d.counts.tolist() == [2, 1, 4]
+    assert p.used.sum() == 7
+
+
+def test_capacity_groups_are_one_bmm_equal_to_per_expert_mm():
+    torch.manual_seed(0)
+    e, c, k, m = 3, 5, 8, 4
+    a, b, dy = torch.randn(e * c, k), torch.randn(e, k, m), torch.randn(e * c, m)
+    offs = torch.arange(1, e + 1, dtype=torch.int32) * c
+    out = grouped_matmul(a, b, offs, capacity=c)
+    dw = grouped_weight_grad(dy, a, offs, capacity=c)
+    for i in range(e):
+        rows = slice(i * c, (i + 1) * c)
+        torch.testing.assert_close(out[rows], a[rows] @ b[i])
+        torch.testing.assert_close(dw[i], dy[rows].t() @ a[rows])
+    with pytest.raises(ValueError, match="E·capacity"):
+        grouped_matmul(a[:-1], b, offs, capacity=c)
+
+
+def test_auto_layout_rule(monkeypatch):
+    """auto pads on multi-threaded CPU while padding adds at most MAX_PADDING of the used rows, never
+    with one thread or LoRA; sorted/padded force the layout."""
+    cpu = torch.device("cpu")
+    balanced = dispatch(torch.arange(16).remainder(4).view(8, 2), 4)  # 4 rows per expert
+    skewed = dispatch(torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2), 4)  # 6, 6, 2, 2: 50% padding
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert choose_capacity(balanced, cpu, lora=False) == 4
+    assert choose_capacity(skewed, cpu, lora=False) is None
+    assert choose_capacity(balanced, cpu, lora=True) is None
+    with expert_layout("padded"):
+        assert choose_capacity(skewed, cpu, lora=False) == 6
+    with expert_layout("sorted"):
+        assert choose_capacity(balanced, cpu, lora=False) is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert choose_capacity(balanced, cpu, lora=False) is None
+    with pytest.raises(ValueError, match="layout"), expert_layout("bmm"):
+        pass

@@ -3,6 +3,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, TopKRouter
+from moevl.moe.expert_function import expert_layout
 from moevl.stgc import STGCConfig, conflict_elimination_loss
 from tests.fixtures.reference import mean_delta_cosines, per_token_gradient_cosines
 
@@ -48,18 +49,22 @@ def _brute_force_conflicts(layer, x, target, cfg, token_mask=None):
     return cos, conflicts, rec
 
 
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
 @pytest.mark.parametrize("scope", ["all", "last", "delta"])
 @pytest.mark.parametrize(
     "gated,bias,d,h", [(True, False, 16, 48), (False, True, 16, 32), (True, False, 13, 21)]
 )
-def test_layer_conflicts_equal_brute_force(scope, gated, bias, d, h):
+def test_layer_conflicts_equal_brute_force(scope, gated, bias, d, h, layout):
+    """The experts' rows in either layout (expert_function's sorted or padded) give the observer the
+    same used rows."""
     cfg = STGCConfig(scope=scope, threshold=0.1)
     layer = _layer(d=d, h=h, gated=gated, bias=bias, stgc=cfg)
     torch.manual_seed(1)
     x = torch.randn(41, d)
     target = torch.randn(41, d)
-    out, rec = layer(x)
-    (_loss(out, target) + rec.aux_loss()).backward()
+    with expert_layout(layout):
+        out, rec = layer(x)
+        (_loss(out, target) + rec.aux_loss()).backward()
     ref_cos, ref_conflicts, _ = _brute_force_conflicts(layer, x, target, cfg)
     stats = rec.stgc
     ours = {

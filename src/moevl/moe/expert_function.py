@@ -25,8 +25,10 @@ gradient for the router logits from the same backward pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -102,12 +104,21 @@ class Dispatch:
         token_ids: (P,) long, ``order // K``.
         expert_ids: (P,) long, sorted; ``E`` for unused slots (the rows past ``offsets[-1]``).
         offsets: (E,) int32, the end row of each expert's group.
+        capacity: None for the layout above. Padded layout (``pad_to_capacity``): ``E·capacity``
+            rows, expert ``e`` owning rows ``[e·capacity, (e+1)·capacity)``, its used rows first in
+            the sorted layout's order, then padding rows: ``order = P``, ``token_ids = N``,
+            ``expert_ids = E``, each one past the last real slot / token / expert, so every scatter
+            drops them into an extra row. ``offsets`` is then ``capacity·(e+1)``.
+        sorted_offsets: the sorted layout's ``offsets`` (the real group ends); None when it is this
+            layout.
     """
 
     order: Tensor
     token_ids: Tensor
     expert_ids: Tensor
     offsets: Tensor
+    capacity: int | None = None
+    sorted_offsets: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -115,8 +126,9 @@ class Dispatch:
 
     @property
     def counts(self) -> Tensor:
-        """(E,) long rows per expert."""
-        return torch.diff(self.offsets.long(), prepend=self.offsets.new_zeros(1, dtype=torch.long))
+        """(E,) long used rows per expert."""
+        ends = self.offsets if self.sorted_offsets is None else self.sorted_offsets
+        return torch.diff(ends.long(), prepend=ends.new_zeros(1, dtype=torch.long))
 
     @property
     def used(self) -> Tensor:
@@ -136,9 +148,101 @@ def dispatch(indices: Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order=order, token_ids=order // k, expert_ids=expert_ids, offsets=offsets)
 
 
+# The padded layout (one torch.bmm per projection) replaces torch's per-expert CPU grouped_mm when
+# ``expert_layout`` says so; "auto" decides per call by ``choose_capacity``'s rule.
+Layout = Literal["auto", "sorted", "padded"]
+_layout: Layout = "auto"
+# auto pads only while padding adds at most this fraction of rows (FLOPs) to the used ones
+MAX_PADDING = 0.25
+
+
+@contextmanager
+def expert_layout(layout: Layout) -> Iterator[None]:
+    """Within the block, the experts function runs in this row layout: ``sorted`` (torch's grouped
+    matmul, one ``mm`` per expert on CPU), ``padded`` (every expert padded to the largest group, one
+    ``torch.bmm``; CPU, no LoRA adapters) or ``auto`` (``choose_capacity``). For tests and benchmarks."""
+    global _layout
+    if layout not in ("auto", "sorted", "padded"):
+        raise ValueError(f"layout must be 'auto', 'sorted' or 'padded', got {layout!r}")
+    before, _layout = _layout, layout
+    try:
+        yield
+    finally:
+        _layout = before
+
+
+def choose_capacity(d: Dispatch, device: torch.device, *, lora: bool) -> int | None:
+    """The capacity to pad ``d`` to (``pad_to_capacity``), or None to keep the sorted layout.
+
+    On CPU torch's ``grouped_mm`` is a loop of one ``mm`` per expert, each its own parallel region
+    whose threads meet at a barrier: with many small groups that is many barriers, and on a shared
+    machine each one waits for whichever thread the OS has descheduled. One ``bmm`` over experts
+    padded to a common capacity is one parallel region, at the price of the padding rows' FLOPs.
+    ``auto`` pads on CPU with more than one intra-op thread when that price is at most
+    ``MAX_PADDING`` (one thread has no barrier to save); never on an accelerator (a real grouped
+    kernel), under ``torch.compile`` (the capacity is read on the host), with LoRA adapters (their
+    dropout masks are in the sorted layout), or without used rows.
+    """
+    if _layout == "sorted" or device.type != "cpu" or lora or torch.compiler.is_compiling():
+        return None
+    counts = d.counts
+    used = int(d.offsets[-1])
+    if used == 0:
+        return None
+    capacity = int(counts.max())
+    if _layout == "padded":
+        return capacity
+    if torch.get_num_threads() < 2 or capacity * d.num_experts > (1 + MAX_PADDING) * used:
+        return None
+    return capacity
+
+
+def pad_to_capacity(d: Dispatch, capacity: int, num_tokens: int) -> Dispatch:
+    """``d`` (sorted layout) in the padded layout (``Dispatch``' doc) with ``capacity`` rows per expert
+    (at least the largest group)."""
+    e, p = d.num_experts, d.order.shape[0]
+    used = int(d.offsets[-1])
+    starts = d.offsets.long() - d.counts  # (E,)
+    expert_ids = d.expert_ids[:used]
+    # row i of the sorted layout (expert e, rank i - starts[e] in its group) -> e·C + rank
+    rows = torch.arange(used, device=d.order.device) - starts[expert_ids] + expert_ids * capacity
+    r = e * capacity
+
+    def padded(values: Tensor, fill: int) -> Tensor:
+        return values.new_full((r,), fill).index_copy_(0, rows, values[:used])
+
+    bounds = torch.arange(1, e + 1, device=d.offsets.device, dtype=torch.int32) * capacity
+    return Dispatch(
+        order=padded(d.order, p),
+        token_ids=padded(d.token_ids, num_tokens),
+        expert_ids=padded(d.expert_ids, e),
+        offsets=bounds,
+        capacity=capacity,
+        sorted_offsets=d.offsets,
+    )
+
+
+def gather_rows(t: Tensor, index: Tensor, d: Dispatch) -> Tensor:
+    """``t[index]`` along dim 0; in the padded layout the padding rows' index (one past the end of
+    ``t``) reads zeros."""
+    if d.capacity is not None:
+        t = torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+    return t.index_select(0, index)
+
+
+def scatter_add_rows(rows: Tensor, index: Tensor, d: Dispatch, n: int) -> Tensor:
+    """``out (n, ...) = Σ rows[i]`` into ``out[index[i]]``; unused rows are left out (zeroed in the
+    sorted layout, overwritten; sent to a dropped extra row in the padded one)."""
+    if d.capacity is None:
+        return rows.new_zeros(n, *rows.shape[1:]).index_add_(0, index, zero_unused_rows_(rows, d))
+    return rows.new_zeros(n + 1, *rows.shape[1:]).index_add_(0, index, rows)[:n]
+
+
 def zero_unused_rows_(t: Tensor, d: Dispatch) -> Tensor:
     """``t[rows past offsets[-1]] = 0`` in place. On CPU the boundary is read on the host (free);
     elsewhere, and while compiling, a mask keeps the device from synchronising."""
+    if d.capacity is not None:
+        return t.masked_fill_(~d.used.view(-1, *([1] * (t.dim() - 1))), 0)
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         t[int(d.offsets[-1]) :] = 0
     else:
@@ -153,7 +257,7 @@ def _bias_rows(bias: Tensor, d: Dispatch) -> Tensor:
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, d: Dispatch) -> Tensor:
     """Each row's expert as a linear layer: x (P, d_in), weight (E, d_out, d_in), bias (E, d_out)
     or None -> (P, d_out)."""
-    y = grouped_matmul(x, weight.transpose(1, 2), d.offsets)
+    y = grouped_matmul(x, weight.transpose(1, 2), d.offsets, capacity=d.capacity)
     if bias is not None:
         y += _bias_rows(bias, d)
     return y
@@ -172,10 +276,11 @@ def linear_backward(
     """Backward of ``linear_forward``: the input gradient (P, d_in) (None unless ``input_grad``;
     garbage in unused rows) and the layer's ``LinearGrads`` (None unless ``param_grads``: a frozen
     weight under LoRA costs no (E, d_out, d_in) gradient). ``dy`` may hold garbage in unused rows."""
-    dx = grouped_matmul(dy, weight, d.offsets) if input_grad else None
+    dx = grouped_matmul(dy, weight, d.offsets, capacity=d.capacity) if input_grad else None
     if not param_grads:
         return dx, None
-    dw = grouped_weight_grad(dy, x, d.offsets)  # (E, d_out, d_in); unused rows are not read
+    # (E, d_out, d_in); unused rows are not read (sorted) or hold a zero dy (padded: their g_rows are zero)
+    dw = grouped_weight_grad(dy, x, d.offsets, capacity=d.capacity)
     db = None
     if bias is not None:  # unused rows land in the extra row E, dropped
         db = dy.new_zeros(d.num_experts + 1, dy.shape[1]).index_add_(0, d.expert_ids, dy)[:-1]
@@ -200,8 +305,8 @@ class LoRAInputs:
 def lora_forward(x: Tensor, a: Tensor, b: Tensor, scale: float, d: Dispatch) -> tuple[Tensor, Tensor]:
     """``scale · B_e A_e x`` of each row: x (P, d_in) (dropout applied), a (E, r, d_in), b (E, d_out, r)
     -> (delta (P, d_out), u = A_e x (P, r), kept for the backward)."""
-    u = grouped_matmul(x, a.transpose(1, 2), d.offsets)  # (P, r)
-    delta = grouped_matmul(u, b.transpose(1, 2), d.offsets)  # (P, d_out)
+    u = grouped_matmul(x, a.transpose(1, 2), d.offsets, capacity=d.capacity)  # (P, r)
+    delta = grouped_matmul(u, b.transpose(1, 2), d.offsets, capacity=d.capacity)  # (P, d_out)
     return delta.mul_(scale), u
 
 
@@ -213,10 +318,10 @@ def lora_backward(
     ``B`` with inputs ``u`` and output gradients ``scale · δ``, ``A`` with inputs ``x`` and output
     gradients ``scale · Bᵀ δ``. Each token's gradient on a factor is the outer product of the two."""
     dy_b = dy * scale  # (P, d_out) the gradient at B's output
-    db = grouped_weight_grad(dy_b, u, d.offsets)  # (E, d_out, r)
-    du = grouped_matmul(dy_b, b, d.offsets)  # (P, r) the gradient at A's output
-    da = grouped_weight_grad(du, x, d.offsets)  # (E, r, d_in)
-    dx = grouped_matmul(du, a, d.offsets) if input_grad else None
+    db = grouped_weight_grad(dy_b, u, d.offsets, capacity=d.capacity)  # (E, d_out, r)
+    du = grouped_matmul(dy_b, b, d.offsets, capacity=d.capacity)  # (P, r) the gradient at A's output
+    da = grouped_weight_grad(du, x, d.offsets, capacity=d.capacity)  # (E, r, d_in)
+    dx = grouped_matmul(du, a, d.offsets, capacity=d.capacity) if input_grad else None
     return dx, LinearGrads(x, du, da, None), LinearGrads(u, dy_b, db, None)
 
 
@@ -269,8 +374,11 @@ class ExpertsFunction(torch.autograd.Function):
         ctx, hidden, weights, observed, observer, d, act, gated, w_in, w_out, b_in, b_out,
         lora=None, a_in=None, bb_in=None, a_out=None, bb_out=None,
     ):  # fmt: skip
-        w_rows = weights.reshape(-1).index_select(0, d.order)  # (P,)
-        xs = hidden.index_select(0, d.token_ids)  # (P, D) in expert order
+        capacity = choose_capacity(d, hidden.device, lora=lora is not None)
+        if capacity is not None:
+            d = pad_to_capacity(d, capacity, hidden.shape[0])
+        w_rows = gather_rows(weights.reshape(-1), d.order, d)  # (P,)
+        xs = gather_rows(hidden, d.token_ids, d)  # (P, D) in expert order
         a = linear_forward(xs, w_in, b_in, d)  # (P, 2H) or (P, H)
         u_in = u_out = None
         if lora is not None:
@@ -281,8 +389,7 @@ class ExpertsFunction(torch.autograd.Function):
         if lora is not None:
             delta, u_out = lora_forward(_masked(h, lora.out_mask), a_out, bb_out, lora.scale, d)
             ys += delta
-        zero_unused_rows_(ys.mul_(w_rows[:, None]), d)
-        y = ys.new_zeros(hidden.shape).index_add_(0, d.token_ids, ys)
+        y = scatter_add_rows(ys.mul_(w_rows[:, None]), d.token_ids, d, hidden.shape[0])
         ctx.save_for_backward(
             xs, a, w_rows, w_in, w_out, b_in, b_out, u_in, u_out, a_in, bb_in, a_out, bb_out
         )
@@ -304,16 +411,22 @@ class ExpertsFunction(torch.autograd.Function):
         lora_trains = lora is not None and any(needs[12:16])
         # the observer sees the layers whose parameters train (ExpertGrads' doc)
         base_grads = base_trains or (observer is not None and not lora_trains)
-        g_rows = grad_y.index_select(0, d.token_ids)  # (P, D) ∂L/∂y of each row's token
+        g_rows = gather_rows(grad_y, d.token_ids, d)  # (P, D) ∂L/∂y of each row's token
         h, s = _hidden_with_act(a, ctx.act, ctx.gated)  # recomputed: cheaper than keeping them
-        dh = grouped_matmul(g_rows, w_out, d.offsets)  # (P, H), before the combine weight
+        dh = grouped_matmul(
+            g_rows, w_out, d.offsets, capacity=d.capacity
+        )  # (P, H), before the combine weight
 
         # ∂L/∂w_{t,s} = <g_t, W_e h + b_e + s B_e u_t> = <g_t W_e, h> + <g_t, b_e> + s <g_t B_e, u_t>
         dw_rows = None
         if needs[1] and b_out is not None:
             dw_rows = (g_rows @ b_out.t()).gather(1, d.expert_ids.clamp(max=d.num_experts - 1)[:, None])[:, 0]
         if needs[1] and lora is not None:
-            lora_w = (grouped_matmul(g_rows, bb_out, d.offsets) * u_out).sum(-1).mul_(lora.scale)
+            lora_w = (
+                (grouped_matmul(g_rows, bb_out, d.offsets, capacity=d.capacity) * u_out)
+                .sum(-1)
+                .mul_(lora.scale)
+            )
             dw_rows = lora_w if dw_rows is None else dw_rows + lora_w
         dy = g_rows.mul_(w_rows[:, None])  # (P, D) ∂L/∂(expert output) of each row
         out_layers: list[LinearGrads] = []
@@ -332,8 +445,14 @@ class ExpertsFunction(torch.autograd.Function):
             keep_h = observer is not None or lora is not None
             hdh = (h * dh if keep_h else h.mul_(dh)).sum(-1)
             dw_rows = hdh if dw_rows is None else dw_rows + hdh
-            zero_unused_rows_(dw_rows, d)
-            grad_weights = torch.empty_like(dw_rows).index_copy_(0, d.order, dw_rows).view(ctx.weights_shape)
+            slots = ctx.weights_shape.numel()
+            if d.capacity is None:
+                grad_weights = torch.empty_like(dw_rows).index_copy_(
+                    0, d.order, zero_unused_rows_(dw_rows, d)
+                )
+            else:  # unused slots are in no row; padding rows go to the dropped slot P
+                grad_weights = dw_rows.new_zeros(slots + 1).index_copy_(0, d.order, dw_rows)[:slots]
+            grad_weights = grad_weights.view(ctx.weights_shape)
 
         dh = dh.mul_(w_rows[:, None])
         if dh_lora is not None:
@@ -353,7 +472,7 @@ class ExpertsFunction(torch.autograd.Function):
         if dxs is not None:
             if dxs_lora is not None:
                 dxs += dxs_lora
-            grad_hidden = dxs.new_zeros(grad_y.shape).index_add_(0, d.token_ids, zero_unused_rows_(dxs, d))
+            grad_hidden = scatter_add_rows(dxs, d.token_ids, d, grad_y.shape[0])
 
         grad_observed = None
         if observer is not None:
@@ -397,14 +516,30 @@ def _used_rows(
     observed: Tensor | None,
     output_layers: int = 1,
 ):
-    """The observer's view: the used rows only (reads their number on the host: backward only)."""
-    p = int(d.offsets[-1])
+    """The observer's view: the used rows only, in the sorted layout (reads their number on the host:
+    backward only; the padded layout's used rows are gathered)."""
+    if d.capacity is None:
+        p = int(d.offsets[-1])
+
+        def used(t: Tensor) -> Tensor:
+            return t[:p]
+
+        offsets = d.offsets
+    else:
+        rows = d.used.nonzero().squeeze(1)  # expert-major, each group in the sorted order
+
+        def used(t: Tensor) -> Tensor:
+            return t.index_select(0, rows)
+
+        offsets = d.sorted_offsets
     return ExpertGrads(
-        layers=[LinearGrads(lg.inputs[:p], lg.out_grads[:p], lg.weight_grad, lg.bias_grad) for lg in layers],
-        expert_ids=d.expert_ids[:p],
-        token_ids=d.token_ids[:p],
+        layers=[
+            LinearGrads(used(lg.inputs), used(lg.out_grads), lg.weight_grad, lg.bias_grad) for lg in layers
+        ],
+        expert_ids=used(d.expert_ids),
+        token_ids=used(d.token_ids),
         counts=d.counts,
-        offsets=d.offsets,
+        offsets=offsets,
         anchor_grad=anchor_grad,
         observed=observed,
         output_layers=output_layers,

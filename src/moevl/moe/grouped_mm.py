@@ -10,6 +10,11 @@ must be a multiple of 16 bytes (fp32: sizes divisible by 4; bf16/fp16: by 8). El
 result comes from a per-expert loop of ``torch.mm`` that reads the row counts on the host; only that
 fallback synchronises with the device.
 
+Padded groups: with ``capacity=C`` every expert owns exactly ``C`` rows (expert ``e`` rows
+``[e·C, (e+1)·C)``, the layout ``moe/expert_function.py`` pads to on multi-threaded CPU) and both
+functions are one ``torch.bmm`` over (E, C, ·) views: one parallel region for all experts, where
+torch's CPU ``grouped_mm`` runs one ``mm`` (one parallel region, one thread barrier) per expert.
+
 Under ``torch.compile`` both ops are opaque custom ops (``moevl::grouped_matmul``,
 ``moevl::grouped_weight_grad``) with shape-only fake implementations: the compiled graph calls the
 same eager kernels (the loop fallback's host read of the counts then stays inside the op instead of
@@ -53,22 +58,28 @@ def _groups(offsets: Tensor) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor, *, capacity: int | None = None) -> Tensor:
     """``out[rows of e] = a[rows of e] @ b[e]``.
 
     Args:
         a: (P, K) rows sorted by expert.
         b: (E, K, M) one matrix per expert (a transposed view of an (E, M, K) weight is fine).
         offsets: (E,) int32 cumulative row counts.
+        capacity: padded groups (module doc): ``P = E·capacity`` and expert ``e`` owns rows
+            ``[e·capacity, (e+1)·capacity)``; ``offsets`` is then not read.
     Returns:
         (P, M); rows at or after ``offsets[-1]`` are unspecified.
     """
+    if capacity is not None:
+        return torch.bmm(_by_expert(a, b.shape[0], capacity), b).view(a.shape[0], b.shape[-1])
     if torch.compiler.is_compiling():
         return _grouped_matmul_op(a, b, offsets)
     return _grouped_matmul_eager(a, b, offsets)
 
 
-def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> Tensor:
+def grouped_weight_grad(
+    out_grads: Tensor, inputs: Tensor, offsets: Tensor, *, capacity: int | None = None
+) -> Tensor:
     """Per-expert ``Σ_rows δ_t x_tᵀ``, the weight gradient of ``y = W_e x`` in the weight's own
     (E, d_out, d_in) layout (no transpose copy when it is accumulated into ``.grad``).
 
@@ -76,13 +87,25 @@ def grouped_weight_grad(out_grads: Tensor, inputs: Tensor, offsets: Tensor) -> T
         out_grads: (P, d_out) δ, rows sorted by expert.
         inputs: (P, d_in) x, the same rows.
         offsets: (E,) int32 cumulative row counts.
+        capacity: padded groups, as in ``grouped_matmul`` (every row is read: padding rows must
+            hold zero out_grads).
     Returns:
         (E, d_out, d_in); zero for an expert without rows. Rows at or after ``offsets[-1]`` are
         ignored.
     """
+    if capacity is not None:
+        e = offsets.shape[0]
+        return torch.bmm(_by_expert(out_grads, e, capacity).transpose(1, 2), _by_expert(inputs, e, capacity))
     if torch.compiler.is_compiling():
         return _grouped_weight_grad_op(out_grads, inputs, offsets)
     return _grouped_weight_grad_eager(out_grads, inputs, offsets)
+
+
+def _by_expert(t: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """(E·C, K) rows as (E, C, K) (a view of rows with one common stride)."""
+    if t.shape[0] != num_experts * capacity:
+        raise ValueError(f"padded groups need E·capacity = {num_experts}·{capacity} rows, got {t.shape[0]}")
+    return t.reshape(num_experts, capacity, t.shape[1])
 
 
 def _grouped_matmul_eager(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
