@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from moevl.vlm.io import CheckpointError, load_model
+from tests.fixtures.tiny_export import run_python
 
 
 def test_truncated_or_corrupt_checkpoints_are_named(demo, tmp_path):
@@ -23,3 +24,31 @@ def test_truncated_or_corrupt_checkpoints_are_named(demo, tmp_path):
     (broken / "moevl.json").write_text("[")
     with pytest.raises(CheckpointError, match=r"moevl\.json is not valid JSON"):
         load_model(broken)
+
+
+def test_a_moevl_checkpoint_and_its_processor_load_in_a_fresh_process_without_a_model_type_warning(
+    demo, tmp_path
+):
+    # the processor reads config.json (model_type "moevl") through AutoConfig: load_model registers the format
+    # first (nothing registers it at import any more); without that transformers warns that it instantiates
+    # an unknown model type, and would build the processor from the wrong config class
+    from moevl.checkpoint import save_moe_model
+    from moevl.hf import upcycle
+
+    model, processor = load_model(demo.init)
+    save_moe_model(upcycle(model, num_experts=4, top_k=2), tmp_path / "moe", processor=processor)
+    out = run_python(
+        f"""
+        import transformers
+        transformers.logging.set_verbosity_warning()
+        from moevl.vlm.io import load_model
+        model, processor = load_model({str(tmp_path / "moe")!r})
+        print(type(processor).__name__, type(model).__name__)
+        """,
+        tmp_path,
+        stderr=True,
+    )
+    assert "instantiate a model of type" not in out and out.split()[-2:] == [
+        type(processor).__name__,
+        type(model).__name__,
+    ]

@@ -90,9 +90,15 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoProcessor
 
+    from moevl.checkpoint import register_auto_classes
+    from moevl.checkpoint.format import is_moevl_checkpoint
     from moevl.checkpoint.load import is_moe_llava_checkpoint, load_checkpoint
 
     model_dir = check_model_dir(path)
+    if is_moevl_checkpoint(model_dir):
+        # the processor reads config.json (model_type "moevl") through AutoConfig, which knows the format
+        # once it is registered (nothing registers at import)
+        register_auto_classes()
     processor = None
     moe_llava = is_moe_llava_checkpoint(model_dir)
     if not moe_llava:  # MoE-LLaVA checkpoints carry a tokenizer only
