@@ -25,10 +25,11 @@ ALLOWED = {
 }
 
 
-def _imported_packages(package: str) -> set[str]:
-    """The moevl packages / top-level modules that the files of ``moevl.<package>`` import."""
+def _imported_parts(part: str) -> set[str]:
+    """The parts of moevl (packages, top-level modules) that ``moevl.<part>`` (a package or a module) imports."""
+    path = SRC / "moevl" / part
     found = set()
-    for file in (SRC / "moevl" / package).rglob("*.py"):
+    for file in path.rglob("*.py") if path.is_dir() else [path.with_suffix(".py")]:
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -42,20 +43,17 @@ def _imported_packages(package: str) -> set[str]:
                 parts = name.split(".")
                 if parts[0] == "moevl":
                     found.add(parts[1] if len(parts) > 1 else "moevl")
-    return found - {package}
+    return found - {part}
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_packages_import_only_the_layers_below(package):
-    assert _imported_packages(package) <= ALLOWED[package] | LEAVES
+    assert _imported_parts(package) <= ALLOWED[package] | LEAVES
 
 
 @pytest.mark.parametrize("leaf", sorted(LEAVES))
 def test_leaves_import_nothing_of_moevl(leaf):
-    tree = ast.parse((SRC / "moevl" / f"{leaf}.py").read_text())
-    modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    assert not [m for m in modules if m == "moevl" or m.startswith("moevl.")]
+    assert _imported_parts(leaf) == set()
 
 
 def _run(code: str) -> str:
@@ -84,7 +82,7 @@ def test_import_moevl_hf_imports_neither_checkpoint_nor_training():
 def test_no_two_parts_of_moevl_import_each_other():
     units = [p.stem for p in (SRC / "moevl").glob("*.py") if p.stem != "__init__"]
     units += [p.name for p in (SRC / "moevl").iterdir() if (p / "__init__.py").is_file()]
-    graph = {u: _imported_packages(u) if (SRC / "moevl" / u).is_dir() else _module_imports(u) for u in units}
+    graph = {u: _imported_parts(u) for u in units}
 
     def reachable(start: str) -> set[str]:
         seen, todo = set(), [start]
@@ -96,10 +94,3 @@ def test_no_two_parts_of_moevl_import_each_other():
         return seen
 
     assert [u for u in sorted(graph) if u in reachable(u)] == []
-
-
-def _module_imports(module: str) -> set[str]:
-    tree = ast.parse((SRC / "moevl" / f"{module}.py").read_text())
-    found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
-    return {m.split(".")[1] for m in found if m.startswith("moevl.")} - {module}

@@ -97,6 +97,11 @@ def test_moe_state_is_one_submodule_holding_settings_context_and_hooks():
     again = attach(model, settings=state.settings, context=state.context)
     torch.testing.assert_close(model(**batch).loss, with_aux.loss)
     assert moe_state(model) is again
+    outer = torch.nn.Module()  # a wrapper of a wrapper (PEFT keeps the model two levels down)
+    outer.base = torch.nn.Module()
+    outer.base.model = model
+    outer.module = outer.base.model
+    assert detach(outer) is again and find_moe_state(model) is None
 
 
 def test_a_deep_copy_has_its_own_state_wired_to_its_own_blocks():

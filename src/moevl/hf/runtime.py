@@ -264,7 +264,7 @@ def detach(model: nn.Module) -> MoEState:
     """Undo ``attach``: remove the hooks, the ``MoEState`` and ``config.moevl``; returns the state. The MoE
     blocks stay (their routing then sees every position as a text token and no loss term is added)."""
     state = moe_state(model)
-    owner = model if getattr(model, STATE_NAME, None) is state else getattr(model, "module", model)
+    owner = next(m for m in model.modules() if m._modules.get(STATE_NAME) is state)  # through any wrapper
     for handle in state.handles:
         handle.remove()
     state.handles = []
