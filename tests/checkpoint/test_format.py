@@ -1,6 +1,7 @@
 """The moevl checkpoint format: exact round trips, strict loading, plain transformers refusing it,
 the Auto classes after ``register_auto_classes()``, atomic writes."""
 
+import importlib
 import json
 
 import pytest
@@ -101,6 +102,50 @@ def test_adopted_model_round_trip(tmp_path):
     reloaded = load_moe_model(tmp_path)
     assert type(moe_blocks(reloaded)[0]) is type(moe_blocks(model)[0])
     _assert_same_model(model, reloaded, text_batch())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "qwen2_moe"])
+def test_a_saved_adopted_model_loads_without_a_search_and_its_routers_untouched(
+    tmp_path, monkeypatch, family
+):
+    """The rule adoption found is saved (``rules`` in config.moevl): loading runs no probe and never perturbs
+    a router tensor, so the router weights (and score-correction biases) are the saved ones, bit for bit."""
+    # the package, not the function moevl.hf re-exports under the same name
+    package, rule, check = (importlib.import_module(f"moevl.hf.adopt{m}") for m in ("", ".rule", ".check"))
+
+    model = adopt(native_moe(family), balance_coef=0.02)
+    save_moe_model(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["moevl"]["rules"]
+    assert saved == {str(b.layer_index): b.rule_record() for b in moe_blocks(model)}
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("loading a saved adopted model searched or probed")
+
+    for module, name in (
+        (package, "derive_rule"),
+        (package, "perturbed"),
+        (rule, "_run_probes"),
+        (rule, "perturbed"),
+        (check, "native_outputs"),
+    ):
+        monkeypatch.setattr(module, name, no_search)
+    reloaded = load_moe_model(tmp_path)
+    for ours, theirs in zip(moe_blocks(model), moe_blocks(reloaded), strict=True):
+        assert theirs.rule_record() == ours.rule_record()
+        router, loaded = ours.router_module(), theirs.router_module()
+        for (name, t), (name_l, t_l) in zip(
+            [*router.named_parameters(), *router.named_buffers()],
+            [*loaded.named_parameters(), *loaded.named_buffers()],
+            strict=True,
+        ):
+            assert name == name_l and torch.equal(t, t_l), name
+    _assert_same_model(model, reloaded, text_batch())
+    # a record that does not fit the model is refused by name, not searched around
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["moevl"]["rules"] = {k: {**v, "experts": "no_such_child"} for k, v in saved.items()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layer \d+: the saved adoption record does not fit"):
+        load_moe_model(tmp_path)
 
 
 def test_checkpoints_of_older_moevl_versions_load(tmp_path):

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moevl.hf import upcycle
+from moevl.hf.block import UpcycledMoEBlock
 from moevl.hf.mlp import experts_from_mlp, find_mlp
-from moevl.hf.runtime import HFMoEBlock, decoder_layers
+from moevl.hf.runtime import decoder_layers
 from tests.fixtures.tiny import ARCHS, causal_lm
 from tests.fixtures.tiny_export import gpt2, gpt_j, gpt_neox, qwen3
 
@@ -81,7 +82,7 @@ def test_upcycled_models_found_by_shape_equal_the_dense_model(family):
     with torch.no_grad():
         expected = dense(input_ids=ids).logits
     model = upcycle(dense, num_experts=4, top_k=2, layers="all").eval()
-    assert all(isinstance(layer.mlp, HFMoEBlock) for layer in decoder_layers(model))
+    assert all(isinstance(layer.mlp, UpcycledMoEBlock) for layer in decoder_layers(model))
     with torch.no_grad():
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@ import torch
 
 from moevl.checkpoint.format import load_upcycled, save_upcycled
 from moevl.hf import moe_blocks, moe_state, upcycle
-from moevl.hf.runtime import HFMoEBlock
+from moevl.hf.block import UpcycledMoEBlock
 from moevl.moe import LTDRConfig
 from moevl.stgc import STGCConfig
 from tests.fixtures.tiny import ARCHS, IMAGE_TOKEN, causal_lm, llava_batch, tiny_llava
@@ -166,14 +166,14 @@ def test_unsupported_models_and_bad_arguments():
     model = upcycle(causal_lm("llama"), num_experts=2, top_k=1)
     with pytest.raises(ValueError, match="already upcycled"):
         upcycle(model, num_experts=2, top_k=1)
-    assert isinstance(model.model.layers[0].mlp, HFMoEBlock)
+    assert isinstance(model.model.layers[0].mlp, UpcycledMoEBlock)
 
 
 def test_upcycled_blocks_take_the_models_mode():
     from tests.fixtures.tiny import causal_lm
 
     model = upcycle(causal_lm("llama"), num_experts=4, top_k=2, jitter=0.5)  # causal_lm is in eval mode
-    blocks = [m for m in model.modules() if type(m).__name__ == "HFMoEBlock"]
+    blocks = [m for m in model.modules() if type(m).__name__ == "UpcycledMoEBlock"]
     assert blocks and not any(b.training for b in blocks)  # no jitter at inference
     x = torch.randint(0, 90, (1, 7))
     torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)

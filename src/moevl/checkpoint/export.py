@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from moevl.checkpoint.format import save_moe_model, staged_directory
-from moevl.hf.adopt import AdoptedMoEBlock
-from moevl.hf.runtime import HFMoEBlock, decoder_layers, find_moe_state, moe_state
+from moevl.hf.block import MoEBlock
+from moevl.hf.runtime import decoder_layers, find_moe_state, moe_state
 from moevl.hf.settings import FIELD_KINDS, MoESettings
 from moevl.moe import LTDRRouter
 
@@ -227,9 +227,10 @@ def plan_export(model: nn.Module) -> ExportPlan:
     blocks = _blocks(model)
     try:
         _check_inference_rules(model, blocks)
-        if all(isinstance(b, AdoptedMoEBlock) for _, b in blocks):
+        methods = {b.method for _, b in blocks}
+        if methods == {"adopt"}:
             return _plan_adopted(model, blocks)
-        if any(isinstance(b, AdoptedMoEBlock) for _, b in blocks):
+        if len(methods) > 1:
             raise NotExact("the model mixes adopted and upcycled MoE layers")
         return _plan_upcycled(model, blocks)
     except NotExact as err:
@@ -333,17 +334,14 @@ def export_adapter(
     targets = []
     for name, block in blocks.items():
         if "experts" in config.targets:
-            if isinstance(block, AdoptedMoEBlock) and block.spec.gated and not block.spec.concatenated:
-                raise ValueError(
-                    f"export_adapter: {name}: interleaved gate/up experts have no PEFT layout here"
-                )
-            gated = block.spec.gated if isinstance(block, AdoptedMoEBlock) else block.experts.gated
-            experts = (
-                f"{name}.{block.experts_name}" if isinstance(block, AdoptedMoEBlock) else f"{name}.experts"
-            )
-            targets += [f"{experts}.{'gate_up_proj' if gated else 'up_proj'}", f"{experts}.down_proj"]
+            problem = block.peft_layout_problem()
+            if problem is not None:
+                raise ValueError(f"export_adapter: {name}: {problem}")
+            experts = f"{name}.{block.experts_name}"
+            first = "gate_up_proj" if block.experts.gated else "up_proj"
+            targets += [f"{experts}.{first}", f"{experts}.down_proj"]
         if "routers" in config.targets:
-            ours = f"{name}.{block.router_name}" if isinstance(block, AdoptedMoEBlock) else f"{name}.router"
+            ours = f"{name}.{block.router_name}"
             native_router = {o: n for n, o in renamed_modules.items()}.get(ours, ours)
             targets.append(f"{native_router}.weight")
     peft_config = PeftLoraConfig(
@@ -432,8 +430,8 @@ def build_native(model: nn.Module, plan: ExportPlan) -> nn.Module:
     return native.eval()
 
 
-def _blocks(model: nn.Module) -> list[tuple[str, HFMoEBlock]]:
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+def _blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEBlock)]
     if not blocks or find_moe_state(model) is None:
         raise ValueError(
             f"export: {type(model).__name__} has no moevl MoE layers (not upcycled or adopted); "
@@ -442,7 +440,7 @@ def _blocks(model: nn.Module) -> list[tuple[str, HFMoEBlock]]:
     return blocks
 
 
-def _check_inference_rules(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> None:
+def _check_inference_rules(model: nn.Module, blocks: list[tuple[str, MoEBlock]]) -> None:
     """Routing options that change inference and that no native class has."""
     context = moe_state(model).context
     for name, block in blocks:
@@ -464,7 +462,7 @@ def _check_inference_rules(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]
             )
 
 
-def _plan_adopted(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> ExportPlan:
+def _plan_adopted(model: nn.Module, blocks: list[tuple[str, MoEBlock]]) -> ExportPlan:
     config = copy.deepcopy(model.config)
     _drop_moevl(config)
     notes = _training_only_notes(model)
@@ -480,7 +478,7 @@ def _plan_adopted(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> Exp
     )
 
 
-def _plan_upcycled(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> ExportPlan:
+def _plan_upcycled(model: nn.Module, blocks: list[tuple[str, MoEBlock]]) -> ExportPlan:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     wrapper = text is not config
@@ -542,12 +540,12 @@ def _verified(plan: ExportPlan, model: nn.Module) -> ExportPlan:
 
 
 def _moe_facts(
-    model: nn.Module, blocks: list[tuple[str, HFMoEBlock]], text: Any, conversion: Conversion
+    model: nn.Module, blocks: list[tuple[str, MoEBlock]], text: Any, conversion: Conversion
 ) -> MoEFacts:
     from transformers.activations import ACT2FN
 
     layers = decoder_layers(model)
-    moe = tuple(i for i, layer in enumerate(layers) if isinstance(layer.mlp, HFMoEBlock))
+    moe = tuple(i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEBlock))
     dense = tuple(i for i in range(len(layers)) if i not in moe)
     if dense and not conversion.dense_layers:
         raise NotExact(
@@ -664,9 +662,9 @@ def _drop_moevl(config: Any) -> None:
             delattr(c, "moevl")
 
 
-def _adopted_ltdr_notes(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> tuple[str, ...]:
+def _adopted_ltdr_notes(model: nn.Module, blocks: list[tuple[str, MoEBlock]]) -> tuple[str, ...]:
     """An adopted model whose LTDR tail rule acts at inference no longer computes the original's logits."""
-    routers = [b.router for _, b in blocks if isinstance(b, AdoptedMoEBlock)]
+    routers = [b.router for _, b in blocks if b.method == "adopt"]
     acting = [r for r in routers if isinstance(r, LTDRRouter) and r.vision_tail and r.tail_top_k > r.top_k]
     if not acting or not moe_state(model).context.vision_token_ids:
         return ()
@@ -698,7 +696,7 @@ def _training_only_notes(model: nn.Module) -> tuple[str, ...]:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESettings)}
 
 
-def _dtype_notes(model: nn.Module, blocks: list[tuple[str, HFMoEBlock]]) -> tuple[str, ...]:
+def _dtype_notes(model: nn.Module, blocks: list[tuple[str, MoEBlock]]) -> tuple[str, ...]:
     dtype = blocks[0][1].experts.down_proj.dtype
     if dtype == torch.float32:
         return ()

@@ -7,7 +7,8 @@ MLPs, drop the experts as "unexpected keys" and run. The format makes every plai
 
 * ``config.json`` has ``model_type: "moevl"``: ``AutoConfig`` / ``AutoModel*`` raise transformers'
   "does not recognize this architecture" error. The original ``model_type`` and architecture,
-  the method (``upcycle`` / ``adopt``), the resolved ``MoESettings`` and the weights file name are
+  the method (``upcycle`` / ``adopt``), the resolved ``MoESettings``, an adopted model's routing rules
+  (``rules``: what adoption found, so that loading searches nothing) and the weights file name are
   kept under ``config.moevl`` (``MOEVL_FORMAT``); every other field is the model's own config.
 * the weights are ``moevl-model.safetensors`` (or shards with ``moevl-model.safetensors.index.json``),
   a name ``XxxForCausalLM.from_pretrained`` does not look for: it raises "no file named
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from moevl.atomic import atomic_directory, atomic_write_text
-from moevl.hf.runtime import find_moe_state
+from moevl.hf.runtime import find_moe_state, moe_blocks
 from moevl.hf.settings import STRUCTURAL_FIELDS, MoESettings
 
 #: Key of the format description in ``config.json`` (and ``config.moevl`` of a moevl checkpoint).
@@ -113,6 +114,7 @@ def save_moe_model(
             "architectures": [type(model).__name__],
             "method": _method(model),
             "settings": settings.to_dict(),
+            "rules": _rule_records(model),
             "weights": weights,
         }
         config["model_type"] = MOEVL_MODEL_TYPE
@@ -237,10 +239,11 @@ def load_moe_model(
         if bad:
             raise ValueError(f"load_moe_model: {directory} does not match {model_class.__name__}: {bad}")
     if method == "adopt":
-        # NOTE: adopt checks its routing rule against the native block's own outputs on probes, so the
-        # weights are loaded first (an adopted model keeps the native keys): never probes on uninitialised
-        # memory, which may hold NaN. LoRA adapters come after adopt: the native tensors load first (under
-        # their names before PEFT's ``base_layer``), then every tensor, adapters included.
+        # NOTE: the saved rules (``rules``) make adopt search nothing; without them (older checkpoints) adopt
+        # checks its routing rule against the native block's own outputs on probes, so the weights are loaded
+        # first (an adopted model keeps the native keys): never probes on uninitialised memory, which may hold
+        # NaN. LoRA adapters come after adopt: the native tensors load first (under their names before PEFT's
+        # ``base_layer``), then every tensor, adapters included.
         if not native_files:
             _load_weights_strict(
                 model,
@@ -254,6 +257,7 @@ def load_moe_model(
             dataclasses.replace(settings, lora=None),
             implementation=implementation,
             freeze_dense=freeze_dense,
+            adoptions=stored.rules,  # None (older checkpoints): the rule is searched again
         )
         if settings.lora is not None:
             from moevl.hf.lora import apply_lora
@@ -309,6 +313,7 @@ class CheckpointConfig:
         architecture: the class name the model was saved from.
         weight_files: the safetensors files holding the weights.
         legacy: written by an older moevl (``save_pretrained`` names, the model's ``model_type``).
+        rules: by layer index, each adopted block's ``rule_record`` (what adoption found), or None.
     """
 
     config: dict[str, Any]
@@ -317,6 +322,7 @@ class CheckpointConfig:
     architecture: str | None
     weight_files: tuple[Path, ...]
     legacy: bool
+    rules: dict[str, Any] | None = None
 
     @property
     def model_class(self) -> type:
@@ -368,6 +374,7 @@ def read_checkpoint_config(directory: str | os.PathLike) -> CheckpointConfig:
             architecture=info["architectures"][0],
             weight_files=files,
             legacy=False,
+            rules=info.get("rules"),
         )
     if info is None:
         raise ValueError(f"{path} has no `moevl` entry: it is not a checkpoint of a moevl MoE model")
@@ -501,9 +508,19 @@ def _moe_settings(model: nn.Module, caller: str) -> MoESettings:
 
 
 def _method(model: nn.Module) -> str:
-    from moevl.hf.adopt import AdoptedMoEBlock
+    methods = {block.method for block in moe_blocks(model)}
+    if len(methods) != 1:
+        raise ValueError(
+            f"save_moe_model: the model's MoE layers were built by {sorted(methods)}; one method expected"
+        )
+    return methods.pop()
 
-    return "adopt" if any(isinstance(m, AdoptedMoEBlock) for m in model.modules()) else "upcycle"
+
+def _rule_records(model: nn.Module) -> dict[str, Any] | None:
+    """By layer index, what each block needs to be rebuilt without a search (``MoEBlock.rule_record``), or
+    None when the settings suffice (upcycled)."""
+    records = {str(block.layer_index): block.rule_record() for block in moe_blocks(model)}
+    return None if all(r is None for r in records.values()) else records
 
 
 def _auto_architecture(class_name: str) -> str:

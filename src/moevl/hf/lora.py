@@ -24,6 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from moevl.hf.block import MoEBlock
 from moevl.hf.runtime import decoder_layers, find_moe_state, moe_blocks, set_moe_settings
 from moevl.moe.lora import LoRAConfig, RouterLoRA
 
@@ -49,7 +50,7 @@ def lora_frozen_parameters(model: nn.Module) -> set[int]:
         if "experts" in config.targets:
             frozen |= {id(p) for n, p in block.experts.named_parameters() if not is_lora_parameter(n)}
         if "routers" in config.targets:
-            frozen |= {id(p) for n, p in _router_module(block).named_parameters() if not is_lora_parameter(n)}
+            frozen |= {id(p) for n, p in block.router_module().named_parameters() if not is_lora_parameter(n)}
     for name, p in model.named_parameters():
         if ".base_layer." in name:
             frozen.add(id(p))
@@ -69,7 +70,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise ValueError("lora: the model already has LoRA adapters")
     for block in blocks:
         if "experts" in config.targets:
-            _add_experts_lora(block, config)
+            block.experts.add_lora(config)
         if "routers" in config.targets:
             _add_router_lora(block, config)
     if "attention" in config.targets:
@@ -89,7 +90,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (``W += (alpha / r) · B A``, in float32) and remove it, in place;
-    ``model.moe_settings.lora`` becomes None. The merged model computes what the adapter model computed (at
+    the settings' ``lora`` becomes None. The merged model computes what the adapter model computed (at
     inference: no dropout) up to float rounding."""
     return _remove_lora(model, merge=True, caller="merge_lora")
 
@@ -101,28 +102,20 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 
 def _remove_lora(model: nn.Module, *, merge: bool, caller: str) -> nn.Module:
-    from moevl.hf.adopt import AdoptedMoEBlock
-
     state = find_moe_state(model)
     settings = None if state is None else state.settings
     if settings is None or settings.lora is None:
-        raise ValueError(f"{caller}: {type(model).__name__} has no LoRA adapters (moe_settings.lora is None)")
+        raise ValueError(
+            f"{caller}: {type(model).__name__} has no LoRA adapters (its settings' lora is None)"
+        )
     for block in moe_blocks(model):
         if block.experts.lora is not None:
-            if isinstance(block, AdoptedMoEBlock):
-                block.merge_experts_lora(fold=merge)
-            else:
-                block.experts.merge_lora(fold=merge)
-        router = _router_module(block)
-        lora = router._modules.get("lora")
-        if lora is not None:
-            if merge:
-                with torch.no_grad():
-                    router.weight.copy_((router.weight.float() + lora.delta_weight()).to(router.weight.dtype))
-            if isinstance(block, AdoptedMoEBlock):
-                del router._modules["lora"]  # a native module: leave it as it was
-            else:
-                router.lora = None
+            block.experts.merge_lora(fold=merge)
+        lora = block.remove_router_lora()
+        if lora is not None and merge:
+            router = block.router_module()
+            with torch.no_grad():
+                router.weight.copy_((router.weight.float() + lora.delta_weight()).to(router.weight.dtype))
     _remove_peft(model, merge=merge)
     set_moe_settings(model, dataclasses.replace(settings, lora=None))
     return model
@@ -131,27 +124,8 @@ def _remove_lora(model: nn.Module, *, merge: bool, caller: str) -> nn.Module:
 # --- targets --------------------------------------------------------------------------------------------------
 
 
-def _router_module(block: nn.Module) -> nn.Module:
-    """The module that holds the router weight: an upcycled block's ``TopKRouter``, an adopted block's native
-    router (``gate``, ``router``, ...)."""
-    from moevl.hf.adopt import AdoptedMoEBlock
-
-    if isinstance(block, AdoptedMoEBlock):
-        return getattr(block.native, block.router_name)
-    return block.router
-
-
-def _add_experts_lora(block: nn.Module, config: LoRAConfig) -> None:
-    from moevl.hf.adopt import AdoptedMoEBlock
-
-    if isinstance(block, AdoptedMoEBlock):
-        block.add_experts_lora(config)
-    else:
-        block.experts.add_lora(config)
-
-
-def _add_router_lora(block: nn.Module, config: LoRAConfig) -> None:
-    router = _router_module(block)
+def _add_router_lora(block: MoEBlock, config: LoRAConfig) -> None:
+    router = block.router_module()
     weight = getattr(router, "weight", None)
     num_experts = block.experts.num_experts
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != num_experts:
@@ -160,7 +134,9 @@ def _add_router_lora(block: nn.Module, config: LoRAConfig) -> None:
             f"(E={num_experts}, D) `weight` to adapt; leave 'routers' out of lora.targets"
         )
     lora = RouterLoRA(hidden_size=weight.shape[1], num_experts=num_experts, config=config)
-    router.lora = lora.to(device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+    block.add_router_lora(
+        lora.to(device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+    )
 
 
 def _attention_linears(model: nn.Module) -> list[str]:

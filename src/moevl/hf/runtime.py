@@ -3,7 +3,7 @@
 A model with moevl MoE layers owns one ``MoEState`` (``moe_state(model)``: its settings, a
 ``RoutingContext`` and the hooks; ``attach`` / ``detach``). A forward pre-hook on the model sets the
 context from the input ids (vision positions: the config's image and video token ids) and the
-attention mask, once per forward; every ``HFMoEBlock`` reads it and leaves its ``RoutingRecord``
+attention mask, once per forward; every ``MoEBlock`` reads it and leaves its ``RoutingRecord``
 there. A forward hook adds the layers' auxiliary losses to ``outputs.loss``, so
 any trainer (HF Trainer, accelerate, a plain loop) optimises them. No globals; the context is
 explicit state of the model that the next forward replaces.
@@ -11,16 +11,14 @@ explicit state of the model that the next forward replaces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from moevl.hf.block import MoEBlock, RoutingContext
 from moevl.hf.settings import MoESettings
-from moevl.moe import GroupedExperts, LTDRRouter, MoEFeedForward, TopKRouter
-from moevl.moe.routing import RoutingRecord
-from moevl.stgc import STGCConfig
+from moevl.moe import LTDRRouter, TopKRouter
 
 #: Config attributes (of the model's top config) holding token ids whose positions are vision
 #: features: images and videos (LLaVA-family, Qwen2-VL, Qwen3-VL, LLaVA-OneVision, ...).
@@ -35,122 +33,6 @@ def vision_token_ids(config: Any) -> tuple[int, ...]:
         if isinstance(value, int) and not isinstance(value, bool) and value not in ids:
             ids.append(value)
     return tuple(ids)
-
-
-@dataclass
-class RoutingContext:
-    """Per-forward routing inputs shared by the MoE layers of one model, and their records.
-
-    Set by the model's forward pre-hook; read by every ``HFMoEBlock``. The masks stay until the
-    next forward of the model, so that gradient checkpointing recomputes the same routing.
-
-    Attributes:
-        vision_token_ids: token ids whose positions are vision features (image and video tokens).
-        aux_scale: factor on the auxiliary losses added to ``outputs.loss`` (``MoETrainer`` sets
-            ``1 / gradient_accumulation_steps`` when the task loss is normalised over the whole
-            accumulated batch, so the aux terms keep their per-micro-batch weight).
-        disable_native_aux_loss: the forward passes ``output_router_logits=False`` to the model, so
-            that transformers adds no auxiliary loss of its own (an adopted model whose balancing
-            moevl does instead).
-        token_mask: (B, T) bool, real tokens of the current forward, or None (all real).
-        vision_mask: (B, T) bool, vision-feature positions, or None (all text).
-        category_ids: (B, T) long, a category of each position for the router statistics (e.g.
-            the question family of its sample), ``-1`` for none; None: no category statistics.
-            Set per forward from the model call's ``category_ids`` keyword (taken out before the
-            model sees it), so it never describes another batch.
-        records: the ``RoutingRecord`` of each MoE layer in the last forward, by layer index.
-    """
-
-    vision_token_ids: tuple[int, ...] = ()
-    aux_scale: float = 1.0
-    disable_native_aux_loss: bool = False
-    token_mask: Tensor | None = None
-    vision_mask: Tensor | None = None
-    category_ids: Tensor | None = None
-    records: dict[int, RoutingRecord] = field(default_factory=dict)
-
-    def begin(
-        self,
-        input_ids: Tensor | None,
-        attention_mask: Tensor | None,
-        seq_len: int | None,
-        category_ids: Tensor | None = None,
-    ) -> None:
-        """Set the masks for a new forward (input_ids (B, T); attention_mask (B, T_past + T);
-        category_ids (B, T) integer or None)."""
-        self.records = {}
-        if input_ids is not None:
-            seq_len = input_ids.shape[-1]
-        if category_ids is not None:
-            if (
-                not isinstance(category_ids, Tensor)
-                or category_ids.is_floating_point()
-                or category_ids.dtype == torch.bool
-                or category_ids.dim() != 2
-            ):
-                raise ValueError(f"category_ids must be an integer (B, T) tensor, got {category_ids!r}")
-            expected = tuple(input_ids.shape) if input_ids is not None else (category_ids.shape[0], seq_len)
-            if tuple(category_ids.shape) != expected:
-                raise ValueError(
-                    f"category_ids must have the input's shape {expected}, got {tuple(category_ids.shape)}"
-                )
-        self.category_ids = category_ids
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and seq_len is not None:
-            token_mask = attention_mask[:, -seq_len:].bool()
-        vision = None
-        if input_ids is not None and self.vision_token_ids:
-            ids = torch.tensor(self.vision_token_ids, dtype=input_ids.dtype, device=input_ids.device)
-            vision = torch.isin(input_ids, ids)
-            if token_mask is not None:
-                vision = vision & token_mask
-        self.token_mask, self.vision_mask = token_mask, vision
-
-    def masks_for(self, batch_shape: torch.Size) -> tuple[Tensor | None, Tensor | None]:
-        """The masks when they describe hidden states of this (B, T); otherwise all-real text."""
-        tok, vis = self.token_mask, self.vision_mask
-        tok = tok if tok is not None and tok.shape == batch_shape else None
-        vis = vis if vis is not None and vis.shape == batch_shape else None
-        return tok, vis
-
-
-class HFMoEBlock(MoEFeedForward):
-    """``MoEFeedForward`` in the place of a Hugging Face decoder MLP: (B, T, D) -> (B, T, D)."""
-
-    def __init__(
-        self,
-        *,
-        router: TopKRouter,
-        experts: GroupedExperts,
-        layer_index: int,
-        context: RoutingContext,
-        shared_experts: nn.Module | None = None,
-        shared_gate: nn.Linear | None = None,
-        stgc: STGCConfig | None = None,
-        stgc_scale: float = 1.0,
-    ) -> None:
-        super().__init__(
-            router=router,
-            experts=experts,
-            shared_experts=shared_experts,
-            shared_gate=shared_gate,
-            stgc=stgc,
-            stgc_scale=stgc_scale,
-        )
-        self.layer_index = layer_index
-        self.context = context  # the model's, shared by its MoE blocks (attach)
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # type: ignore[override]
-        token_mask, vision_mask = self.context.masks_for(hidden_states.shape[:-1])
-        out, record = super().forward(hidden_states, token_mask=token_mask, vision_mask=vision_mask)
-        # NOTE: setdefault, so that a gradient-checkpointing recompute (during backward) does not
-        # replace the record whose STGC statistics that backward fills.
-        self.context.records.setdefault(self.layer_index, record)
-        return out
-
-    def router_parameters(self) -> list[nn.Parameter]:
-        """The parameters that compute the routing logits (stage 3's ``routers`` part)."""
-        return list(self.router.parameters())
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -315,9 +197,9 @@ def _add_aux_loss(module: nn.Module, args: tuple, output: Any) -> Any:
     return output
 
 
-def moe_blocks(model: nn.Module) -> list[HFMoEBlock]:
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """The moevl MoE layers of a model (upcycled or adopted), in layer order."""
-    return [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]
 
 
 def freeze_all_but_moe(model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 ``upcycle`` replaces the decoder MLPs of a Hugging Face model (Llama, Qwen2, Mistral, Phi-3,
 StableLM, Gemma, Phi, GPT-2, GPT-NeoX, GPT-J, and LLaVA-family wrappers around them) by
-``HFMoEBlock`` layers whose experts are exact copies of the dense MLP and whose router is fresh.
+``UpcycledMoEBlock`` layers whose experts are exact copies of the dense MLP and whose router is fresh.
 MLPs are found by the shapes of their linear layers and verified against their own forward
 (``moevl.hf.mlp.find_mlp``), not by class or layer names. The runtime (routing context, hooks,
 aux losses) is ``moevl.hf.runtime``.
@@ -16,10 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from moevl.hf.adopt import is_native_sparse_block
-from moevl.hf.mlp import experts_from_mlp as experts_from_mlp  # re-export: older imports
+from moevl.hf.adopt.discovery import is_native_sparse_block
+from moevl.hf.block import UpcycledMoEBlock
+from moevl.hf.lora import apply_lora
+from moevl.hf.mlp import experts_from_mlp
 from moevl.hf.runtime import (
-    HFMoEBlock,
     RoutingContext,
     attach,
     decoder_layers,
@@ -55,8 +56,8 @@ def upcycle(
         freeze_dense: train only experts and routers (MoE-LLaVA stage 3).
         implementation: experts implementation (``auto``, ``grouped``, ``loop``).
     Returns:
-        The same model object, upcycled, with ``model.moe_context`` (``RoutingContext``) and
-        ``model.moe_settings`` (the resolved ``MoESettings``, also in ``config.moevl``).
+        The same model object, upcycled, with its ``MoEState`` (``moe_state(model)``: the resolved
+        ``MoESettings``, also in ``config.moevl``, and the ``RoutingContext``).
     """
     if find_moe_state(model) is not None:
         raise ValueError("upcycle: this model is already upcycled or adopted (it has moevl MoE layers)")
@@ -85,7 +86,7 @@ def upcycle(
         nn.init.kaiming_uniform_(router.weight, a=math.sqrt(5))
         router.to(next(experts.parameters()).device)
         # the new block takes the mode of the MLP it replaces (router jitter only in training)
-        layer_list[i].mlp = HFMoEBlock(
+        layer_list[i].mlp = UpcycledMoEBlock(
             router=router,
             experts=experts,
             layer_index=i,
@@ -97,7 +98,5 @@ def upcycle(
         freeze_all_but_moe(model)
     attach(model, settings=settings, context=context)
     if settings.lora is not None:
-        from moevl.hf.lora import apply_lora
-
         apply_lora(model, settings.lora)
     return model

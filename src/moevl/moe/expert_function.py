@@ -357,23 +357,110 @@ def _hidden_backward(a: Tensor, s: Tensor, dh: Tensor, act: Activation, gated: b
     return da
 
 
-class ExpertsFunction(torch.autograd.Function):
-    """``y (N, D) = Σ_s w_{t,s} · MLP_{indices[t,s]}(x_t)`` with a hand-written backward.
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The experts' two linear layers in moevl's layout, all in the compute dtype.
 
-    Inputs: hidden (N, D), weights (N, K) combine weights, observed (N, E) or None, the observer or
-    None, the ``Dispatch``, the activation, ``gated``, then ``w_in`` (E, 2H | H, D), ``w_out``
-    (E, D, H), ``b_in``, ``b_out`` (E, out) or None; then the LoRA adapters (``moevl.moe.lora``):
-    ``LoRAInputs`` or None, and ``A_in`` (E, r, D), ``B_in`` (E, 2H | H, r), ``A_out`` (E, r, H),
-    ``B_out`` (E, D, r) or four None. With adapters each linear layer is ``W x + b + s · B A x̃``
-    (``x̃`` the dropout-masked input); everything in one dtype.
-    Outputs: y (N, D) and a zero scalar anchor (its gradient reaches the observer).
+    Attributes:
+        w_in: (E, 2H | H, D), a gated expert's rows ``[gate; up]``.
+        w_out: (E, D, H).
+        b_in: (E, 2H | H) or None.
+        b_out: (E, D) or None.
     """
+
+    w_in: Tensor
+    w_out: Tensor
+    b_in: Tensor | None = None
+    b_out: Tensor | None = None
+
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        return self.w_in, self.w_out, self.b_in, self.b_out
+
+
+@dataclass(frozen=True)
+class LoRAFactors:
+    """The experts' LoRA adapters (``moevl.moe.lora``): ``A_in`` (E, r, D), ``B_in`` (E, 2H | H, r), ``A_out``
+    (E, r, H), ``B_out`` (E, D, r) in the compute dtype, and their non-parameter ``inputs`` (scale, masks)."""
+
+    inputs: LoRAInputs
+    a_in: Tensor
+    b_in: Tensor
+    a_out: Tensor
+    b_out: Tensor
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.a_in, self.b_in, self.a_out, self.b_out
+
+
+@dataclass(frozen=True)
+class Observation:
+    """An observer of the experts' backward (STGC) and the tensor it returns a gradient for: ``observed``,
+    the router logits (N, E)."""
+
+    observer: ExpertGradientObserver
+    observed: Tensor | None
+
+
+def experts_function(
+    hidden: Tensor,
+    weights: Tensor,
+    d: Dispatch,
+    *,
+    activation: Activation,
+    gated: bool,
+    params: ExpertWeights,
+    lora: LoRAFactors | None = None,
+    observation: Observation | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``y (N, D) = Σ_s w_{t,s} · MLP_{indices[t,s]}(x_t)`` with the hand-written backward (module doc).
+
+    Args:
+        hidden: (N, D) tokens; weights: (N, K) combine weights; ``d``: their ``dispatch``; everything in
+            one dtype (the compute dtype).
+        activation, gated: the expert MLP's activation step (``act(gate) · up`` or ``act(up)``).
+        params: the linear layers. lora: the adapters, or None: with them each linear layer is
+            ``W x + b + s · B A x̃`` (``x̃`` the dropout-masked input).
+        observation: the observer of the backward (STGC), or None.
+    Returns:
+        y (N, D), and the observer's anchor (a zero scalar whose gradient reaches the observer: add it to the
+        loss) or None without an observer.
+    """
+    static = _Static(d, activation, gated, None if lora is None else lora.inputs, observation)
+    y, anchor = _ExpertsFunction.apply(
+        hidden,
+        weights,
+        None if observation is None else observation.observed,
+        static,
+        *params.tensors(),
+        *((None,) * 4 if lora is None else lora.tensors()),
+    )
+    return y, None if observation is None else anchor
+
+
+@dataclass(frozen=True)
+class _Static:
+    """The experts function's non-tensor inputs."""
+
+    d: Dispatch
+    act: Activation
+    gated: bool
+    lora: LoRAInputs | None
+    observation: Observation | None
+
+
+# the autograd function's inputs: hidden, weights, observed, static, then these groups
+_BASE = slice(4, 8)  # w_in, w_out, b_in, b_out
+_ADAPTERS = slice(8, 12)  # a_in, bb_in, a_out, bb_out
+
+
+class _ExpertsFunction(torch.autograd.Function):
+    """``experts_function`` as one autograd function (its inputs: ``_BASE`` and ``_ADAPTERS``)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, hidden, weights, observed, observer, d, act, gated, w_in, w_out, b_in, b_out,
-        lora=None, a_in=None, bb_in=None, a_out=None, bb_out=None,
+        ctx, hidden, weights, observed, static, w_in, w_out, b_in, b_out, a_in, bb_in, a_out, bb_out
     ):  # fmt: skip
+        d, act, gated, lora = static.d, static.act, static.gated, static.lora
         capacity = choose_capacity(d, hidden.device, lora=lora is not None)
         if capacity is not None:
             d = pad_to_capacity(d, capacity, hidden.shape[0])
@@ -393,7 +480,8 @@ class ExpertsFunction(torch.autograd.Function):
         ctx.save_for_backward(
             xs, a, w_rows, w_in, w_out, b_in, b_out, u_in, u_out, a_in, bb_in, a_out, bb_out
         )
-        ctx.d, ctx.act, ctx.gated, ctx.observer, ctx.lora = d, act, gated, observer, lora
+        ctx.d, ctx.act, ctx.gated, ctx.lora = d, act, gated, lora
+        ctx.observer = None if static.observation is None else static.observation.observer
         ctx.observed = None if observed is None else observed.detach()
         ctx.weights_shape = weights.shape
         ctx.set_materialize_grads(False)
@@ -403,12 +491,12 @@ class ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_anchor):  # type: ignore[override]
         xs, a, w_rows, w_in, w_out, b_in, b_out, u_in, u_out, a_in, bb_in, a_out, bb_out = ctx.saved_tensors
         if grad_y is None:
-            return (None,) * 16
+            return (None,) * 12
         d: Dispatch = ctx.d
         observer, lora = ctx.observer, ctx.lora
         needs = ctx.needs_input_grad
-        base_trains = any(needs[7:11])
-        lora_trains = lora is not None and any(needs[12:16])
+        base_trains = any(needs[_BASE])
+        lora_trains = lora is not None and any(needs[_ADAPTERS])
         # the observer sees the layers whose parameters train (ExpertGrads' doc)
         base_grads = base_trains or (observer is not None and not lora_trains)
         g_rows = gather_rows(grad_y, d.token_ids, d)  # (P, D) ∂L/∂y of each row's token
@@ -488,20 +576,8 @@ class ExpertsFunction(torch.autograd.Function):
         adapters = (None,) * 4
         if lora is not None:
             adapters = (in_a.weight_grad, in_b.weight_grad, out_a.weight_grad, out_b.weight_grad)
-        param_grads = tuple(g if needs[7 + i] else None for i, g in enumerate(base))
-        lora_grads = tuple(g if needs[12 + i] else None for i, g in enumerate(adapters))
-        return (
-            grad_hidden,
-            grad_weights,
-            grad_observed,
-            None,
-            None,
-            None,
-            None,
-            *param_grads,
-            None,
-            *lora_grads,
-        )
+        grads = [grad_hidden, grad_weights, grad_observed, None, *base, *adapters]
+        return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
 
 
 def _masked(t: Tensor, mask: Tensor | None) -> Tensor:

@@ -15,7 +15,7 @@ per-expert reference (no custom backward).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,95 @@ from torch import Tensor, nn
 
 from moevl.checks import check_choice, check_int
 from moevl.moe.activations import Activation
-from moevl.moe.expert_function import Dispatch, ExpertGradientObserver, ExpertsFunction, LoRAInputs, dispatch
+from moevl.moe.expert_function import (
+    Dispatch,
+    ExpertGradientObserver,
+    ExpertWeights,
+    LoRAFactors,
+    LoRAInputs,
+    Observation,
+    dispatch,
+    experts_function,
+)
 from moevl.moe.grouped_mm import can_use_grouped_mm
 from moevl.moe.lora import LoRAConfig, add_expert_lora, lora_inputs, lora_names, merged_delta
 
 Implementation = Literal["auto", "grouped", "loop"]
+
+
+class Experts(Protocol):
+    """What moevl's experts function runs: stacked experts seen in moevl's layout. ``GroupedExperts``
+    implements it, and so do an adopted model's native experts (``moevl.hf.adopt``), whatever their
+    tensors' own layout."""
+
+    num_experts: int
+    gated: bool
+    activation: Activation
+    lora: LoRAConfig | None
+    training: bool
+
+    def linear_weights(self) -> ExpertWeights:
+        """The two linear layers in moevl's layout (views of the parameters: gradients reach them)."""
+        ...
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(A_in, B_in, A_out, B_out)`` (``LoRAFactors``' layout); only called with ``lora`` set."""
+        ...
+
+    def add_lora(self, config: LoRAConfig) -> None:
+        """LoRA adapters on both layers (``B = 0``)."""
+        ...
+
+    def merge_lora(self, *, fold: bool = True) -> None:
+        """Fold the adapters into the weights (``fold=False``: drop them) and remove them."""
+        ...
+
+
+def run_experts(
+    experts: Experts,
+    hidden: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    *,
+    observer: ExpertGradientObserver | None = None,
+    observed: Tensor | None = None,
+    require_grouped: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``experts`` on the decision (indices (N, K), weights (N, K)) for the tokens hidden (N, D): the one
+    place that calls ``experts_function`` (compute dtype under autocast, LoRA inputs, the dispatch).
+
+    Returns y (N, D) in the compute dtype and the observer's anchor (None without an observer).
+    ``require_grouped``: ``ValueError`` where the grouped matmul cannot run (``implementation='grouped'``).
+    """
+    compute_dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
+    base = experts.linear_weights()
+    params = ExpertWeights(*(None if p is None else p.to(compute_dtype) for p in base.tensors()))
+    if require_grouped and not can_use_grouped_mm(hidden, *[p for p in params.tensors() if p is not None]):
+        raise ValueError(
+            "implementation='grouped' needs fp32/bf16/fp16 weights and sizes whose rows are 16-byte aligned; "
+            f"got dtype {compute_dtype}, weights {tuple(params.w_in.shape)} and {tuple(params.w_out.shape)}"
+        )
+    lora = None
+    if experts.lora is not None:
+        inputs = lora_inputs(
+            experts.lora, indices.numel(), hidden.shape[-1], params.w_out.shape[-1], hidden, experts.training
+        )
+        lora = LoRAFactors(inputs, *(p.to(compute_dtype) for p in experts.lora_factors()))
+    observation = None if observer is None else Observation(observer, observed)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return experts_function(
+            hidden,
+            weights,
+            dispatch(indices, experts.num_experts),
+            activation=experts.activation,
+            gated=experts.gated,
+            params=params,
+            lora=lora,
+            observation=observation,
+        )
 
 
 class GroupedExperts(nn.Module):
@@ -128,6 +212,9 @@ class GroupedExperts(nn.Module):
             delattr(self, name_b)
         self.lora = None
 
+    def linear_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.in_proj, self.down_proj, self.in_proj_bias, self.down_proj_bias)
+
     @property
     def in_proj(self) -> Tensor:
         """The first linear layer: ``gate_up_proj`` (gated) or ``up_proj``."""
@@ -198,39 +285,27 @@ class GroupedExperts(nn.Module):
         if observer is not None and self.implementation == "loop":
             raise ValueError("implementation='loop' is the autograd reference and takes no observer (STGC)")
 
-        compute_dtype = hidden.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
-        d = dispatch(indices, self.num_experts)
-        lora = None
-        if self.lora is not None:
-            rows = indices.numel()
-            lora = lora_inputs(
-                self.lora, rows, self.hidden_size, self.intermediate_size, hidden, self.training
-            )
         if self.implementation == "loop":
-            return self._loop_forward(hidden, weights, d, lora), None
-
-        params = [
-            None if p is None else p.to(compute_dtype)
-            for p in (self.in_proj, self.down_proj, self.in_proj_bias, self.down_proj_bias)
-        ]
-        adapters = [None] * 4 if lora is None else [p.to(compute_dtype) for p in self.lora_factors()]
-        if self.implementation == "grouped" and not can_use_grouped_mm(
-            hidden, *[p for p in params if p is not None]
-        ):
-            raise ValueError(
-                "implementation='grouped' needs fp32/bf16/fp16 weights and sizes whose rows are "
-                f"16-byte aligned; got dtype {compute_dtype}, hidden {self.hidden_size}, "
-                f"intermediate {self.intermediate_size}"
-            )
-        observed = observed if observer is not None else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            y, anchor = ExpertsFunction.apply(
-                hidden, weights, observed, observer, d, self.activation, self.gated, *params, lora, *adapters
-            )
-        return y, anchor if observer is not None else None
+            compute_dtype = hidden.dtype
+            if torch.is_autocast_enabled(hidden.device.type):
+                compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
+            lora = None
+            if self.lora is not None:
+                rows = indices.numel()
+                lora = lora_inputs(
+                    self.lora, rows, self.hidden_size, self.intermediate_size, hidden, self.training
+                )
+            return self._loop_forward(hidden, weights, dispatch(indices, self.num_experts), lora), None
+        return run_experts(
+            self,
+            hidden,
+            indices,
+            weights,
+            observer=observer,
+            observed=observed,
+            require_grouped=self.implementation == "grouped",
+        )
 
     def _loop_forward(
         self, hidden: Tensor, weights: Tensor, d: Dispatch, lora: LoRAInputs | None = None

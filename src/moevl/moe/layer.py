@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -109,36 +111,27 @@ class MoEFeedForward(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
         flat_tok = None if token_mask is None else _flat_mask(token_mask, lead, "token_mask")
         flat_vis = None if vision_mask is None else _flat_mask(vision_mask, lead, "vision_mask")
-        logits, score_bias = self.routing_inputs(x)  # (N, E), (E,) or None
-        if self.stgc is not None and self.training and torch.is_grad_enabled():
-            observer = self.stgc.new_observer(scale=self.stgc_scale)
-            # Every use of the logits goes through the guard, so its backward (just before the
-            # router's) fails loudly if the experts' backward did not run the observer. The
-            # experts also take the logits as an input and return their STGC gradient: a real data
-            # dependency, so autograd always runs the experts' backward first.
-            logits = self.stgc.guard_logits(logits, observer)
-            record = self.router.route(
-                logits, token_mask=flat_tok, vision_mask=flat_vis, score_bias=score_bias
-            )
-            y, anchor = self.experts(x, record.indices, record.weights, observer=observer, observed=logits)
-            record.stgc = observer.stats
-            record.cel_anchor = anchor
-        else:
-            record = self.router.route(
-                logits, token_mask=flat_tok, vision_mask=flat_vis, score_bias=score_bias
-            )
-            y, _ = self.experts(x, record.indices, record.weights)
+
+        def run(
+            indices: Tensor, weights: Tensor, observer: ExpertGradientObserver | None, observed: Tensor | None
+        ):
+            return self.experts(x, indices, weights, observer=observer, observed=observed)
+
+        y, record = route_and_run(
+            self.router,
+            self.router.compute_logits(x),  # (N, E)
+            run,
+            token_mask=flat_tok,
+            vision_mask=flat_vis,
+            stgc=self.stgc if self.training else None,
+            stgc_scale=self.stgc_scale,
+        )
         shared = self.shared_output(x)
         if shared is not None:
             if flat_tok is not None:  # padding gets no output from any expert, shared ones included
                 shared = shared * flat_tok[:, None].to(shared.dtype)
             y = y + shared
         return MoEOutput(y.reshape(*lead, y.shape[-1]), record)  # not -1: lead may hold a 0
-
-    def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Router logits (N, E) of the tokens x (N, D) and the score bias the choice uses (None:
-        the router's own). Subclasses that keep another module's router override it."""
-        return self.router.compute_logits(x), None
 
     def shared_output(self, x: Tensor) -> Tensor | None:
         """(N, D) shared-expert output of x (N, D), or None without shared experts."""
@@ -148,6 +141,44 @@ class MoEFeedForward(nn.Module):
         if self.shared_gate is not None:
             out = torch.sigmoid(self.shared_gate(x)) * out
         return out
+
+
+#: ``run(indices (N, K), weights (N, K), observer or None, observed (N, E) or None) -> (y (N, D), anchor or None)``
+ExpertsCall = Callable[
+    [Tensor, Tensor, ExpertGradientObserver | None, Tensor | None], tuple[Tensor, Tensor | None]
+]
+
+
+def route_and_run(
+    router: TopKRouter,
+    logits: Tensor,
+    run: ExpertsCall,
+    *,
+    token_mask: Tensor | None,
+    vision_mask: Tensor | None,
+    score_bias: Tensor | None = None,
+    stgc: GradientObserverFactory | None = None,
+    stgc_scale: float = 1.0,
+) -> tuple[Tensor, RoutingRecord]:
+    """The routing step every moevl MoE block shares: ``router.route`` on ``logits`` (N, E), the experts on
+    its decision (``run``), and STGC's wiring when ``stgc`` is set and grad is enabled (pass None outside
+    training). Returns the experts' output (N, D) and the record (written once, the STGC statistics and
+    anchor in it).
+
+    With STGC, every use of the logits goes through the observer's guard, so that its backward (just
+    before the router's) fails loudly if the experts' backward did not run the observer; the experts also
+    take the logits as an input and return their STGC gradient: a real data dependency, so autograd always
+    runs the experts' backward first.
+    """
+    observer = None
+    if stgc is not None and torch.is_grad_enabled():
+        observer = stgc.new_observer(scale=stgc_scale)
+        logits = stgc.guard_logits(logits, observer)
+    record = router.route(logits, token_mask=token_mask, vision_mask=vision_mask, score_bias=score_bias)
+    y, anchor = run(record.indices, record.weights, observer, None if observer is None else logits)
+    if observer is not None:
+        record = dataclasses.replace(record, stgc=observer.stats, cel_anchor=anchor)
+    return y, record
 
 
 def _flat_mask(mask: Tensor, lead: torch.Size, name: str) -> Tensor:

@@ -262,7 +262,7 @@ def describe_moe(model: torch.nn.Module, how: str) -> str:
     s = moe_state(model).settings
     n = len(s.layers)
     line = f"{how} {n} MoE layer{'s' if n != 1 else ''} {list(s.layers)} (E={s.num_experts}, top-{s.top_k})"
-    native = {getattr(block, "native_class_name", None) for block in moe_blocks(model)} - {None}
+    native = {block.native_class_name for block in moe_blocks(model)} - {None}
     if native:
         line += f" of {', '.join(sorted(native))}"
     if how == "reconfigured":
