@@ -34,7 +34,6 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 from bench.common import load_average, saved_activation_bytes, time_interleaved, write
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
-from moevl.moe.expert_function import expert_layout
 
 CPU_SHAPES = [dict(T=2048, D=512, H=1024, E=8, k=2), dict(T=2048, D=512, H=256, E=64, k=8)]
 GPU_SHAPES = [*CPU_SHAPES, dict(T=8192, D=2048, H=768, E=128, k=8)]
@@ -78,10 +77,10 @@ def step_fn(module, x, is_moevl, layout="auto"):
         module.zero_grad(set_to_none=True)
         xx = x.detach().requires_grad_()
         if is_moevl:
-            with expert_layout(layout):
-                out, rec = module(xx)
-                loss = out.float().square().mean() + 0.01 * rec.balance_loss
-                loss.backward()
+            module.experts.layout = layout
+            out, rec = module(xx)
+            loss = out.float().square().mean() + 0.01 * rec.balance_loss
+            loss.backward()
         else:
             loss = module(xx).float().square().mean()
             loss.backward()

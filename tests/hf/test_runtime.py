@@ -112,3 +112,39 @@ def test_a_deep_copy_has_its_own_state_wired_to_its_own_blocks():
     assert all(block.context is twin_state.context for block in moe_blocks(twin))
     twin(**_text_batch())
     assert sorted(twin_state.context.records) == [0, 2] and state.context.records == {}
+
+
+@pytest.mark.parametrize("build", ["upcycle", "adopt"])
+def test_the_experts_layout_is_a_setting_of_the_model(build, monkeypatch):
+    """``set_experts_layout`` sets every block's experts of this model (no process-wide switch): both layouts
+    compute the same output and gradients, and another model keeps its own layout."""
+    import moevl.moe.expert_function as ef
+    from moevl.hf import adopt
+    from moevl.hf.runtime import set_experts_layout
+    from tests.fixtures.tiny import native_moe
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # where auto would pad
+    padded = []
+    real_pad = ef.pad_to_capacity
+    monkeypatch.setattr(ef, "pad_to_capacity", lambda *a: padded.append(1) or real_pad(*a))
+    make = (lambda: upcycle(causal_lm("llama"), num_experts=4, top_k=2)) if build == "upcycle" else None
+    make = make or (lambda: adopt(native_moe("qwen3_moe")))
+    model, other = make().train(), make()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for layout in ("sorted", "padded"):
+        padded.clear()
+        set_experts_layout(model, layout)
+        assert {b.experts.layout for b in moe_blocks(model)} == {layout}
+        assert {b.experts.layout for b in moe_blocks(other)} == {"auto"}
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[layout] = (out.logits.detach(), grads)
+        assert bool(padded) == (layout == "padded")  # the layout asked for is the one that ran
+    torch.testing.assert_close(results["sorted"][0], results["padded"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results["sorted"][1], results["padded"][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        set_experts_layout(model, "bmm")

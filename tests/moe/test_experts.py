@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.moe.activations import ACTIVATION_NAMES, Activation
-from moevl.moe.expert_function import choose_capacity, dispatch, expert_layout, pad_to_capacity
+from moevl.moe.expert_function import choose_capacity, dispatch, pad_to_capacity
 from moevl.moe.grouped_mm import can_use_grouped_mm, grouped_matmul, grouped_weight_grad
 from tests.fixtures.reference import per_token_moe
 
@@ -49,8 +49,8 @@ def _grads(experts, x, idx, w, run):
 def test_grouped_equals_loop_and_per_token(size, gated, bias, layout):
     experts, x, idx, w = _make(*size, gated=gated, bias=bias)
     # Make one expert empty (where there are enough experts) so that empty groups are exercised.
-    with expert_layout(layout):
-        y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
+    experts.layout = layout
+    y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
     experts.implementation = "loop"
     y_loop, g_loop = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
     y_ref, g_ref = _grads(experts, x, idx, w, per_token_moe)
@@ -81,8 +81,8 @@ def test_unused_slots_and_all_padding(layout):
     w[3] = 0
     idx[5, 1] = -1
     w[5, 1] = 0
-    with expert_layout(layout):
-        y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
+    experts.layout = layout
+    y_fast, g_fast = _grads(experts, x, idx, w, lambda m, x, i, w: m(x, i, w)[0])
     y_ref, g_ref = _grads(experts, x, idx, w, per_token_moe)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fast, g_ref, strict=True):
@@ -90,8 +90,7 @@ def test_unused_slots_and_all_padding(layout):
     assert torch.all(y_fast[3] == 0)
     none = torch.full_like(idx, -1)
     x = x.requires_grad_()
-    with expert_layout(layout):
-        y = experts(x, none, torch.zeros_like(w))[0]
+    y = experts(x, none, torch.zeros_like(w))[0]
     assert torch.all(y == 0)
     y.sum().backward()
     assert torch.all(x.grad == 0)
@@ -287,11 +286,9 @@ def test_auto_layout_rule(monkeypatch):
     assert choose_capacity(balanced, cpu, lora=False) == 4
     assert choose_capacity(skewed, cpu, lora=False) is None
     assert choose_capacity(balanced, cpu, lora=True) is None
-    with expert_layout("padded"):
-        assert choose_capacity(skewed, cpu, lora=False) == 6
-    with expert_layout("sorted"):
-        assert choose_capacity(balanced, cpu, lora=False) is None
+    assert choose_capacity(skewed, cpu, lora=False, layout="padded") == 6
+    assert choose_capacity(balanced, cpu, lora=False, layout="sorted") is None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert choose_capacity(balanced, cpu, lora=False) is None
-    with pytest.raises(ValueError, match="layout"), expert_layout("bmm"):
-        pass
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GroupedExperts(num_experts=4, hidden_size=8, intermediate_size=8, layout="bmm")

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moevl.checks import check_choice
 from moevl.hf.block import MoEBlock, RoutingContext
 from moevl.hf.settings import MoESettings
 from moevl.moe import LTDRRouter, TopKRouter
+from moevl.moe.expert_function import LAYOUTS
 
 #: Config attributes (of the model's top config) holding token ids whose positions are vision
 #: features: images and videos (LLaVA-family, Qwen2-VL, Qwen3-VL, LLaVA-OneVision, ...).
@@ -200,6 +202,14 @@ def _add_aux_loss(module: nn.Module, args: tuple, output: Any) -> Any:
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """The moevl MoE layers of a model (upcycled or adopted), in layer order."""
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+def set_experts_layout(model: nn.Module, layout: str) -> None:
+    """The row layout of every MoE layer's experts function (``auto``, ``sorted``, ``padded``:
+    ``moevl.moe.expert_function.choose_capacity``): a setting of this model, no process-wide switch."""
+    check_choice("layout", layout, LAYOUTS)
+    for block in moe_blocks(model):
+        block.experts.layout = layout
 
 
 def freeze_all_but_moe(model: nn.Module) -> None:

@@ -25,8 +25,6 @@ gradient for the router logits from the same backward pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -148,31 +146,20 @@ def dispatch(indices: Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order=order, token_ids=order // k, expert_ids=expert_ids, offsets=offsets)
 
 
-# The padded layout (one torch.bmm per projection) replaces torch's per-expert CPU grouped_mm when
-# ``expert_layout`` says so; "auto" decides per call by ``choose_capacity``'s rule.
+# The padded layout (one torch.bmm per projection) replaces torch's per-expert CPU grouped_mm when the
+# experts' ``layout`` says so; "auto" decides per call by ``choose_capacity``'s rule.
 Layout = Literal["auto", "sorted", "padded"]
-_layout: Layout = "auto"
+LAYOUTS: tuple[Layout, ...] = ("auto", "sorted", "padded")
 # auto pads only while padding adds at most this fraction of rows (FLOPs) to the used ones
 MAX_PADDING = 0.25
 
 
-@contextmanager
-def expert_layout(layout: Layout) -> Iterator[None]:
-    """Within the block, the experts function runs in this row layout: ``sorted`` (torch's grouped
-    matmul, one ``mm`` per expert on CPU), ``padded`` (every expert padded to the largest group, one
-    ``torch.bmm``; CPU, no LoRA adapters) or ``auto`` (``choose_capacity``). For tests and benchmarks."""
-    global _layout
-    if layout not in ("auto", "sorted", "padded"):
-        raise ValueError(f"layout must be 'auto', 'sorted' or 'padded', got {layout!r}")
-    before, _layout = _layout, layout
-    try:
-        yield
-    finally:
-        _layout = before
-
-
-def choose_capacity(d: Dispatch, device: torch.device, *, lora: bool) -> int | None:
+def choose_capacity(d: Dispatch, device: torch.device, *, lora: bool, layout: Layout = "auto") -> int | None:
     """The capacity to pad ``d`` to (``pad_to_capacity``), or None to keep the sorted layout.
+
+    ``layout`` (the experts' setting): ``sorted`` (torch's grouped matmul, one ``mm`` per expert on CPU),
+    ``padded`` (every expert padded to the largest group, one ``torch.bmm``; CPU, no LoRA adapters) or
+    ``auto`` (the rule below).
 
     On CPU torch's ``grouped_mm`` is a loop of one ``mm`` per expert, each its own parallel region
     whose threads meet at a barrier: with many small groups that is many barriers, and on a shared
@@ -183,14 +170,14 @@ def choose_capacity(d: Dispatch, device: torch.device, *, lora: bool) -> int | N
     kernel), under ``torch.compile`` (the capacity is read on the host), with LoRA adapters (their
     dropout masks are in the sorted layout), or without used rows.
     """
-    if _layout == "sorted" or device.type != "cpu" or lora or torch.compiler.is_compiling():
+    if layout == "sorted" or device.type != "cpu" or lora or torch.compiler.is_compiling():
         return None
     counts = d.counts
     used = int(d.offsets[-1])
     if used == 0:
         return None
     capacity = int(counts.max())
-    if _layout == "padded":
+    if layout == "padded":
         return capacity
     if torch.get_num_threads() < 2 or capacity * d.num_experts > (1 + MAX_PADDING) * used:
         return None
@@ -411,6 +398,7 @@ def experts_function(
     params: ExpertWeights,
     lora: LoRAFactors | None = None,
     observation: Observation | None = None,
+    layout: Layout = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """``y (N, D) = Σ_s w_{t,s} · MLP_{indices[t,s]}(x_t)`` with the hand-written backward (module doc).
 
@@ -421,11 +409,12 @@ def experts_function(
         params: the linear layers. lora: the adapters, or None: with them each linear layer is
             ``W x + b + s · B A x̃`` (``x̃`` the dropout-masked input).
         observation: the observer of the backward (STGC), or None.
+        layout: the row layout (``choose_capacity``).
     Returns:
         y (N, D), and the observer's anchor (a zero scalar whose gradient reaches the observer: add it to the
         loss) or None without an observer.
     """
-    static = _Static(d, activation, gated, None if lora is None else lora.inputs, observation)
+    static = _Static(d, activation, gated, None if lora is None else lora.inputs, observation, layout)
     y, anchor = _ExpertsFunction.apply(
         hidden,
         weights,
@@ -446,6 +435,7 @@ class _Static:
     gated: bool
     lora: LoRAInputs | None
     observation: Observation | None
+    layout: Layout
 
 
 # the autograd function's inputs: hidden, weights, observed, static, then these groups
@@ -461,7 +451,7 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx, hidden, weights, observed, static, w_in, w_out, b_in, b_out, a_in, bb_in, a_out, bb_out
     ):  # fmt: skip
         d, act, gated, lora = static.d, static.act, static.gated, static.lora
-        capacity = choose_capacity(d, hidden.device, lora=lora is not None)
+        capacity = choose_capacity(d, hidden.device, lora=lora is not None, layout=static.layout)
         if capacity is not None:
             d = pad_to_capacity(d, capacity, hidden.shape[0])
         w_rows = gather_rows(weights.reshape(-1), d.order, d)  # (P,)

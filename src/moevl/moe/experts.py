@@ -24,9 +24,11 @@ from torch import Tensor, nn
 from moevl.checks import check_choice, check_int
 from moevl.moe.activations import Activation
 from moevl.moe.expert_function import (
+    LAYOUTS,
     Dispatch,
     ExpertGradientObserver,
     ExpertWeights,
+    Layout,
     LoRAFactors,
     LoRAInputs,
     Observation,
@@ -49,6 +51,8 @@ class Experts(Protocol):
     activation: Activation
     lora: LoRAConfig | None
     training: bool
+    #: the experts function's row layout (``moevl.moe.expert_function.choose_capacity``)
+    layout: Layout
 
     def linear_weights(self) -> ExpertWeights:
         """The two linear layers in moevl's layout (views of the parameters: gradients reach them)."""
@@ -111,6 +115,7 @@ def run_experts(
             params=params,
             lora=lora,
             observation=observation,
+            layout=experts.layout,
         )
 
 
@@ -132,6 +137,8 @@ class GroupedExperts(nn.Module):
         implementation: ``auto`` (grouped matmul where it can run, else a per-expert loop, with the
             hand-written backward), ``grouped`` (the same, grouped matmul required), ``loop``
             (plain autograd per expert; reference, no gradient observer).
+        layout: the grouped path's row layout: ``auto``, ``sorted`` or ``padded``
+            (``moevl.moe.expert_function.choose_capacity``); an attribute a model's owner may change.
 
     ``add_lora`` gives each layer LoRA adapters (``moevl.moe.lora``): ``{layer}_lora_A`` (E, r, in) and
     ``{layer}_lora_B`` (E, out, r); ``merge_lora`` folds them into the weights and removes them.
@@ -147,18 +154,21 @@ class GroupedExperts(nn.Module):
         activation: str | Callable[[Tensor], Tensor] = "silu",
         bias: bool = False,
         implementation: Implementation = "auto",
+        layout: Layout = "auto",
     ) -> None:
         super().__init__()
         check_int("num_experts", num_experts, minimum=1)
         check_int("hidden_size", hidden_size, minimum=1)
         check_int("intermediate_size", intermediate_size, minimum=1)
         check_choice("implementation", implementation, ("auto", "grouped", "loop"))
+        check_choice("layout", layout, LAYOUTS)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.gated = gated
         self.activation = Activation.resolve(activation)
         self.implementation: Implementation = implementation
+        self.layout: Layout = layout
         self.lora: LoRAConfig | None = None
         e, d, h = num_experts, hidden_size, intermediate_size
         self.in_name = "gate_up_proj" if gated else "up_proj"

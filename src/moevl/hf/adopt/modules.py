@@ -61,6 +61,9 @@ class AdoptedExperts(_NativeAttributes, nn.Module):
         self.__dict__["block"] = block  # not a submodule: the block owns this module
         self.__dict__["spec"] = spec
         self.__dict__["lora"] = None  # LoRAConfig once it has adapters (moevl's layout)
+        self.__dict__["layout"] = (
+            "auto"  # the experts function's row layout (moevl.hf.runtime.set_experts_layout)
+        )
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # the native decision (top_k_index, top_k_weights: the rest of the call) is not used
