@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Top-level modules that import nothing of moevl: any layer may use them.
-LEAVES = {"_deprecated", "atomic", "checks", "observability"}
+LEAVES = {"atomic", "checks", "observability"}
 #: package -> the other moevl packages it may import (anywhere in its files), besides the leaves
 ALLOWED = {
     "moe": set(),

@@ -185,7 +185,8 @@ class MoESettings:
     def from_dict(cls, data: Mapping[str, Any]) -> MoESettings:
         """Inverse of ``to_dict``. Unknown keys and bad values raise ``ValueError`` naming the key.
 
-        Also reads what older moevl versions stored (``UpcycleSettings``: the same keys).
+        Also reads what older moevl versions stored: the same keys, with ``stgc`` settings written before
+        ``weight_mode`` / ``centered`` existed read as the paper's CEL.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"MoE settings must be a mapping, got {type(data).__name__}")
