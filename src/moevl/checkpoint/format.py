@@ -199,7 +199,7 @@ def load_moe_model(
         settings_overrides: ``MoESettings`` fields to change, e.g. ``stgc=None`` for inference,
             ``router="topk"`` to drop LTDR. ``num_experts`` and ``layers`` are fixed by the weights.
     Returns:
-        The model in eval mode, with ``moe_settings`` and ``moe_context``.
+        The model in eval mode, with its ``MoEState`` (``moe_state(model).settings`` and ``.context``).
     """
     from moevl.hf.adopt import adopt, is_native_moe
     from moevl.hf.upcycle import upcycle

@@ -2,8 +2,8 @@
 ``config.moevl`` of the saved checkpoint.
 
 A field left ``None`` means "the default of the model it is applied to": ``upcycle`` and ``adopt``
-resolve it and store the resolved settings on the model (``model.moe_settings``) and in its config,
-so a checkpoint reloads with exactly the same MoE layers.
+resolve it and store the resolved settings in the model's ``MoEState`` (``moe_state(model).settings``) and in
+its config, so a checkpoint reloads with exactly the same MoE layers.
 """
 
 from __future__ import annotations
