@@ -14,9 +14,7 @@ from moevl.checkpoint.format import (
     is_moevl_checkpoint,
     load_moe_model,
     load_moe_state_into,
-    load_upcycled,
     save_moe_model,
-    save_upcycled,
 )
 from moevl.hf import adopt, moe_blocks, moe_state, upcycle
 from moevl.moe import LTDRConfig, LTDRRouter
@@ -159,11 +157,11 @@ def test_checkpoints_of_older_moevl_versions_load(tmp_path):
     _assert_same_model(adopted, load_moe_model(tmp_path / "adopted"), text_batch())
 
 
-def test_old_names_and_overrides(tmp_path):
+def test_model_class_and_overrides(tmp_path):
     model = _upcycled_llama()
-    save_upcycled(model, tmp_path)
+    save_moe_model(model, tmp_path)
     assert is_moevl_checkpoint(tmp_path)
-    _assert_same_model(model, load_upcycled(tmp_path, type(model)), text_batch())
+    _assert_same_model(model, load_moe_model(tmp_path, model_class=type(model)), text_batch())
     plain = load_moe_model(tmp_path, stgc=None, router="topk")
     assert moe_state(plain).settings.stgc is None and moe_state(plain).settings.ltdr is None
     assert type(moe_blocks(plain)[0].router).__name__ == "TopKRouter"
@@ -187,14 +185,14 @@ def test_layers_given_as_a_list_round_trip(tmp_path):
         load_moe_model(tmp_path, layers=[1, 2])
 
 
-@pytest.mark.parametrize("writer", ["save_upcycled", "save_pretrained"])
-def test_load_upcycled_reads_adopted_checkpoints(tmp_path, writer):
+@pytest.mark.parametrize("writer", ["save_moe_model", "save_pretrained"])
+def test_load_moe_model_reads_adopted_checkpoints(tmp_path, writer):
     model = adopt(native_moe("qwen3_moe"), balance_coef=0.02)
-    if writer == "save_upcycled":
-        save_upcycled(model, tmp_path)
+    if writer == "save_moe_model":
+        save_moe_model(model, tmp_path)
     else:
         model.save_pretrained(tmp_path)
-    for reloaded in (load_upcycled(tmp_path, type(model)), load_upcycled(tmp_path)):
+    for reloaded in (load_moe_model(tmp_path, model_class=type(model)), load_moe_model(tmp_path)):
         assert type(moe_blocks(reloaded)[0]) is type(moe_blocks(model)[0])
         _assert_same_model(model, reloaded, text_batch())
 

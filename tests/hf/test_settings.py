@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-import moevl.hf
 from moevl.hf import MoESettings, moe_state, upcycle
 from moevl.hf.settings import FIELD_KINDS, RECONFIGURABLE_FIELDS, STRUCTURAL_FIELDS, FixedSettingError
 from moevl.moe import LoRAConfig, LTDRConfig, LTDRRouter, TopKRouter
@@ -38,14 +37,10 @@ def test_to_dict_is_json_and_round_trips_exactly(settings):
 def test_layers_are_normalised_and_router_follows_ltdr():
     assert FULL.layers == (1, 3)
     assert FULL.router == "ltdr" and MoESettings().router == "topk"
-    with pytest.warns(
-        DeprecationWarning, match="moevl.hf.UpcycleSettings is deprecated .*: use moevl.hf.MoESettings"
-    ):
-        assert moevl.hf.UpcycleSettings is MoESettings
 
 
 def test_reads_the_dict_older_versions_stored():
-    old = {  # what UpcycleSettings.to_dict() wrote before MoESettings
+    old = {  # what older moevl versions stored, before the STGC weight modes
         "num_experts": 4,
         "top_k": 2,
         "layers": [0, 2],

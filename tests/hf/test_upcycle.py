@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moevl.checkpoint.format import load_upcycled, save_upcycled
+from moevl.checkpoint import load_moe_model, save_moe_model
 from moevl.hf import moe_blocks, moe_state, upcycle
 from moevl.hf.block import UpcycledMoEBlock
 from moevl.moe import LTDRConfig
@@ -55,8 +55,8 @@ def test_training_reduces_loss_and_save_reload_roundtrips(arch, tmp_path):
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.3
     model.eval()
-    save_upcycled(model, tmp_path)
-    reloaded = load_upcycled(tmp_path, type(model))
+    save_moe_model(model, tmp_path)
+    reloaded = load_moe_model(tmp_path, model_class=type(model))
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask).logits
         b = reloaded(input_ids=ids, attention_mask=mask).logits
@@ -70,13 +70,13 @@ def test_llava_save_reload_both_key_formats(tmp_path, original_format):
     with torch.no_grad():
         for p in model.parameters():  # make every tensor distinct from a fresh init
             p.add_(0.01 * torch.randn_like(p))
-    save_upcycled(model, tmp_path, save_original_format=original_format)
+    save_moe_model(model, tmp_path, save_original_format=original_format)
     if original_format:  # transformers' legacy names really were written
         from safetensors import safe_open
 
         with safe_open(str(next(tmp_path.glob("*.safetensors"))), "pt") as f:
             assert not set(f.keys()) <= set(model.state_dict())
-    reloaded = load_upcycled(tmp_path, type(model))
+    reloaded = load_moe_model(tmp_path, model_class=type(model))
     ref = model.state_dict()
     got = reloaded.state_dict()
     assert got.keys() == ref.keys()

@@ -321,7 +321,7 @@ def export_adapter(
     state = find_moe_state(model)
     config = None if state is None else state.settings.lora
     if config is None:
-        raise ValueError("export_adapter: the model has no LoRA adapters (moe_settings.lora is None)")
+        raise ValueError("export_adapter: the model has no LoRA adapters (its settings' lora is None)")
     base = unload_lora(copy.deepcopy(model))
     plan = plan_export(base)
     if plan.native_class is None:

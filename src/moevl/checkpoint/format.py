@@ -125,11 +125,6 @@ def save_moe_model(
     return directory
 
 
-def save_upcycled(model: nn.Module, directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """Older name of ``save_moe_model`` (same arguments)."""
-    return save_moe_model(model, directory, **kwargs)
-
-
 def staged_directory(directory: str | os.PathLike, *, commit: bool = True) -> AbstractContextManager[Path]:
     """A temporary folder beside ``directory`` to write a checkpoint into (``moevl.atomic.atomic_directory``);
     on success its files replace ``directory``'s by a checkpoint's rules (module doc: ``config.json`` last,
@@ -206,7 +201,7 @@ def load_moe_model(
         settings_overrides: ``MoESettings`` fields to change, e.g. ``stgc=None`` for inference,
             ``router="topk"`` to drop LTDR. ``num_experts`` and ``layers`` are fixed by the weights.
     Returns:
-        The model in eval mode, with ``moe_settings`` and ``moe_context``.
+        The model in eval mode, with its ``MoEState`` (``moe_state(model).settings`` and ``.context``).
     """
     from moevl.hf.adopt import adopt, is_native_moe
     from moevl.hf.upcycle import upcycle
@@ -268,13 +263,6 @@ def load_moe_model(
     upcycle(model, settings, implementation=implementation, freeze_dense=freeze_dense)
     _load_weights_strict(model, directory, stored.weight_files, caller="load_moe_model")
     return model.eval()
-
-
-def load_upcycled(
-    directory: str | os.PathLike, model_class: type | None = None, **settings_overrides: Any
-) -> nn.Module:
-    """Older name of ``load_moe_model`` (``model_class`` positional)."""
-    return load_moe_model(directory, model_class=model_class, **settings_overrides)
 
 
 def load_moe_state_into(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from moevl import vision_tokens
 from moevl.checks import check
 from moevl.data.conversations import DataError, Record, last_assistant_text, prompt_messages
 
@@ -54,9 +55,7 @@ def chat_template_of(processor: Any, override: str | None = None) -> str:
 
 def vision_token_ids(processor: Any, config: Any = None) -> tuple[int, ...]:
     """The image and video placeholder token ids of a checkpoint, from its config and its processor."""
-    from moevl.hf.runtime import vision_token_ids as from_config
-
-    ids = set(from_config(config)) if config is not None else set()
+    ids = set(vision_tokens.vision_token_ids(config)) if config is not None else set()
     tokenizer = tokenizer_of(processor)
     for owner in (processor, tokenizer):
         for attr in ("image_token", "video_token"):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from moevl._deprecated import moved_names
-
 if TYPE_CHECKING:
     from moevl.detection.losses import bckd_classification_loss, bckd_localization_loss
     from moevl.detection.model import DetectorConfig, GFLDetector
@@ -28,14 +26,8 @@ _EXPORTS = {
 
 __all__ = ["DetectorConfig", "GFLDetector", "bckd_classification_loss", "bckd_localization_loss"]
 
-#: Names this package exported before issue 25 cut its surface -> their module (one release, with a warning).
-_moved = moved_names(
-    __name__,
-    {n: "moevl.detection.losses" for n in ("kl_distillation_loss", "localization_distillation_loss")},
-)
-
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    return _moved(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,19 +22,10 @@ from moevl.hf.settings import MoESettings
 from moevl.moe import LTDRRouter, TopKRouter
 from moevl.moe.expert_function import LAYOUTS
 
-#: Config attributes (of the model's top config) holding token ids whose positions are vision
-#: features: images and videos (LLaVA-family, Qwen2-VL, Qwen3-VL, LLaVA-OneVision, ...).
-VISION_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-
-
-def vision_token_ids(config: Any) -> tuple[int, ...]:
-    """The vision placeholder token ids named in ``config`` (``VISION_TOKEN_ATTRIBUTES``), in order."""
-    ids: list[int] = []
-    for name in VISION_TOKEN_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value not in ids:
-            ids.append(value)
-    return tuple(ids)
+# Re-exported: ``upcycle`` and ``adopt`` read the vision token ids from here (the leaf ``moevl.vision_tokens``
+# holds them so that ``moevl.data`` shares them without importing ``hf``).
+from moevl.vision_tokens import VISION_TOKEN_ATTRIBUTES as VISION_TOKEN_ATTRIBUTES
+from moevl.vision_tokens import vision_token_ids as vision_token_ids
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -2,8 +2,8 @@
 ``config.moevl`` of the saved checkpoint.
 
 A field left ``None`` means "the default of the model it is applied to": ``upcycle`` and ``adopt``
-resolve it and store the resolved settings on the model (``model.moe_settings``) and in its config,
-so a checkpoint reloads with exactly the same MoE layers.
+resolve it and store the resolved settings in the model's ``MoEState`` (``moe_state(model).settings``) and in
+its config, so a checkpoint reloads with exactly the same MoE layers.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ class MoESettings:
     def from_dict(cls, data: Mapping[str, Any]) -> MoESettings:
         """Inverse of ``to_dict``. Unknown keys and bad values raise ``ValueError`` naming the key.
 
-        Also reads what older moevl versions stored (``UpcycleSettings``: the same keys).
+        Also reads what older moevl versions stored: the same keys, with ``stgc`` settings written before
+        ``weight_mode`` / ``centered`` existed read as the paper's CEL.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"MoE settings must be a mapping, got {type(data).__name__}")

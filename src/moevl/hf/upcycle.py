@@ -56,8 +56,9 @@ def upcycle(
         freeze_dense: train only experts and routers (MoE-LLaVA stage 3).
         implementation: experts implementation (``auto``, ``grouped``, ``loop``).
     Returns:
-        The same model object, upcycled, with its ``MoEState`` (``moe_state(model)``: the resolved
-        ``MoESettings``, also in ``config.moevl``, and the ``RoutingContext``).
+        The same model object, upcycled, with a ``MoEState``: ``moe_state(model).context``
+        (``RoutingContext``) and ``moe_state(model).settings`` (the resolved ``MoESettings``, also in
+        ``config.moevl``).
     """
     if find_moe_state(model) is not None:
         raise ValueError("upcycle: this model is already upcycled or adopted (it has moevl MoE layers)")

@@ -4,7 +4,6 @@ Knows nothing of Hugging Face or of training. Axis legend: ``N`` tokens, ``E`` e
 slots per token, ``D`` model dim, ``H`` expert hidden dim.
 """
 
-from moevl._deprecated import moved_names
 from moevl.moe.experts import GroupedExperts
 from moevl.moe.layer import MoEFeedForward
 from moevl.moe.lora import LoRAConfig
@@ -20,15 +19,3 @@ __all__ = [
     "TopKRouter",
     "ltdr_tail_mask",
 ]
-
-#: Names this package exported before issue 25 cut its surface -> their module (one release, with a warning).
-__getattr__ = moved_names(
-    __name__,
-    {
-        "MoEOutput": "moevl.moe.layer",
-        "RouterLoRA": "moevl.moe.lora",
-        "RoutingRecord": "moevl.moe.routing",
-        "balance_loss": "moevl.moe.routing",
-        "router_z_loss": "moevl.moe.routing",
-    },
-)
