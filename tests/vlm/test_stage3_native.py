@@ -19,7 +19,7 @@ from moevl.hf.adopt import AdoptedMoEBlock
 from moevl.hf.runtime import decoder_layers
 from moevl.vlm.compare import demo_config
 from moevl.vlm.evaluate import run_eval
-from moevl.vlm.io import load_model
+from moevl.vlm.io import load_model, resolve_model_dir
 from moevl.vlm.parts import parameter_parts, set_trainable
 from moevl.vlm.train import prepare_moe, train_stage
 from tests.fixtures.demo import TINY
@@ -224,6 +224,38 @@ def test_the_command_line_adopts_and_refuses_a_different_expert_count(demo, spar
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "'moe.num_experts': 8, but the model is sparse with num_experts=4" in result.output
     assert not (tmp_path / "no").exists()
+
+
+def test_a_sparse_block_under_another_name_goes_through_the_command_line(demo, tmp_path):
+    """GraniteMoE keeps its experts in ``block_sparse_moe`` (no ``mlp``): ``moevl train --stage 3`` (stgc) adopts
+    it, ``moevl eval`` reads the result, and the export reloads in plain transformers with equal logits."""
+    init = build_sparse_llava(demo.init, tmp_path / "granite", "granitemoe")
+    runner = CliRunner()
+    out = tmp_path / "s3"
+    result = runner.invoke(app, [
+        "train", "--stage", "3", "--config", str(TINY), "--model", str(init), "--out", str(out),
+        "--data", str(demo.files.instruct), "--image-folder", str(demo.files.image_folder),
+        "--method", "stgc", "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "adopted 3 MoE layers [0, 1, 2] (E=4, top-2) of GraniteMoeMoE" in result.output
+    model_dir = resolve_model_dir(out)
+    assert json.loads((model_dir / "moevl.json").read_text())["moe"] == "adopted"
+    result = runner.invoke(app, [
+        "eval", "--config", str(TINY), "--model", str(model_dir), "--data", str(demo.files.validation),
+        "--image-folder", str(demo.files.image_folder), "--out", str(tmp_path / "eval.json"), "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, processor = load_model(model_dir)
+    exported = export(model, tmp_path / "exported", processor=processor)
+    assert exported.format == "native"
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported").eval()
+    batch = _batch(demo, processor)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(**batch).logits[real], model.eval()(**batch).logits[real], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_diagnose_adopts_a_native_moe_model_in_memory(demo, sparse, tmp_path):

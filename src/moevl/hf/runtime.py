@@ -29,15 +29,21 @@ from moevl.vision_tokens import vision_token_ids as vision_token_ids
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's layer list (of a CausalLM or a LLaVA-family wrapper), found by structure."""
+    """The decoder's layer list (of a CausalLM or a LLaVA-family wrapper), found by structure: the first
+    ``nn.ModuleList`` under ``model.get_decoder()`` whose layers all have an ``mlp``, else the first one holding
+    moevl MoE blocks (a model whose sparse block has another name, e.g. GraniteMoE's ``block_sparse_moe``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     decoder = decoder if decoder is not None else model
-    for _, module in decoder.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(m, "mlp") for m in module):
+    lists = [m for _, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for module in lists:
+        if all(hasattr(m, "mlp") for m in module):
+            return module
+    for module in lists:
+        if any(isinstance(block, MoEBlock) for layer in module for block in layer.modules()):
             return module
     raise ValueError(
         f"found no decoder layer list in {type(model).__name__} (looked for an nn.ModuleList "
-        "whose layers all have an `mlp` attribute, under model.get_decoder())"
+        "whose layers all have an `mlp` attribute, or holding moevl MoE layers, under model.get_decoder())"
     )
 
 
