@@ -92,9 +92,7 @@ def ltdr_tail_mask(probs: Tensor, vision: Tensor, *, tail_ratio: float | None = 
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
         return vision & (rank < torch.round(_check_ratio(tail_ratio) * count))
-    if count == 0:
-        return torch.zeros_like(vision)
-    mean_rpv = (rpv * vision).sum() / count
+    mean_rpv = (rpv * vision).sum() / count.clamp_min(1)  # no vision token: vision is all False
     return vision & (rpv > mean_rpv)
 
 

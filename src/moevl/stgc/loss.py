@@ -50,7 +50,16 @@ CELForm = Literal["neg_softmax", "one_minus_p", "next_best"]
 CEL_FORMS: tuple[str, ...] = ("neg_softmax", "one_minus_p", "next_best")
 
 
-def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | None, centered: bool) -> None:
+def _check(
+    logits: Tensor,
+    conflicts: Tensor,
+    form: str,
+    dispatched: Tensor | None,
+    centered: bool,
+    values: bool = True,
+) -> None:
+    """The arguments' shapes and types; with ``values`` also that every conflict is a dispatched pair (a read of
+    the tensors' values: a host synchronisation on an accelerator)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
     if conflicts.shape != logits.shape or conflicts.dtype != torch.bool:
@@ -68,7 +77,7 @@ def _check(logits: Tensor, conflicts: Tensor, form: str, dispatched: Tensor | No
                 f"dispatched must be a bool tensor of shape {tuple(logits.shape)}, got "
                 f"{dispatched.dtype} {tuple(dispatched.shape)}"
             )
-        if bool((conflicts & ~dispatched).any()):
+        if values and bool((conflicts & ~dispatched).any()):
             raise ValueError("conflicts must be dispatched pairs: found a conflict outside dispatched")
 
 
@@ -115,8 +124,12 @@ def conflict_elimination_grad(
     form: CELForm = "neg_softmax",
     dispatched: Tensor | None = None,
     centered: bool = False,
+    check_values: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Value and gradient of ``conflict_elimination_loss`` w.r.t. the logits, in closed form.
+
+    ``check_values=False`` skips the check that every conflict is dispatched (STGC's observer builds them
+    from dispatched pairs; the check reads the device on the host).
 
     The STGC backward adds this gradient to the router logits' gradient without building a graph.
     ``neg_softmax``: ``∂ℓ/∂z = onehot_e − softmax(−z)``; the other forms: ``softmax_S − softmax_B``
@@ -132,7 +145,7 @@ def conflict_elimination_grad(
     Returns:
         (loss scalar fp32, grad (N, E) in the logits' dtype).
     """
-    _check(logits, conflicts, form, dispatched, centered)
+    _check(logits, conflicts, form, dispatched, centered, check_values)
     z = logits.detach().float()
     num = conflicts.sum().clamp_min(1)
     pairs, w = _pair_weights(conflicts, dispatched, centered)

@@ -175,8 +175,11 @@ class STGCStats:
     def conflict_ratio_per_expert(self) -> Tensor:
         """(E,) share of each expert's tokens that conflict (0 for an empty expert)."""
         self._require_ready()
-        num = torch.zeros(self.num_experts).index_add_(0, self.expert_ids.cpu(), self.conflicts.float().cpu())
-        return num / self.tokens_per_expert.cpu().clamp_min(1)
+        conflicts = self.conflicts.float()
+        num = conflicts.new_zeros(self.num_experts).index_add_(
+            0, self.expert_ids.to(conflicts.device), conflicts
+        )
+        return num / self.tokens_per_expert.to(conflicts.device).clamp_min(1)
 
     @property
     def cosine_mean(self) -> float:
@@ -188,19 +191,27 @@ class STGCStats:
         self._require_ready()
         return float(self.cosine.std(unbiased=False)) if self.cosine.numel() else 0.0
 
-    def summary(self) -> dict[str, float]:
-        """Scalars for logging."""
+    def summary_tensors(self) -> dict[str, Tensor]:
+        """The ``summary`` scalars as 0-d float tensors on the statistics' device: no host synchronisation."""
+        self._require_ready()
+        cos, conflicts = self.cosine.float(), self.conflicts.float()
+        zero = cos.new_zeros(())
         return {
-            "conflict_ratio": self.conflict_ratio,
-            "cosine_mean": self.cosine_mean,
-            "cosine_std": self.cosine_std,
-            "cel": float(self.cel),
-            "num_conflicts": float(self.conflicts.sum()),
-            "cel_grad_ratio": float(self.cel_grad_ratio),
+            "conflict_ratio": conflicts.mean() if conflicts.numel() else zero,
+            "cosine_mean": cos.mean() if cos.numel() else zero,
+            "cosine_std": cos.std(unbiased=False) if cos.numel() else zero,
+            "cel": self.cel.detach().float().to(cos.device),
+            "num_conflicts": conflicts.sum(),
+            "cel_grad_ratio": self.cel_grad_ratio.detach().float().to(cos.device),
             # share of pairs with a negative cosine: the conflict ratio at tau = 0 whatever the run's threshold,
             # so that runs with different thresholds compare
-            "negative_share": float((self.cosine < 0).float().mean()) if self.cosine.numel() else 0.0,
+            "negative_share": (cos < 0).float().mean() if cos.numel() else zero,
         }
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for logging (``summary_tensors`` read on the host)."""
+        tensors = self.summary_tensors()
+        return dict(zip(tensors, torch.stack(list(tensors.values())).tolist(), strict=True))
 
 
 class STGCObserver:
@@ -228,13 +239,14 @@ class STGCObserver:
         cos = grouped_token_gradient_cosine(grads, cfg.scope)  # (P,)
         conflict = cfg.conflicts(cos, grads.expert_ids, grads.counts)  # (P,)
         mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        mask[grads.token_ids[conflict], grads.expert_ids[conflict]] = True
+        # each (token, expert) pair is dispatched once: write every pair's flag (no boolean index, no sync)
+        mask.index_put_((grads.token_ids, grads.expert_ids), conflict)
         dispatched = None
         if cfg.cel == "next_best" or cfg.centered:
             dispatched = torch.zeros_like(mask)
             dispatched[grads.token_ids, grads.expert_ids] = True
         cel, grad = conflict_elimination_grad(
-            logits, mask, form=cfg.cel, dispatched=dispatched, centered=cfg.centered
+            logits, mask, form=cfg.cel, dispatched=dispatched, centered=cfg.centered, check_values=False
         )
         s = self.stats
         s.num_experts = logits.shape[1]

@@ -1,18 +1,37 @@
-"""Routing, LTDR and STGC statistics of an upcycled model's last forward (and backward)."""
+"""Routing, LTDR and STGC statistics of a MoE model's last forward (and backward).
+
+Computed in two halves so that a training step never waits for the device: ``collect`` builds them as
+tensors on the records' device (no host synchronisation: masked sums, no boolean indexing, no ``float()``),
+``read`` brings any number of steps to the host in one transfer. ``routing_statistics`` is both at once.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from moevl import observability as metrics
-from moevl.hf.runtime import RoutingContext, find_moe_state
-from moevl.training.routing_health import (
-    contingency_table,
-    mutual_information,
-    normalized_entropy,
-    normalized_mutual_information,
-)
+from moevl.hf.runtime import find_moe_state
+from moevl.training.routing_health import normalized_entropy
+
+
+@dataclass(frozen=True)
+class StepStatistics:
+    """One step's statistics as tensors on the device (``collect``).
+
+    Attributes:
+        values: ``(metric key, layer) -> 0-d`` float tensor; NaN where the step had nothing to measure (no
+            real token, no vision token, ...): such a key is left out of that step (``read``).
+        per_expert: ``(metric key, layer) -> (E,)`` per-expert values (the STGC conflict ratio).
+        loads: ``{layer: {"vision": (E,), "text": (E,)}}`` token counts per expert.
+    """
+
+    values: dict[tuple[str, int], Tensor]
+    per_expert: dict[tuple[str, int], Tensor]
+    loads: dict[int, dict[str, Tensor]]
 
 
 def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
@@ -40,52 +59,147 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
         ``stgc/cosine_std``, ``stgc/cel``; plus per-layer keys ``.../L{i}``. Loads:
         ``{layer: {"vision": [E], "text": [E]}}`` token counts.
     """
-    state = find_moe_state(model)
-    context: RoutingContext | None = None if state is None else state.context
-    if context is None or not context.records:
+    step = collect(model)
+    if step is None:
         return {}, {}
-    per_key: dict[str, list[float]] = {}
-    loads: dict[int, dict[str, list[float]]] = {}
+    (scalars,), loads = read([step])
+    return scalars, loads
 
-    def put(key: str, layer: int, value: float) -> None:
-        per_key.setdefault(key, []).append(value)
-        per_key.setdefault(metrics.per_layer(key, layer), []).append(value)
 
+def collect(model: nn.Module) -> StepStatistics | None:
+    """The statistics of ``model``'s last forward (and backward) as tensors on the device, without a host
+    synchronisation; None for a model without MoE layers or records."""
+    state = find_moe_state(model)
+    context = None if state is None else state.context
+    if context is None or not context.records:
+        return None
+    values: dict[tuple[str, int], Tensor] = {}
+    per_expert: dict[tuple[str, int], Tensor] = {}
+    loads: dict[int, dict[str, Tensor]] = {}
     for layer, rec in sorted(context.records.items()):
         valid = rec.token_mask
-        put(metrics.BALANCE_LOSS, layer, float(rec.balance_loss.detach()))
-        put(metrics.Z_LOSS, layer, float(rec.z_loss.detach()))
-        n_exp = rec.experts_per_token[valid].float()
-        put(metrics.EXPERTS_PER_TOKEN, layer, float(n_exp.mean()) if n_exp.numel() else 0.0)
         vision = rec.vision_mask & valid if rec.vision_mask is not None else torch.zeros_like(valid)
+        values[(metrics.BALANCE_LOSS, layer)] = rec.balance_loss.detach().float()
+        values[(metrics.Z_LOSS, layer)] = rec.z_loss.detach().float()
+        n_exp = rec.experts_per_token.float()
+        values[(metrics.EXPERTS_PER_TOKEN, layer)] = _masked_mean(n_exp, valid, empty=0.0)
         e = rec.probs.shape[1]
-        loads[layer] = {}
-        for name, m in (("vision", vision), ("text", valid & ~vision)):
-            idx = rec.indices[m]
-            loads[layer][name] = torch.bincount(idx[idx >= 0], minlength=e).float().tolist()
+        loads[layer] = {
+            name: _counts(rec.indices, m, e) for name, m in (("vision", vision), ("text", valid & ~vision))
+        }
         for key, value in _router_health(rec, vision, context.category_ids).items():
-            put(key, layer, value)
-        if rec.tail_mask is not None and vision.any():
-            put(metrics.TAIL_SHARE, layer, float(rec.tail_mask[vision].float().mean()))
+            values[(key, layer)] = value
+        if rec.tail_mask is not None:
+            values[(metrics.TAIL_SHARE, layer)] = _masked_mean(rec.tail_mask.float(), vision)
         if rec.stgc is not None and rec.stgc.ready:
-            for k, v in rec.stgc.summary().items():
-                put(metrics.stgc(k), layer, v)
-            for j, v in enumerate(rec.stgc.conflict_ratio_per_expert.tolist()):
-                per_key.setdefault(metrics.per_expert(metrics.CONFLICT_RATIO, layer, j), []).append(v)
-    return {k: sum(v) / len(v) for k, v in per_key.items()}, loads
+            for k, v in rec.stgc.summary_tensors().items():
+                values[(metrics.stgc(k), layer)] = v
+            per_expert[(metrics.CONFLICT_RATIO, layer)] = rec.stgc.conflict_ratio_per_expert.float()
+    return StepStatistics(values, per_expert, loads)
 
 
-def _router_health(rec, vision: Tensor, category_ids: Tensor | None) -> dict[str, float]:
-    """The ``router/...`` scalars of one layer's record (``routing_statistics``)."""
+def read(
+    steps: list[StepStatistics],
+) -> tuple[list[dict[str, float]], dict[int, dict[str, list[float]]]]:
+    """Each step's scalars (as ``routing_statistics`` gives them) and the loads summed over the steps, read
+    from the device in one transfer (one host synchronisation for any number of steps)."""
+    flat: list[Tensor] = []
+    for step in steps:
+        flat += [v.reshape(1).float() for v in step.values.values()]
+        flat += [v.reshape(-1).float() for v in step.per_expert.values()]
+    summed: dict[int, dict[str, Tensor]] = {}
+    for step in steps:
+        for layer, by_mod in step.loads.items():
+            acc = summed.setdefault(layer, {})
+            for mod, counts in by_mod.items():
+                acc[mod] = counts if mod not in acc else acc[mod] + counts
+    load_parts = [c.float() for by_mod in summed.values() for c in by_mod.values()]
+    if not flat and not load_parts:
+        return [{} for _ in steps], {}
+    device = (flat or load_parts)[0].device
+    host = torch.cat([t.to(device) for t in flat + load_parts]).tolist()
+    at = 0
+    scalars: list[dict[str, float]] = []
+    for step in steps:
+        per_key: dict[str, list[float]] = {}
+        for key, layer in step.values:
+            value, at = host[at], at + 1
+            if math.isnan(value):
+                continue
+            per_key.setdefault(key, []).append(value)
+            per_key.setdefault(metrics.per_layer(key, layer), []).append(value)
+        for (key, layer), v in step.per_expert.items():
+            for j in range(v.numel()):
+                per_key.setdefault(metrics.per_expert(key, layer, j), []).append(host[at + j])
+            at += v.numel()
+        scalars.append({k: sum(v) / len(v) for k, v in per_key.items()})
+    loads: dict[int, dict[str, list[float]]] = {}
+    for layer, by_mod in summed.items():
+        loads[layer] = {}
+        for mod, counts in by_mod.items():
+            loads[layer][mod], at = host[at : at + counts.numel()], at + counts.numel()
+    return scalars, loads
+
+
+def _masked_mean(values: Tensor, mask: Tensor, *, empty: float = math.nan) -> Tensor:
+    """Mean of ``values`` (N,) over ``mask`` (N,) bool, ``empty`` where the mask is all False (no sync)."""
+    count = mask.sum()
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, empty))
+
+
+def _counts(indices: Tensor, mask: Tensor, num_experts: int) -> Tensor:
+    """(E,) how many slots of the tokens in ``mask`` chose each expert (unused slots left out)."""
+    keep = (indices >= 0) & mask[:, None]
+    slots = torch.where(keep, indices, num_experts).reshape(-1)  # the extra bin E takes the rest
+    # index_add, not bincount: bincount reads its output size from the device
+    return torch.zeros(num_experts + 1, device=indices.device).index_add_(0, slots, keep.reshape(-1).float())[
+        :num_experts
+    ]
+
+
+def _dense_ranks(labels: Tensor) -> Tensor:
+    """``labels`` (N,) integers as dense ranks in ``[0, N)`` (equal labels, equal ranks), without a host
+    synchronisation."""
+    order = torch.argsort(labels, stable=True)
+    ordered = labels[order]
+    new = torch.ones_like(ordered, dtype=torch.long)
+    new[1:] = (ordered[1:] != ordered[:-1]).long()
+    return torch.empty_like(new).scatter_(0, order, torch.cumsum(new, 0) - 1)
+
+
+def _mutual_information(a: Tensor, b: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """``(I(A; B), I(A; B) / H(B))`` in nats over the positions in ``keep`` of the integer labels a, b (N,):
+    the plug-in estimate of ``moevl.training.routing_health.mutual_information`` on their contingency table,
+    computed per position instead of per cell (memory O(N) whatever the number of labels, no host sync):
+    ``I = Σ_i (1/M) log(n_ab(i) M / (n_a(i) n_b(i)))`` over the M kept positions, each carrying the counts of
+    its own pair and labels; ``H(B) = −Σ_i (1/M) log(n_b(i) / M)``."""
+    n = a.shape[0]
+    w = keep.double()
+    ra, rb = _dense_ranks(torch.where(keep, a, -1)), _dense_ranks(torch.where(keep, b, -1))
+    rab = _dense_ranks(ra * n + rb)
+
+    def count(ranks: Tensor) -> Tensor:  # (N,) the kept positions sharing each position's rank
+        return torch.zeros(n, dtype=torch.float64, device=a.device).index_add_(0, ranks, w)[ranks]
+
+    m = w.sum().clamp_min(1.0)
+    n_a, n_b, n_ab = count(ra).clamp_min(1.0), count(rb).clamp_min(1.0), count(rab).clamp_min(1.0)
+    mi = (w * (n_ab * m / (n_a * n_b)).log()).sum().div(m).clamp_min(0.0)
+    h_b = -(w * (n_b / m).log()).sum().div(m)
+    nmi = torch.where(h_b > 0, (mi / h_b.clamp_min(1e-300)).clamp(0.0, 1.0), torch.zeros_like(h_b))
+    return mi, nmi
+
+
+def _router_health(rec, vision: Tensor, category_ids: Tensor | None) -> dict[str, Tensor]:
+    """The ``router/...`` values of one layer's record (``routing_statistics``); NaN without real tokens."""
     valid = rec.token_mask
-    out: dict[str, float] = {}
-    if not bool(valid.any()):
-        return out
-    probs = rec.probs.detach()[valid]  # (M, E)
-    out[metrics.ROUTER_ENTROPY] = float(normalized_entropy(probs).mean())
-    out[metrics.ROUTER_TOP1] = float(probs.max(-1).values.float().mean())
-    out[metrics.ROUTER_LOGIT_STD] = float(rec.logits.detach()[valid].float().std(-1, unbiased=False).mean())
-    num_experts = rec.probs.shape[1]
+    nan = torch.full((), math.nan, device=valid.device)
+    probs = rec.probs.detach()
+    out = {
+        metrics.ROUTER_ENTROPY: _masked_mean(normalized_entropy(probs).float(), valid),
+        metrics.ROUTER_TOP1: _masked_mean(probs.max(-1).values.float(), valid),
+        metrics.ROUTER_LOGIT_STD: _masked_mean(rec.logits.detach().float().std(-1, unbiased=False), valid),
+    }
     first = rec.indices[:, 0]  # (N,) first-choice expert, -1 if none
     chosen = valid & (first >= 0)
     labels: dict[str, tuple[Tensor, Tensor]] = {}
@@ -95,11 +209,8 @@ def _router_health(rec, vision: Tensor, category_ids: Tensor | None) -> dict[str
         cats = category_ids.reshape(-1).to(first.device).long()
         labels["category"] = (cats, chosen & (cats >= 0))
     for name, (lab, keep) in labels.items():
-        if not bool(keep.any()):
-            continue
-        table = contingency_table(
-            first[keep], lab[keep], num_a=num_experts, num_b=max(2, int(lab[keep].max()) + 1)
-        )
-        out[metrics.router_mi(name)] = float(mutual_information(table))
-        out[metrics.router_mi(name, normalized=True)] = float(normalized_mutual_information(table))
-    return out
+        mi, nmi = _mutual_information(first.long(), lab, keep)
+        any_kept = keep.any()
+        out[metrics.router_mi(name)] = torch.where(any_kept, mi.float(), nan)
+        out[metrics.router_mi(name, normalized=True)] = torch.where(any_kept, nmi.float(), nan)
+    return {k: torch.where(valid.any(), v, nan) for k, v in out.items()}

@@ -20,7 +20,7 @@ from moevl.atomic import atomic_write_json
 from moevl.checkpoint.format import is_moevl_checkpoint, load_moe_state_into, save_moe_model
 from moevl.hf.runtime import find_moe_state
 from moevl.training.routing_health import UniformRoutingMonitor
-from moevl.training.stats import routing_statistics
+from moevl.training.stats import StepStatistics, collect, read
 
 STATS_FILE = "moe_stats.json"
 
@@ -92,11 +92,23 @@ class _FiniteGradientGuard(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        losses, self.trainer._step_losses = self.trainer._step_losses, []
         named = [(n, p.grad) for n, p in self.trainer.model.named_parameters() if p.grad is not None]
-        if not named:
+        sums = [torch.stack(losses).float().sum()] if losses else []
+        if named:
+            sums.append(torch.stack(torch._foreach_norm([g for _, g in named])).float().sum())
+        if not sums:
             return
-        total = torch.stack(torch._foreach_norm([g for _, g in named])).sum()  # one host sync
-        if torch.isfinite(total):
+        values = torch.stack(
+            [t.to(sums[0].device) for t in sums]
+        ).tolist()  # one host sync per optimizer step
+        if losses and not math.isfinite(values[0]):
+            raise NonFiniteTrainingError(
+                f"non-finite loss ({values[0]}) at step {state.global_step + 1}; training stopped before the "
+                "optimizer step (the last saved checkpoint is intact). Lower the learning rate or the "
+                "auxiliary-loss weights, or use bf16 instead of fp16."
+            )
+        if not named or math.isfinite(values[-1]):
             return
         bad = [n for n, g in named if not torch.isfinite(g).all()]
         raise NonFiniteTrainingError(
@@ -125,7 +137,8 @@ class MoETrainer(Trainer):
         self.routing_monitor = UniformRoutingMonitor()
         self.routing_warnings: list[str] = []
         self.expert_load: dict[int, dict[str, list[float]]] = {}
-        self._pending: dict[str, list[float]] = {}
+        self._pending_steps: list[StepStatistics] = []  # on the device until the logging step
+        self._step_losses: list[torch.Tensor] = []  # checked before the optimizer step
         for old, new in ((ProgressCallback, _ConsoleProgress), (PrinterCallback, _ConsolePrinter)):
             if self.pop_callback(old) is not None:
                 self.add_callback(new)
@@ -139,25 +152,35 @@ class MoETrainer(Trainer):
         if state is not None:
             state.context.aux_scale = self._aux_scale(num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not math.isfinite(float(loss.detach())):
-            raise NonFiniteTrainingError(
-                f"non-finite loss ({float(loss.detach())}) at step {self.state.global_step + 1}; training "
-                "stopped before the optimizer step (the last saved checkpoint is intact). Lower the learning "
-                "rate or the auxiliary-loss weights, or use bf16 instead of fp16."
-            )
-        scalars, loads = routing_statistics(self.model)
-        for message in self.routing_monitor.update(scalars):
-            self.routing_warnings.append(message)
-            if self.is_world_process_zero():
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-        for k, v in scalars.items():
-            self._pending.setdefault(k, []).append(v)
+        # NOTE: nothing here reads a device value on the host: the loss is checked before the optimizer step
+        # (_FiniteGradientGuard), the statistics are read at the logging step (_read_statistics).
+        self._step_losses.append(loss.detach())
+        step = collect(self.model)
+        if step is not None:
+            self._pending_steps.append(step)
+        return loss
+
+    def _read_statistics(self) -> dict[str, float]:
+        """The pending micro-steps' statistics read from the device (one host synchronisation): the routing
+        monitor sees each micro-step, the expert loads are summed; returns their means over the micro-steps."""
+        steps, self._pending_steps = self._pending_steps, []
+        if not steps:
+            return {}
+        per_step, loads = read(steps)
+        pending: dict[str, list[float]] = {}
+        for scalars in per_step:
+            for message in self.routing_monitor.update(scalars):
+                self.routing_warnings.append(message)
+                if self.is_world_process_zero():
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+            for k, v in scalars.items():
+                pending.setdefault(k, []).append(v)
         for layer, by_mod in loads.items():
             acc = self.expert_load.setdefault(layer, {})
             for mod, counts in by_mod.items():
                 prev = acc.get(mod, [0.0] * len(counts))
                 acc[mod] = [a + b for a, b in zip(prev, counts, strict=True)]
-        return loss
+        return {k: sum(v) / len(v) for k, v in pending.items()}
 
     def _aux_scale(self, num_items_in_batch) -> float:
         """The factor that keeps the auxiliary terms (balance, z-loss, STGC) at their per-micro-batch mean
@@ -178,9 +201,8 @@ class MoETrainer(Trainer):
         return scale
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._pending and "loss" in logs:
-            means = {k: sum(v) / len(v) for k, v in self._pending.items()}
-            self._pending = {}
+        means = self._read_statistics() if "loss" in logs else {}
+        if means:
             logs = {**logs, **means}
             # the history keeps the layer averages; per-layer keys go to TensorBoard only
             self.moe_history.append(
@@ -215,6 +237,7 @@ class MoETrainer(Trainer):
                 self.write_moe_stats(os.path.join(folder, STATS_FILE))
 
     def write_moe_stats(self, path: str) -> None:
+        self._read_statistics()  # loads of micro-steps not logged yet
         if not self.is_world_process_zero():
             return
         payload = {
