@@ -95,11 +95,16 @@ def test_aux_loss_is_added_to_the_model_loss():
     recs = moe_state(model).context.records.values()
     expected = ref.loss + sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    moe_state(model).context.aux_scale = 0.25  # what MoETrainer sets for 4 accumulation steps
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    with torch.no_grad():  # what MoETrainer passes for 4 accumulation steps
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, moe_aux_scale=0.25)
     expected = ref.loss + 0.25 * sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the next forward without it: no scale left over from the last one
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    expected = ref.loss + sum(0.5 * r.balance_loss + 0.1 * r.z_loss for r in recs)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="moe_aux_scale must be a number >= 0, got -1"):
+        model(input_ids=ids, attention_mask=mask, moe_aux_scale=-1)
 
 
 def test_llava_modality_masks_with_padding_and_several_images():

@@ -38,9 +38,10 @@ class RoutingContext:
 
     Attributes:
         vision_token_ids: token ids whose positions are vision features (image and video tokens).
-        aux_scale: factor on the auxiliary losses added to ``outputs.loss`` (``MoETrainer`` sets
-            ``1 / gradient_accumulation_steps`` when the task loss is normalised over the whole
-            accumulated batch, so the aux terms keep their per-micro-batch weight).
+        aux_scale: factor on the auxiliary losses added to ``outputs.loss``, set per forward from the model
+            call's ``moe_aux_scale`` keyword (1.0 without it): ``MoETrainer`` passes
+            ``1 / gradient_accumulation_steps`` when the task loss is normalised over the whole accumulated
+            batch, so the aux terms keep their per-micro-batch weight; no forward inherits another's.
         disable_native_aux_loss: the forward passes ``output_router_logits=False`` to the model, so
             that transformers adds no auxiliary loss of its own (an adopted model whose balancing
             moevl does instead).
@@ -67,10 +68,15 @@ class RoutingContext:
         attention_mask: Tensor | None,
         seq_len: int | None,
         category_ids: Tensor | None = None,
+        *,
+        aux_scale: float = 1.0,
     ) -> None:
-        """Set the masks for a new forward (input_ids (B, T); attention_mask (B, T_past + T);
-        category_ids (B, T) integer or None)."""
+        """Set the routing inputs of a new forward (input_ids (B, T); attention_mask (B, T_past + T);
+        category_ids (B, T) integer or None; the aux-loss factor)."""
+        if not isinstance(aux_scale, int | float) or isinstance(aux_scale, bool) or not aux_scale >= 0:
+            raise ValueError(f"moe_aux_scale must be a number >= 0, got {aux_scale!r}")
         self.records = {}
+        self.aux_scale = float(aux_scale)
         if input_ids is not None:
             seq_len = input_ids.shape[-1]
         if category_ids is not None:

@@ -20,7 +20,7 @@ from moevl.checks import check_choice
 from moevl.hf.block import MoEBlock, RoutingContext
 from moevl.hf.settings import MoESettings
 from moevl.moe import LTDRRouter, TopKRouter
-from moevl.moe.expert_function import LAYOUTS
+from moevl.moe.dispatch import LAYOUTS
 
 # Re-exported: ``upcycle`` and ``adopt`` read the vision token ids from here (the leaf ``moevl.vision_tokens``
 # holds them so that ``moevl.data`` shares them without importing ``hf``).
@@ -157,6 +157,12 @@ def detach(model: nn.Module) -> MoEState:
     return state
 
 
+#: Keywords of a moevl MoE model's call that are moevl's, taken out before the model sees them:
+#: ``category_ids`` (statistics, ``RoutingContext.category_ids``) and ``moe_aux_scale`` (this forward's
+#: ``RoutingContext.aux_scale``; 1.0 when not given).
+FORWARD_KEYWORDS = ("category_ids", "moe_aux_scale")
+
+
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
@@ -164,9 +170,10 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     if not isinstance(input_ids, Tensor):
         input_ids = None
     context = moe_state(module).context
-    changed = "category_ids" in kwargs
+    changed = any(name in kwargs for name in FORWARD_KEYWORDS)
     category_ids = kwargs.pop("category_ids", None)  # for the statistics only, not the model
-    context.begin(input_ids, kwargs.get("attention_mask"), seq_len, category_ids)
+    aux_scale = kwargs.pop("moe_aux_scale", 1.0)
+    context.begin(input_ids, kwargs.get("attention_mask"), seq_len, category_ids, aux_scale=aux_scale)
     if context.disable_native_aux_loss:
         return args, {**kwargs, "output_router_logits": False}
     return (args, kwargs) if changed else None

@@ -118,6 +118,20 @@ class _FiniteGradientGuard(TrainerCallback):
         )
 
 
+class _StatsInCheckpoints(TrainerCallback):
+    """After each checkpoint save: the MoE statistics so far into the checkpoint folder (a resumed run keeps
+    the steps before the resume)."""
+
+    def __init__(self, trainer: MoETrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if (trainer.moe_history or trainer.expert_load or trainer._pending_steps) and os.path.isdir(folder):
+            trainer.write_moe_stats(os.path.join(folder, STATS_FILE))
+
+
 class MoETrainer(Trainer):
     """A ``transformers.Trainer`` that reads each step's MoE statistics after backward.
 
@@ -138,19 +152,20 @@ class MoETrainer(Trainer):
         self.routing_warnings: list[str] = []
         self.expert_load: dict[int, dict[str, list[float]]] = {}
         self._pending_steps: list[StepStatistics] = []  # on the device until the logging step
+        self._pending: dict[str, list[float]] = {}  # read, waiting for the logging step
         self._step_losses: list[torch.Tensor] = []  # checked before the optimizer step
         for old, new in ((ProgressCallback, _ConsoleProgress), (PrinterCallback, _ConsolePrinter)):
             if self.pop_callback(old) is not None:
                 self.add_callback(new)
         self.add_callback(_FiniteGradientGuard(self))
         self.add_callback(_LogLastStep())
+        self.add_callback(_StatsInCheckpoints(self))
 
     # --- one step ------------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
-        state = find_moe_state(self.model)
-        if state is not None:
-            state.context.aux_scale = self._aux_scale(num_items_in_batch)
+        if find_moe_state(self.model) is not None:  # this forward's weight of the aux losses (RoutingContext)
+            inputs = {**inputs, "moe_aux_scale": self._aux_scale(num_items_in_batch)}
         loss = super().training_step(model, inputs, num_items_in_batch)
         # NOTE: nothing here reads a device value on the host: the loss is checked before the optimizer step
         # (_FiniteGradientGuard), the statistics are read at the logging step (_read_statistics).
@@ -160,27 +175,25 @@ class MoETrainer(Trainer):
             self._pending_steps.append(step)
         return loss
 
-    def _read_statistics(self) -> dict[str, float]:
-        """The pending micro-steps' statistics read from the device (one host synchronisation): the routing
-        monitor sees each micro-step, the expert loads are summed; returns their means over the micro-steps."""
+    def _read_statistics(self) -> None:
+        """The micro-steps' statistics still on the device, read in one host synchronisation: the routing
+        monitor sees each micro-step, the scalars wait in ``_pending`` for the next log, the loads are summed."""
         steps, self._pending_steps = self._pending_steps, []
         if not steps:
-            return {}
+            return
         per_step, loads = read(steps)
-        pending: dict[str, list[float]] = {}
         for scalars in per_step:
             for message in self.routing_monitor.update(scalars):
                 self.routing_warnings.append(message)
                 if self.is_world_process_zero():
                     warnings.warn(message, RuntimeWarning, stacklevel=2)
             for k, v in scalars.items():
-                pending.setdefault(k, []).append(v)
+                self._pending.setdefault(k, []).append(v)
         for layer, by_mod in loads.items():
             acc = self.expert_load.setdefault(layer, {})
             for mod, counts in by_mod.items():
                 prev = acc.get(mod, [0.0] * len(counts))
                 acc[mod] = [a + b for a, b in zip(prev, counts, strict=True)]
-        return {k: sum(v) / len(v) for k, v in pending.items()}
 
     def _aux_scale(self, num_items_in_batch) -> float:
         """The factor that keeps the auxiliary terms (balance, z-loss, STGC) at their per-micro-batch mean
@@ -201,8 +214,11 @@ class MoETrainer(Trainer):
         return scale
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        means = self._read_statistics() if "loss" in logs else {}
-        if means:
+        if "loss" in logs:
+            self._read_statistics()
+        if self._pending and "loss" in logs:
+            means = {k: sum(v) / len(v) for k, v in self._pending.items()}
+            self._pending = {}
             logs = {**logs, **means}
             # the history keeps the layer averages; per-layer keys go to TensorBoard only
             self.moe_history.append(
@@ -229,15 +245,8 @@ class MoETrainer(Trainer):
         self.routing_warnings = list(payload.get("routing_warnings", []))
         self.expert_load = {int(k): v for k, v in payload.get("expert_load", {}).items()}
 
-    def _save_checkpoint(self, model, trial) -> None:  # type: ignore[override]
-        super()._save_checkpoint(model, trial)
-        if self.moe_history or self.expert_load:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            if os.path.isdir(folder):
-                self.write_moe_stats(os.path.join(folder, STATS_FILE))
-
     def write_moe_stats(self, path: str) -> None:
-        self._read_statistics()  # loads of micro-steps not logged yet
+        self._read_statistics()  # the loads of micro-steps not logged yet
         if not self.is_world_process_zero():
             return
         payload = {
@@ -247,61 +256,50 @@ class MoETrainer(Trainer):
         }
         atomic_write_json(path, payload, indent=1)
 
-    # --- saving and loading weights ------------------------------------------------------------------------
+    # --- the checkpoint format: the one place that changes how the Trainer saves and loads ------------------
+    # NOTE: transformers has no public hook for a model's checkpoint format, so these two Trainer methods are
+    # overridden (5.25's signatures): a MoE model is saved in the moevl format (which plain transformers refuses
+    # instead of loading random experts) and resumed strictly; a dense model under its own key names.
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if find_moe_state(model) is None:
-            self._save_dense(model, output_dir, state_dict)
-            return
-        # A MoE model: the moevl format, which plain transformers refuses instead of loading random experts
-        # (moevl.checkpoint.format); ``state_dict`` is the one the Trainer gathered under ZeRO-3 / FSDP.
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        main = self.args.should_save
-        processor = self.processing_class if main else None
-        save_moe_model(model, output_dir, processor=processor, state_dict=state_dict, is_main_process=main)
-        if main:
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _save_dense(self, model, output_dir: str | None, state_dict) -> None:
-        """What transformers' ``Trainer._save`` (5.25) does, calling ``save_pretrained`` with
-        ``save_original_format=False``.
+        """A MoE model in the moevl format (``state_dict``: the one the Trainer gathered under ZeRO-3 / FSDP); a
+        dense transformers (or PEFT) model with ``save_original_format=False``; anything else as the Trainer does.
 
         NOTE: transformers 5 saves LLaVA-family checkpoints under their legacy key names by default, and the
-        Trainer's resume loads them with a plain load_state_dict(strict=False): the weights silently do not
-        come back. Save the model's own key names instead. A model that is neither a ``PreTrainedModel`` nor
-        a PEFT model has no ``save_pretrained``: transformers' own ``_save`` writes its state dict.
+        Trainer's resume loads them with a plain load_state_dict(strict=False): the weights silently do not come
+        back. The model's own key names load back.
         """
-        supported: tuple[type, ...] = (PreTrainedModel,)
-        if is_peft_available():
-            from peft import PeftModel
-
-            supported = (PreTrainedModel, PeftModel)
-        if not isinstance(model, supported):
-            super()._save(output_dir, state_dict)
-            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        # non-writer ranks stay only when the model was sharded at load time, for the gathers in save_pretrained
-        if not self.args.should_save and not self.is_distributed_loading_by_transformers:
-            return
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-        if state_dict is None and not isinstance(self.model, supported):  # a wrapped model
-            state_dict = self.model.state_dict()
-        model.save_pretrained(
-            output_dir,
-            state_dict=state_dict,
-            is_main_process=self.args.should_save,
-            save_original_format=False,
-        )
-        if not self.args.should_save:
-            return
-        tokenizer = getattr(self.data_collator, "tokenizer", None)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        elif tokenizer is not None:  # as the Trainer does when processing_class is None
-            tokenizer.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        main = self.args.should_save
+        if find_moe_state(model) is not None:
+            processor = self.processing_class if main else None
+            save_moe_model(
+                model, output_dir, processor=processor, state_dict=state_dict, is_main_process=main
+            )
+        else:
+            supported: tuple[type, ...] = (PreTrainedModel,)
+            if is_peft_available():
+                from peft import PeftModel
+
+                supported = (PreTrainedModel, PeftModel)
+            if not isinstance(model, supported):
+                super()._save(output_dir, state_dict)
+                return
+            # non-writer ranks stay only when the model was sharded at load time, for the gathers in save_pretrained
+            if not main and not self.is_distributed_loading_by_transformers:
+                return
+            if state_dict is None and not isinstance(self.model, supported):  # a wrapped model
+                state_dict = self.model.state_dict()
+            model.save_pretrained(
+                output_dir, state_dict=state_dict, is_main_process=main, save_original_format=False
+            )
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+            processor = self.processing_class if self.processing_class is not None else tokenizer
+            if main and processor is not None:  # as the Trainer does when processing_class is None
+                processor.save_pretrained(output_dir)
+        if main:
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # type: ignore[override]
         target = model if model is not None else self.model
