@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from moevl.checkpoint.export import export, plan_export
+from moevl.checkpoint.export import export
 from moevl.checkpoint.format import WEIGHTS_NAME, is_moevl_checkpoint, load_moe_model
+from moevl.checkpoint.plan import plan_export
 from moevl.hf import adopt, moe_blocks, upcycle
 from moevl.hf.runtime import find_moe_state
 from moevl.moe import LTDRConfig

@@ -118,7 +118,7 @@ def test_a_deep_copy_has_its_own_state_wired_to_its_own_blocks():
 def test_the_experts_layout_is_a_setting_of_the_model(build, monkeypatch):
     """``set_experts_layout`` sets every block's experts of this model (no process-wide switch): both layouts
     compute the same output and gradients, and another model keeps its own layout."""
-    import moevl.moe.expert_function as ef
+    import moevl.moe.expert_function as ef  # the experts function calls pad_to_capacity by this name
     from moevl.hf import adopt
     from moevl.hf.runtime import set_experts_layout
     from tests.fixtures.tiny import native_moe

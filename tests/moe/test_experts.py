@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from moevl.moe import GroupedExperts, MoEFeedForward, TopKRouter
 from moevl.moe.activations import ACTIVATION_NAMES, Activation
-from moevl.moe.expert_function import choose_capacity, dispatch, pad_to_capacity
+from moevl.moe.dispatch import choose_capacity, dispatch, pad_to_capacity
 from moevl.moe.grouped_mm import can_use_grouped_mm, grouped_matmul, grouped_weight_grad
 from tests.fixtures.reference import per_token_moe
 

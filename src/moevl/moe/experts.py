@@ -23,16 +23,13 @@ from torch import Tensor, nn
 
 from moevl.checks import check_choice, check_int
 from moevl.moe.activations import Activation
+from moevl.moe.dispatch import LAYOUTS, Dispatch, Layout, dispatch
 from moevl.moe.expert_function import (
-    LAYOUTS,
-    Dispatch,
     ExpertGradientObserver,
     ExpertWeights,
-    Layout,
     LoRAFactors,
     LoRAInputs,
     Observation,
-    dispatch,
     experts_function,
 )
 from moevl.moe.grouped_mm import can_use_grouped_mm
