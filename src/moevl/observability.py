@@ -10,6 +10,9 @@ from __future__ import annotations
 BALANCE_LOSS = "moe/balance_loss"  # 1.0 = perfectly balanced load (MoE-LLaVA's E * sum_i f_i P_i)
 Z_LOSS = "moe/z_loss"
 EXPERTS_PER_TOKEN = "moe/experts_per_token"
+# MaxVio (Wang et al. 2024, arXiv 2408.15664): (max_i load_i - mean load) / mean load, load_i the (token, slot)
+# pairs of the batch's real tokens routed to expert i; 0 = perfectly balanced, E - 1 = every pair on one expert
+MAX_VIO = "moe/maxvio"
 
 # --- router health (moevl.training.stats, issue 11) ---------------------------------------------------
 ROUTER_ENTROPY = "router/entropy_normalized"  # 1 = uniform routing

@@ -99,6 +99,16 @@ def test_router_health_of_hand_made_records():
     for key in HEALTH:  # the layer average
         assert scalars[f"router/{key}"] == pytest.approx((ref0[f"router/{key}"] + ref1[f"router/{key}"]) / 2)
     assert scalars["router/mi_modality"] == pytest.approx(ref0["router/mi_modality"])  # one layer has it
+    # MaxVio from the (token, slot) pairs of the real tokens, counted by hand
+    for layer, rec in ((0, rec0), (2, rec1)):
+        load = [0] * 4
+        for t in range(rec.indices.shape[0]):
+            for e in rec.indices[t].tolist():
+                if rec.token_mask[t] and e >= 0:
+                    load[e] += 1
+        mean = sum(load) / 4
+        assert scalars[f"moe/maxvio/L{layer}"] == pytest.approx((max(load) - mean) / mean)
+    assert scalars["moe/maxvio/L2"] == pytest.approx(1.0)  # 10 pairs on experts 1 and 2 of 4: (5 - 2.5) / 2.5
 
 
 def test_upcycled_llava_reports_router_health_and_category_mutual_information():

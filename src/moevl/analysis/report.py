@@ -44,6 +44,7 @@ HISTORY_KEYS = {
     "tail_share": metrics.TAIL_SHARE,
     "experts_per_token": metrics.EXPERTS_PER_TOKEN,
     "balance_loss": metrics.BALANCE_LOSS,
+    "max_vio": metrics.MAX_VIO,
     "router_entropy": metrics.ROUTER_ENTROPY,
     "router_top1": metrics.ROUTER_TOP1,
     "router_logit_std": metrics.ROUTER_LOGIT_STD,
@@ -328,14 +329,14 @@ def write_report(results: dict, out: str | Path) -> Path:
             "",
             "## Router health (mean of the last quarter of training, averaged over MoE layers)",
             "",
-            "| method | normalised entropy (1 = uniform) | top-1 probability | logit std | MI(expert; modality) / H(modality) |",
-            "|---|---|---|---|---|",
+            "| method | normalised entropy (1 = uniform) | top-1 probability | logit std | MI(expert; modality) / H(modality) | MaxVio (0 = balanced) |",
+            "|---|---|---|---|---|---|",
         ]
         flat = []
         for m, s in summary.items():
             lines.append(
                 f"| {m} | {_fmt(s['router_entropy'])} | {_fmt(s['router_top1'])} | {_fmt(s['router_logit_std'])} | "
-                f"{_fmt(s['router_mi_modality'])} |"
+                f"{_fmt(s['router_mi_modality'])} | {_fmt(s['max_vio'])} |"
             )
             if s["router_entropy"] is not None and s["router_entropy"][0] > FLAT_ROUTING:
                 flat.append(m)

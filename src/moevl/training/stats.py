@@ -54,7 +54,8 @@ def routing_statistics(model: nn.Module) -> tuple[dict[str, float], dict[int, di
 
     Returns:
         (scalars, loads). Scalars: the router health above, ``moe/balance_loss``, ``moe/z_loss``,
-        ``moe/experts_per_token``, with LTDR ``ltdr/tail_share`` (tail tokens / vision tokens), and
+        ``moe/experts_per_token``, ``moe/maxvio`` (``moevl.observability.MAX_VIO``: the most loaded expert's
+        excess over the mean load, over the mean load, of the layer's real tokens), with LTDR ``ltdr/tail_share`` (tail tokens / vision tokens), and
         once backward has run with STGC ``stgc/conflict_ratio``, ``stgc/cosine_mean``,
         ``stgc/cosine_std``, ``stgc/cel``; plus per-layer keys ``.../L{i}``. Loads:
         ``{layer: {"vision": [E], "text": [E]}}`` token counts.
@@ -87,6 +88,7 @@ def collect(model: nn.Module) -> StepStatistics | None:
         loads[layer] = {
             name: _counts(rec.indices, m, e) for name, m in (("vision", vision), ("text", valid & ~vision))
         }
+        values[(metrics.MAX_VIO, layer)] = _max_violation(loads[layer]["vision"] + loads[layer]["text"])
         for key, value in _router_health(rec, vision, context.category_ids).items():
             values[(key, layer)] = value
         if rec.tail_mask is not None:
@@ -156,6 +158,12 @@ def _counts(indices: Tensor, mask: Tensor, num_experts: int) -> Tensor:
     return torch.zeros(num_experts + 1, device=indices.device).index_add_(0, slots, keep.reshape(-1).float())[
         :num_experts
     ]
+
+
+def _max_violation(load: Tensor) -> Tensor:
+    """MaxVio of a layer's load (E,): ``(max_i load_i − mean load) / mean load``; NaN without any load."""
+    mean = load.mean()
+    return torch.where(mean > 0, (load.max() - mean) / mean.clamp_min(1e-30), torch.full_like(mean, math.nan))
 
 
 def _dense_ranks(labels: Tensor) -> Tensor:

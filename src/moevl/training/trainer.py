@@ -29,6 +29,7 @@ STATS_FILE = "moe_stats.json"
 CONSOLE_KEYS = {
     "loss": "loss",
     metrics.BALANCE_LOSS: "balance",
+    metrics.MAX_VIO: "maxvio",
     metrics.CONFLICT_RATIO: "conflicts",
     metrics.EXPERTS_PER_TOKEN: "experts/token",
     metrics.TAIL_SHARE: "tail",
