@@ -292,6 +292,8 @@ def diagnose(
             f"{d['cosine_std']:.3f} · below -0.1 {d['clear_conflict_share']:.3f} · persistence {persistence}"
         )
     typer.echo(result["premise"]["verdict"])
+    for line in result["premise"]["conditions"]:
+        typer.echo(f"  {line}")
     typer.echo(f"written: {out / 'diagnosis.json'}, {out / 'cosines.png'}")
 
 

@@ -7,25 +7,41 @@ import pytest
 from typer.testing import CliRunner
 
 from moevl.cli import app
-from moevl.vlm.diagnose import PREMISE, LayerDiagnosis, verdict
+from moevl.vlm.diagnose import PREMISE, LayerDiagnosis, condition_lines, verdict
 from tests.fixtures.demo import TINY
 
 
-def _layer(std, clear, persistence, chance):
-    return LayerDiagnosis(-1, 0.4, 0.3, 0.5, 0.0, std, clear, persistence, chance, 0.9, [], [], [])
+def _layer(std, clear, persistence, chance, mean=0.0):
+    return LayerDiagnosis(-1, 0.4, 0.3, 0.5, mean, std, clear, persistence, chance, 0.9, [], [], [])
 
 
 def test_verdict_follows_the_three_thresholds():
     holds, met = verdict(_layer(0.3, 0.2, 0.6, 0.3))
     assert holds.startswith("STGC's premise holds:") and all(met.values())
-    noise, met = verdict(_layer(0.07, 0.05, 0.45, 0.4))  # the digit benchmark's kind of numbers
-    assert noise.startswith("STGC's premise does not hold") and not any(met.values())
-    part, met = verdict(_layer(0.3, 0.2, None, None))  # no flags: persistence cannot be measured
+    near_zero, met = verdict(_layer(0.07, 0.05, 0.45, 0.4))  # the digit benchmark's kind of numbers
+    assert near_zero.startswith("STGC's premise does not hold: few conflicts") and not any(met.values())
+    assert "cosines sit near 0" in near_zero and "nothing for STGC to act on" in near_zero
+    # aligned tokens whose (few) flags persist perfectly: the reason is the missing conflicts, not noise
+    aligned, met = verdict(_layer(0.12, 0.002, 1.0, 0.002, mean=0.3))
+    assert "aligned" in aligned and "nothing for STGC to act on" in aligned and "noise" not in aligned
+    assert met == {"cosine_std": False, "clear_conflict_share": False, "persistence_lift": True}
+    lines = condition_lines(_layer(0.12, 0.002, 1.0, 0.002, mean=0.3))
+    assert lines == [
+        "cosine std 0.120, needs >= 0.15: not met",
+        "share of pairs below -0.1 0.002, needs >= 0.1: not met",
+        "flag persistence above chance 0.998 (1.000 vs chance 0.002), needs >= 0.1: met",
+    ]
+    noise, met = verdict(_layer(0.3, 0.2, 0.35, 0.3))  # clear conflicts, flags at chance
+    assert "no better than chance" in noise and "noise" in noise and met["clear_conflict_share"]
+    part, met = verdict(_layer(0.1, 0.2, 0.6, 0.3))  # clear and persistent, narrow spread
     assert part.startswith("STGC's premise holds in part") and met == {
-        "cosine_std": True,
+        "cosine_std": False,
         "clear_conflict_share": True,
-        "persistence_lift": False,
+        "persistence_lift": True,
     }
+    unflagged, met = verdict(_layer(0.3, 0.2, None, None))  # no flags: persistence cannot be measured
+    assert "no pair was flagged" in unflagged and not met["persistence_lift"]
+    assert condition_lines(_layer(0.3, 0.2, None, None))[2].startswith("flag persistence above chance n/a")
     edge = PREMISE["cosine_std"]
     assert verdict(_layer(edge, 0.2, 0.6, 0.3))[1]["cosine_std"]  # at the threshold counts as met
 

@@ -15,7 +15,9 @@ measures both on the user's own checkpoint and data without changing the checkpo
 * router health: normalised router entropy and balance loss.
 
 The verdict rests on three numbers, with thresholds of our choosing (``PREMISE``): cosines spread (std),
-clear conflicts (share below -0.1) and persistence above chance. ``verdict`` says which hold.
+clear conflicts (share below -0.1) and persistence above chance. ``verdict`` tells the cases apart (aligned
+tokens or cosines near 0: nothing to act on; conflicts whose flags are no better than chance: noise; the
+premise, in part or whole); ``condition_lines`` gives each condition's value, threshold and whether it is met.
 """
 
 from __future__ import annotations
@@ -98,37 +100,83 @@ def _summary(
     )
 
 
-def verdict(overall: LayerDiagnosis) -> tuple[str, dict[str, bool]]:
-    """``(sentence, {criterion: met})`` for the all-layer diagnosis (``PREMISE``)."""
+def conditions(overall: LayerDiagnosis) -> list[tuple[str, float | None, float, bool]]:
+    """The premise's conditions on the all-layer diagnosis: ``(name, value, threshold, met)`` (``PREMISE``;
+    the persistence lift is None where no pair was flagged)."""
     lift = (
         None
         if overall.persistence is None or overall.chance is None
         else overall.persistence - overall.chance
     )
-    met = {
-        "cosine_std": overall.cosine_std >= PREMISE["cosine_std"],
-        "clear_conflict_share": overall.clear_conflict_share >= PREMISE["clear_conflict_share"],
-        "persistence_lift": lift is not None and lift >= PREMISE["persistence_lift"],
+    values = {
+        "cosine_std": overall.cosine_std,
+        "clear_conflict_share": overall.clear_conflict_share,
+        "persistence_lift": lift,
     }
-    persistence = (
-        f"{overall.persistence:.3f} vs chance {overall.chance:.3f}, needs a lift >= {PREMISE['persistence_lift']}"
-        if lift is not None
-        else "n/a (no flags)"
-    )
-    numbers = (
-        f"cosine std {overall.cosine_std:.3f}, needs >= {PREMISE['cosine_std']}; share below {CLEAR_CONFLICT} "
-        f"{overall.clear_conflict_share:.3f}, needs >= {PREMISE['clear_conflict_share']}; flag persistence "
-        f"{persistence}"
-    )
+    return [(k, v, PREMISE[k], v is not None and v >= PREMISE[k]) for k, v in values.items()]
+
+
+def condition_lines(overall: LayerDiagnosis) -> list[str]:
+    """One line per condition with its value, its threshold and whether it is met."""
+    what = {
+        "cosine_std": "cosine std",
+        "clear_conflict_share": f"share of pairs below {CLEAR_CONFLICT}",
+        "persistence_lift": "flag persistence above chance",
+    }
+    lines = []
+    for name, value, threshold, met in conditions(overall):
+        shown = "n/a (no pair flagged)" if value is None else f"{value:.3f}"
+        if name == "persistence_lift" and value is not None:
+            shown += f" ({overall.persistence:.3f} vs chance {overall.chance:.3f})"
+        lines.append(f"{what[name]} {shown}, needs >= {threshold}: {'met' if met else 'not met'}")
+    return lines
+
+
+#: A mean token-gradient cosine at or above this, with few clear conflicts, reads as tokens aligned with their
+#: experts' mean gradient [our choice].
+ALIGNED_MEAN = 0.2
+
+
+def verdict(overall: LayerDiagnosis) -> tuple[str, dict[str, bool]]:
+    """``(sentence, {criterion: met})`` for the all-layer diagnosis (``PREMISE``): the premise holds (all
+    three met), or which case it is, named by the numbers that decide it:
+
+    * few clear conflicts: the tokens are aligned with their experts (mean cosine >= ``ALIGNED_MEAN``), or their
+      cosines sit near 0; either way nothing for STGC to act on, whatever the flags' persistence;
+    * clear conflicts whose flags persist no better than chance: noise;
+    * clear, persistent conflicts with a narrow cosine spread: the premise holds in part.
+    """
+    met = {name: ok for name, _, _, ok in conditions(overall)}
+    share = f"{overall.clear_conflict_share:.3f} of the pairs below {CLEAR_CONFLICT}"
     if all(met.values()):
-        return f"STGC's premise holds: token gradients conflict clearly and persistently ({numbers}).", met
-    if not met["cosine_std"] and not met["clear_conflict_share"]:
-        return (
-            "STGC's premise does not hold: token-gradient cosines sit near 0, so conflict flags are mostly "
-            f"noise and STGC has little to act on ({numbers}).",
-            met,
+        sentence = (
+            f"STGC's premise holds: token gradients conflict clearly ({share}) and persistently (flags "
+            f"{overall.persistence:.3f} vs chance {overall.chance:.3f})."
         )
-    return f"STGC's premise holds in part ({numbers}).", met
+    elif not met["clear_conflict_share"]:
+        if overall.cosine_mean >= ALIGNED_MEAN:
+            why = f"the tokens are aligned with their experts' mean gradient (mean cosine {overall.cosine_mean:.3f})"
+        else:
+            why = f"token-gradient cosines sit near 0 (mean {overall.cosine_mean:.3f}, std {overall.cosine_std:.3f})"
+        sentence = (
+            f"STGC's premise does not hold: few conflicts ({share}): {why}; nothing for STGC to act on."
+        )
+    elif not met["persistence_lift"]:
+        persistence = (
+            "no pair was flagged at the threshold"
+            if overall.persistence is None
+            else f"flags persist {overall.persistence:.3f} vs chance {overall.chance:.3f}"
+        )
+        sentence = (
+            f"STGC's premise does not hold: conflicts exist ({share}) but {persistence}: "
+            "flags no better than chance, so they are noise."
+        )
+    else:
+        sentence = (
+            f"STGC's premise holds in part: clear, persistent conflicts ({share}), but the cosines spread "
+            f"narrowly (std {overall.cosine_std:.3f})."
+        )
+    return sentence, met
 
 
 def diagnose(
@@ -251,7 +299,13 @@ def diagnose(
         "stgc_threshold": settings.stgc.threshold,
         "learning_rate": lr,
         "balance_loss": mean([b for b in balance if b == b]),
-        "premise": {"holds": all(met.values()), "criteria": met, "thresholds": PREMISE, "verdict": sentence},
+        "premise": {
+            "holds": all(met.values()),
+            "criteria": met,
+            "thresholds": PREMISE,
+            "verdict": sentence,
+            "conditions": condition_lines(overall),
+        },
         "overall": dataclasses.asdict(overall) | {"layer": "all"},
         "layers": [dataclasses.asdict(d) for d in layers],
     }
