@@ -152,8 +152,9 @@ def test_upcycle_stores_resolved_settings():
 def test_every_field_has_one_kind():
     assert set(FIELD_KINDS) == {f.name for f in dataclasses.fields(MoESettings)}
     assert set(FIELD_KINDS.values()) <= {"structural", "inference", "training"}
-    # what the weights of a sparse model fix: its experts, its layers, its top-k, its adapters' tensors
-    assert STRUCTURAL_FIELDS == ("num_experts", "top_k", "layers", "lora")
+    # what the weights of a sparse model fix: its experts, its layers, its top-k, its choice bias, its adapters'
+    # tensors
+    assert STRUCTURAL_FIELDS == ("num_experts", "top_k", "layers", "bias_update_rate", "lora")
     assert set(RECONFIGURABLE_FIELDS) == set(FIELD_KINDS) - set(STRUCTURAL_FIELDS)
     assert {k for k, kind in FIELD_KINDS.items() if kind == "inference"} == {"ltdr", "capacity_factor"}
 

@@ -238,6 +238,11 @@ def _check_inference_rules(model: nn.Module, blocks: list[tuple[str, MoEBlock]])
     context = moe_state(model).context
     for name, block in blocks:
         router = block.router
+        if block.method == "upcycle" and block.choice_bias() is not None:
+            raise NotExact(
+                f"the aux-loss-free choice bias ({name}: bias_update_rate) changes top-k selection at inference; "
+                "no native class of an upcycled model has one"
+            )
         if router.capacity_factor is not None:
             raise NotExact(
                 f"capacity_factor={router.capacity_factor} drops tokens over capacity at inference ({name}); "

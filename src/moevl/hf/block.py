@@ -163,6 +163,10 @@ class MoEBlock(nn.Module):
             module.lora = None
         return lora
 
+    def choice_bias(self) -> Tensor | None:
+        """The (E,) bias top-k selection adds to the scores (a view of the tensor that holds it), or None."""
+        return getattr(self.router, "e_score_correction_bias", None) if self.router.uses_score_bias else None
+
     def peft_layout_problem(self) -> str | None:
         """Why the experts' adapters have no PEFT ``target_parameters`` layout on the native tensors, or None."""
         return None

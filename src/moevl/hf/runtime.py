@@ -21,6 +21,7 @@ from moevl.hf.block import MoEBlock, RoutingContext
 from moevl.hf.settings import MoESettings
 from moevl.moe import LTDRRouter, TopKRouter
 from moevl.moe.dispatch import LAYOUTS
+from moevl.moe.routing import update_choice_bias_
 
 # Re-exported: ``upcycle`` and ``adopt`` read the vision token ids from here (the leaf ``moevl.vision_tokens``
 # holds them so that ``moevl.data`` shares them without importing ``hf``).
@@ -57,7 +58,7 @@ def make_router(settings: MoESettings, *, hidden_size: int, **semantics: Any) ->
         balance_from=settings.balance_from,
         capacity_factor=settings.capacity_factor,
         jitter=settings.jitter,
-        **semantics,
+        **{"score_bias": settings.bias_update_rate is not None, **semantics},
     )
     if settings.ltdr is not None:
         return LTDRRouter(
@@ -206,6 +207,19 @@ def _add_aux_loss(module: nn.Module, args: tuple, output: Any) -> Any:
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """The moevl MoE layers of a model (upcycled or adopted), in layer order."""
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+def update_choice_biases(model: nn.Module, loads: dict[int, Tensor]) -> None:
+    """Aux-loss-free balancing after an optimizer step (``MoESettings.bias_update_rate``): each MoE layer's
+    choice bias moves by ``update_choice_bias_`` from ``loads[layer]`` (E,), the tokens routed to each expert
+    over the step's whole batch. ``MoETrainer`` calls it; a training loop of one's own calls it after
+    ``optimizer.step()``. No host synchronisation."""
+    rate = moe_state(model).settings.bias_update_rate
+    if rate is None:
+        raise ValueError("update_choice_biases: the model's bias_update_rate is None (no aux-loss-free bias)")
+    for block in moe_blocks(model):
+        if block.layer_index in loads:
+            update_choice_bias_(block.choice_bias(), loads[block.layer_index], rate)
 
 
 def set_experts_layout(model: nn.Module, layout: str) -> None:

@@ -59,6 +59,13 @@ class MoESettings:
         capacity_factor: None (dropless) or the capacity factor (> 0).
         jitter: Switch-style multiplicative router input noise in training, in ``[0, 1)``
             (upcycled routers; an adopted model keeps its own ``router_jitter_noise``).
+        bias_update_rate: auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3):
+            ``u`` of the per-expert choice bias ``b`` that top-k selection adds to the scores (the combine
+            weights do not see it), nudged after each optimizer step by ``b_i += u · sign(c̄ − c_i)``, ``c_i``
+            the tokens routed to expert ``i`` over the step's whole batch (accumulation steps and data-parallel
+            ranks; ``moevl.moe.routing.update_choice_bias_``). DeepSeek-V3 uses 0.001 with ``balance_coef``
+            near 0. None: no such bias. Structural: the bias is part of the weights (an upcycled router's
+            ``e_score_correction_bias``; an adopted model's own, which it must have).
         lora: LoRA adapters (``moevl.moe.lora.LoRAConfig``: ``r``, ``alpha``, ``dropout``, ``targets``
             among experts, routers, attention), or None for full-weight tuning. Structural: the adapters'
             tensors are part of the checkpoint (``moevl.hf.lora.merge_lora`` / ``export`` fold them in).
@@ -81,6 +88,7 @@ class MoESettings:
     balance_from: Literal["top1", "topk"] = field(default="top1", metadata=_TRAINING)
     capacity_factor: float | None = field(default=None, metadata=_INFERENCE)
     jitter: float = field(default=0.0, metadata=_TRAINING)
+    bias_update_rate: float | None = field(default=None, metadata=_STRUCTURAL)
     lora: LoRAConfig | None = field(default=None, metadata=_STRUCTURAL)
 
     def __post_init__(self) -> None:
@@ -109,6 +117,8 @@ class MoESettings:
         if self.capacity_factor is not None:
             check_float("capacity_factor", self.capacity_factor, minimum=0.0, exclusive_minimum=True)
         check_float("jitter", self.jitter, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        if self.bias_update_rate is not None:
+            check_float("bias_update_rate", self.bias_update_rate, minimum=0.0, exclusive_minimum=True)
         if self.lora is not None:
             if not isinstance(self.lora, LoRAConfig):
                 raise ValueError(f"lora must be a LoRAConfig or None, got {self.lora!r}")

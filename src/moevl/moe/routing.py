@@ -107,6 +107,17 @@ def balance_loss(
     return num_experts * (f * p).sum()
 
 
+@torch.no_grad()
+def update_choice_bias_(bias: Tensor, load: Tensor, rate: float) -> Tensor:
+    """Auxiliary-loss-free balancing, one update, in place (Wang et al. 2024, arXiv 2408.15664, Algorithm 1;
+    DeepSeek-V3 §2.1.2): ``b_i += u · sign(c̄ − c_i)`` with ``c_i = load[i]`` the tokens routed to expert ``i``
+    over the step's batch and ``c̄`` their mean: an overloaded expert's bias goes down by ``u``, an
+    underloaded one's up. ``bias`` (E,) is the choice bias top-k selection adds to the scores; returns it.
+    No host synchronisation."""
+    load = load.to(bias.device, torch.float32)
+    return bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
+
+
 def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(z)²``."""
     z = torch.logsumexp(logits.float(), dim=-1) ** 2

@@ -18,7 +18,7 @@ from transformers.utils import is_peft_available
 from moevl import observability as metrics
 from moevl.atomic import atomic_write_json
 from moevl.checkpoint.format import is_moevl_checkpoint, load_moe_state_into, save_moe_model
-from moevl.hf.runtime import find_moe_state
+from moevl.hf.runtime import find_moe_state, update_choice_biases
 from moevl.training.routing_health import UniformRoutingMonitor
 from moevl.training.stats import StepStatistics, collect, read
 
@@ -119,6 +119,26 @@ class _FiniteGradientGuard(TrainerCallback):
         )
 
 
+class _ChoiceBiasUpdate(TrainerCallback):
+    """Aux-loss-free balancing (``MoESettings.bias_update_rate``): after each optimizer step, every MoE layer's
+    choice bias moves by the load of the step's whole batch: its micro-steps summed, then over the
+    data-parallel ranks (an all-reduce), so every rank applies the same update."""
+
+    def __init__(self, trainer: MoETrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        loads, self.trainer._step_loads = self.trainer._step_loads, {}
+        if not loads:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            layers = sorted(loads)
+            total = torch.stack([loads[i] for i in layers])
+            torch.distributed.all_reduce(total)
+            loads = dict(zip(layers, total, strict=True))
+        update_choice_biases(self.trainer.model, loads)
+
+
 class _StatsInCheckpoints(TrainerCallback):
     """After each checkpoint save: the MoE statistics so far into the checkpoint folder (a resumed run keeps
     the steps before the resume)."""
@@ -155,12 +175,14 @@ class MoETrainer(Trainer):
         self._pending_steps: list[StepStatistics] = []  # on the device until the logging step
         self._pending: dict[str, list[float]] = {}  # read, waiting for the logging step
         self._step_losses: list[torch.Tensor] = []  # checked before the optimizer step
+        self._step_loads: dict[int, torch.Tensor] = {}  # (E,) per MoE layer, for the aux-loss-free bias
         for old, new in ((ProgressCallback, _ConsoleProgress), (PrinterCallback, _ConsolePrinter)):
             if self.pop_callback(old) is not None:
                 self.add_callback(new)
         self.add_callback(_FiniteGradientGuard(self))
         self.add_callback(_LogLastStep())
         self.add_callback(_StatsInCheckpoints(self))
+        self.add_callback(_ChoiceBiasUpdate(self))
 
     # --- one step ------------------------------------------------------------------------------------
 
@@ -174,6 +196,13 @@ class MoETrainer(Trainer):
         step = collect(self.model)
         if step is not None:
             self._pending_steps.append(step)
+            state = find_moe_state(self.model)
+            if state is not None and state.settings.bias_update_rate is not None:
+                for layer, by_mod in step.loads.items():  # this optimizer step's load, on the device
+                    load = by_mod["vision"] + by_mod["text"]
+                    self._step_loads[layer] = (
+                        load if layer not in self._step_loads else self._step_loads[layer] + load
+                    )
         return loss
 
     def _read_statistics(self) -> None:

@@ -253,6 +253,14 @@ def _resolved(
             raise ValueError(
                 f"adopt: {name}={ours} but the model's blocks have {theirs}; adopt keeps the model's"
             )
+    if settings.bias_update_rate is not None:
+        without = sorted(i for i, a in found.items() if a.rule.bias_at is None)
+        if without:
+            raise ValueError(
+                f"adopt: bias_update_rate={settings.bias_update_rate} updates the model's own choice bias, but the "
+                f"routers of layers {without} have none (DeepSeek-V3's e_score_correction_bias is one); leave "
+                "bias_update_rate out"
+            )
     needs_own = [("STGC", "adopt without stgc")] if settings.stgc is not None else []
     if settings.lora is not None and "experts" in settings.lora.targets:
         needs_own.append(("LoRA on the experts", "leave 'experts' out of lora.targets"))

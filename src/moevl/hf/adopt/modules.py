@@ -218,6 +218,9 @@ class AdoptedMoEBlock(_NativeAttributes, MoEBlock):
         no LoRA on the experts)."""
         return self.spec.own_function and self.implementation != "loop"
 
+    def choice_bias(self) -> Tensor | None:
+        return self._tensor_at(self.rule.bias_at)
+
     def peft_layout_problem(self) -> str | None:
         if self.spec.gated and not self.spec.concatenated:
             return "interleaved gate/up experts have no PEFT layout here"
