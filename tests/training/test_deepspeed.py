@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 with STGC and LTDR: 2 processes on CPU (gloo) give exactly the weights of one
-process accumulating the same two micro-batches (tests/fixtures/deepspeed_run.py), and save a complete moevl
-checkpoint. Before the fix in ``MoETrainer._aux_scale`` the auxiliary losses (balance, z, STGC) weighed
+"""DeepSpeed ZeRO-2 and ZeRO-3 with STGC, LTDR and the aux-loss-free bias: 2 processes on CPU (gloo) give exactly
+the weights (and choice biases: the load all-reduced over ranks equals the one accumulated over micro-steps) of
+one process accumulating the same two micro-batches (tests/fixtures/deepspeed_run.py), and save a complete
+moevl checkpoint. Before the fix in ``MoETrainer._aux_scale`` the auxiliary losses (balance, z, STGC) weighed
 ``world_size`` times more under DeepSpeed and DDP than in one process, and this test failed."""
 
 import json
@@ -37,6 +38,8 @@ def reference(tmp_path_factory):
 def test_zero_matches_one_process_with_stgc_and_ltdr(tmp_path, reference, zero):
     got = _run(tmp_path, zero)
     assert set(got) == set(reference)
+    biases = [k for k in reference if k.endswith("router.e_score_correction_bias")]
+    assert biases and all(reference[k].abs().sum() > 0 for k in biases)  # moved once, by both records' load
     for k in reference:
         torch.testing.assert_close(got[k], reference[k], rtol=1e-5, atol=1e-6, msg=k)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
