@@ -11,6 +11,7 @@ Formats (auto-detected):
   paths are resolved against ``image_folder``. Each ``<image>`` marker becomes an image part at its
   place; the newline LLaVA writes right after a marker is dropped with it (the chat template lays the
   parts out). A record with images but no marker gets them before the first user text (LLaVA's rule).
+  JSON files are UTF-8 (a byte-order mark is allowed); a single JSON object is one record.
 * Messages: records with ``messages`` (``role`` + ``content`` as a string or a list of parts) and an
   ``images`` list, from json / jsonl / parquet or a directory written by ``datasets``' ``save_to_disk``.
 
@@ -22,6 +23,7 @@ Image files are checked by reading their header only (``PIL.Image.open`` + ``.si
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import io
 import json
@@ -166,9 +168,24 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     if suffix == ".parquet":
         yield from _datasets_rows(path)
         return
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     stripped = text.lstrip()
-    if suffix == ".jsonl" or (stripped and stripped[0] == "{"):
+    if suffix != ".jsonl" and stripped.startswith("{"):
+        # one JSON object (a record, or a wrapper such as ``{"data": [...]}``), else JSONL (it fails at line 2)
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            if not {"conversations", "messages"} & whole.keys():
+                keys = ", ".join(repr(k) for k in list(whole)[:5]) + (", ..." if len(whole) > 5 else "")
+                raise DataError(
+                    f"{path} must hold a JSON list of records (or JSONL: one record a line), got a JSON "
+                    f"object with keys {keys or 'none'}"
+                )
+            yield str(path), whole
+            return
+    if suffix == ".jsonl" or stripped.startswith("{"):
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -182,9 +199,26 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path} must hold a JSON list of records (or JSONL), got {type(data).__name__}")
+        raise DataError(
+            f"{path} must hold a JSON list of records (or JSONL: one record a line), got {type(data).__name__}"
+        )
     for i, raw in enumerate(data):
         yield f"{path}[{i}]", raw
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; ``DataError`` naming the first byte that is not UTF-8 (a UTF-8 BOM is allowed)."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start  # the position in the file
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError(
+            f"{path} must be UTF-8 text, got byte 0x{raw[at]:02x} at position {at} (line {line}), which is "
+            "not UTF-8; convert the file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _datasets_rows(path: Path) -> Iterator[tuple[str, Any]]:
