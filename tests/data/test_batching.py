@@ -243,3 +243,10 @@ def test_a_record_the_processor_cannot_take_stops_the_dry_run_with_nothing_writt
             image_folder=llava_file.parent, progress=False, log=lambda *_: None,
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_no_family_is_taken_for_a_text_only_checkpoint(checkpoints):
+    from moevl.vlm.io import check_model_dir
+
+    for family, path in checkpoints.items():
+        assert check_model_dir(path) == path, family

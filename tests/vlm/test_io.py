@@ -52,3 +52,26 @@ def test_a_moevl_checkpoint_and_its_processor_load_in_a_fresh_process_without_a_
         type(processor).__name__,
         type(model).__name__,
     ]
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_a_text_only_language_model_is_named_as_such(demo, tmp_path, with_tokenizer):
+    # it said "cannot load the processor (Unrecognized processing class ...)" or "Can't load image processor"
+    from transformers import AutoTokenizer
+
+    from moevl.vlm.io import check_model_dir
+    from tests.fixtures.tiny import causal_lm
+
+    path = tmp_path / "llama"
+    causal_lm("llama").save_pretrained(path)
+    if with_tokenizer:
+        AutoTokenizer.from_pretrained(demo.init).save_pretrained(path)
+    expected = (
+        f"{path} is a text-only checkpoint (LlamaForCausalLM, model_type 'llama'): moevl's commands take "
+        "vision-language checkpoints, which AutoModelForImageTextToText and AutoProcessor load"
+    )
+    for call in (check_model_dir, load_model):
+        with pytest.raises(CheckpointError) as err:
+            call(path)
+        assert str(err.value).startswith(expected) and "moevl.hf.upcycle" in str(err.value)
+    assert check_model_dir(demo.init) == demo.init  # a vision-language checkpoint passes

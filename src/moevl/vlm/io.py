@@ -53,9 +53,17 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not config.is_file():
         raise CheckpointError(f"{model_dir} is not a model directory (no config.json)")
     try:
-        json.loads(config.read_text())
+        config_dict = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+    text_only = _text_only_class(model_dir, config_dict)
+    if text_only is not None:
+        raise CheckpointError(
+            f"{model_dir} is a text-only checkpoint ({text_only}): moevl's commands take vision-language "
+            "checkpoints, which AutoModelForImageTextToText and AutoProcessor load (a vision tower, a projector, "
+            "a language model and an image processor: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, ...); a language model "
+            "alone is upcycled with the Python API (moevl.hf.upcycle)"
+        )
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
         raise CheckpointError(f"{model_dir} holds no weights (*.safetensors)")
     meta = model_dir / META_FILE
@@ -65,6 +73,31 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{meta} is not valid JSON: {e}") from None
     return model_dir
+
+
+def _text_only_class(model_dir: Path, config: Any) -> str | None:
+    """The class of a text-only language model checkpoint (``LlamaForCausalLM``, model_type 'llama'), or None:
+    a vision-language one, or a family transformers does not know (its loader then says what is wrong)."""
+    if not isinstance(config, dict) or isinstance(config.get("vision_config"), dict):
+        return None  # every image-text-to-text family we know keeps its tower's settings there
+    from moevl.checkpoint.load import is_moe_llava_checkpoint
+
+    if is_moe_llava_checkpoint(model_dir):
+        return None
+    inner = config.get("moevl") if config.get("model_type") == "moevl" else config
+    model_type = inner.get("model_type") if isinstance(inner, dict) else None
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if (
+        model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return None
+    architectures = inner.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    return f"{architectures[0]}, model_type {model_type!r}"
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
