@@ -59,6 +59,10 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, DataError, CheckpointError, OutputDirError, NonFiniteTrainingError) as e:
         raise fail(str(e)) from None
     except TrainingInterrupted as e:
+        from moevl.vlm.train import is_main_process
+
+        if not is_main_process():  # every rank stopped with the same checkpoint: rank 0 says so
+            raise typer.Exit(130) from None
         raise fail(str(e), code=130) from None
 
 
@@ -142,7 +146,7 @@ def train(
 ) -> None:
     """Train one stage with the Hugging Face Trainer; torchrun / accelerate / deepspeed launch it as is."""
     _check_paths(model=model, data=data, image_folder=image_folder, out=out, config=config)
-    from moevl.vlm.train import train_stage
+    from moevl.vlm.train import is_main_process, train_stage
 
     extra = []
     if chat_template is not None:
@@ -167,6 +171,8 @@ def train(
             progress=progress,
             log=typer.echo,
         )
+    if not is_main_process():
+        return
     typer.echo(
         f"stage {stage} done in {result.train_time_s:.1f} s ({result.global_step} steps, "
         f"{result.num_records} records); model: {result.model_dir}"

@@ -272,3 +272,12 @@ def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path)
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert (tmp_path / "model" / "moevl-model.safetensors").is_file()
+    # rank 0 alone talks (each rank printed every line before)
+    lines = done.stdout.splitlines()
+    for start in ("upcycled 1 MoE layer", "step 2/2 ·", "done:", "stage 3 done in"):
+        assert sum(line.startswith(start) for line in lines) == 1, (start, done.stdout)
+    # the other ranks still report their own errors: here every rank has the same one
+    bad = [*cmd[: cmd.index("--out") + 1], str(tmp_path / "bad"), "--set", "moe.top_k=9"]
+    done = run(bad, timeout=300, env=env, cwd=ROOT)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 2 and "got 9" in errors[0], done.stderr[-3000:]

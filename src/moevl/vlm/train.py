@@ -114,9 +114,11 @@ class GracefulInterrupt(TrainerCallback):
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
-        print(
-            "\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once).", flush=True
-        )
+        if is_main_process():
+            print(
+                "\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once).",
+                flush=True,
+            )
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
@@ -283,8 +285,14 @@ def _effective_recipe(
     return plain
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 of a distributed job (``torchrun``, ``accelerate launch`` and ``deepspeed`` set ``RANK``), or the
+    only process: the one that talks (the other ranks say nothing but their own errors) and writes run files."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _check_output_dir(
@@ -363,6 +371,10 @@ def train_stage(
         raise ConfigError(
             f"method: only stage 3 (MoE-tuning) takes a method, got {method!r} for stage {stage}"
         )
+    if not is_main_process():  # one voice under torchrun: rank 0 reports, the others only raise their errors
+        log, progress_bars = _silent, False
+    else:
+        progress_bars = progress
     method = method or cfg.method
     seed = cfg.seed if seed is None else seed
     check(seed >= 0, "seed", "an integer >= 0", seed, error=ConfigError)
@@ -425,7 +437,7 @@ def train_stage(
     meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
     dataset = ConversationDataset(
-        records.records, processor, max_length=cfg.data.max_length, progress=progress
+        records.records, processor, max_length=cfg.data.max_length, progress=progress_bars
     )
     if dataset.turn_end.appended is not None:
         log(
@@ -439,7 +451,7 @@ def train_stage(
     dry_run(net, dataset)  # a few real records through the collator and the forward; nothing written yet
     args = training_arguments(cfg, stage, output_dir, seed=seed, progress=progress, max_steps=max_steps)
     output_dir = ensure_writable(output_dir)
-    if _is_main_process():
+    if is_main_process():
         if overwrite:
             clear_previous_run(output_dir)
         atomic_write_json(output_dir / RUN_FILE, identity)
