@@ -246,3 +246,31 @@ def test_a_json_object_that_is_not_a_record_asks_for_a_list(tmp_path, indent):
     )
     path.write_text(json.dumps(LLAVA_RECORDS[2], indent=indent))  # one record alone is still read as one
     assert [r.id for r in read_records(path).records] == ["text"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
+def test_an_image_cut_short_is_a_bad_record_before_anything_trains(tmp_path, fmt):
+    # the header alone reads fine: this one failed in the collator, mid-training ("image file is truncated")
+    import numpy as np
+
+    pixels = (np.random.default_rng(0).random((24, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "whole", format=fmt)
+    data = (tmp_path / "whole").read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "trailing").write_bytes(data + b"bytes after the end")  # decodes: not an error
+    records = [
+        {
+            "id": name,
+            "image": name,
+            "conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}],
+        }
+        for name in ("whole", "cut", "trailing")
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value).startswith(f"record 'cut' ({path}[1]): cannot read image {tmp_path / 'cut'}: ")
+    rs = read_records(path, on_bad="skip")
+    assert [r.id for r in rs.records] == ["whole", "trailing"] and [s[0] for s in rs.skipped] == ["cut"]
+    assert rs.records[1].images[0].known_size == (32, 24)

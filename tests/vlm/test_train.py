@@ -3,6 +3,7 @@ what trains, what is saved, resume, Ctrl-C, non-finite losses and bad input."""
 
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -18,7 +19,7 @@ from moevl.training.trainer import NonFiniteTrainingError
 from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts
-from moevl.vlm.train import TrainingInterrupted, last_checkpoint
+from moevl.vlm.train import TrainingInterrupted, last_checkpoint, train_stage
 from tests.fixtures.demo import ROOT, TINY, run_stage
 from tests.fixtures.processes import run, torchrun
 
@@ -214,6 +215,50 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         )
     for name in ("a", "b", "c", "d"):
         assert not (tmp_path / name).exists(), name
+
+
+def test_an_image_that_fails_to_decode_mid_training_stops_in_one_line_or_is_skipped(demo, dense, tmp_path):
+    """A TIFF cut short (read_records cannot see it: TIFF says nowhere how it ends) in a record that only training
+    reaches: one DataError line (it was an OSError traceback from the collator, in a DataLoader worker here), the
+    checkpoints kept; --resume --skip-bad-records then skips it, names it and counts it."""
+    from PIL import Image
+
+    s1, _ = dense
+    records = json.loads(demo.files.instruct.read_text())
+    folder = tmp_path / "data"
+    shutil.copytree(demo.files.image_folder, folder)
+    Image.open(folder / records[150]["image"]).save(folder / "cut.tiff")
+    data = (folder / "cut.tiff").read_bytes()
+    (folder / "cut.tiff").write_bytes(data[: len(data) * 2 // 3])
+    records[150]["image"] = "cut.tiff"
+    path = tmp_path / "instruct.json"
+    path.write_text(json.dumps(records))
+    cfg = demo_config(TINY, ["stage2.training.max_steps=30"])  # one epoch: every record is reached
+    assert cfg.training_arguments(2)["dataloader_num_workers"] == 1
+    common = dict(stage=2, model=s1.model_dir, output_dir=tmp_path / "out", data=path, image_folder=folder)
+    with pytest.raises(DataError) as err:
+        train_stage(cfg, **common, progress=False, log=lambda *_: None)
+    message = str(err.value)
+    assert message.startswith(
+        f"record 'train-150' ({path}[150]): cannot decode image {folder / 'cut.tiff'}: OSError: "
+    )
+    assert "\n" not in message and "Traceback" not in message
+    checkpoint = last_checkpoint(tmp_path / "out")
+    assert checkpoint is not None and message.endswith(
+        f"--resume --skip-bad-records continues from {checkpoint.name}, skipping such records"
+    )
+    assert not (tmp_path / "out" / "model").exists()
+    logged = []
+    skipping = demo_config(TINY, ["stage2.training.max_steps=30", "data.skip_bad_records=true"])
+    result = train_stage(skipping, **common, resume=True, progress=False, log=logged.append)
+    assert result.global_step == 30 and result.skipped_bad == 1
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "skipped_records.jsonl").read_text().splitlines()
+    ]
+    assert {r["id"] for r in rows} == {"train-150"}
+    assert any(
+        line.startswith("skipped 1 record(s) during training whose images did not decode") for line in logged
+    )
 
 
 def test_moe_layers_beyond_the_model_are_one_config_error(demo, dense, tmp_path):

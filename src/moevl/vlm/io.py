@@ -23,6 +23,9 @@ from moevl.atomic import atomic_write_json, replace_directory
 META_FILE = "moevl.json"
 MODEL_DIR = "model"
 RUN_FILE = "moevl-run.json"  # in a stage's --out: what the run is (checked by --resume)
+SKIPPED_FILE = (
+    "skipped_records.jsonl"  # in a stage's --out: records skipped during training (data.skip_bad_records)
+)
 
 
 class CheckpointError(FileNotFoundError):
@@ -271,10 +274,11 @@ def check_run_identity(output_dir: str | os.PathLike, identity: dict[str, Any]) 
 
 
 def clear_previous_run(output_dir: str | os.PathLike) -> None:
-    """``--overwrite``: removes an earlier run's checkpoints, final model and run file (its TensorBoard logs
-    stay: each run writes its own folder)."""
+    """``--overwrite``: removes an earlier run's checkpoints, final model, run file and list of skipped records (its
+    TensorBoard logs stay: each run writes its own folder)."""
     output_dir = Path(output_dir)
     for p in [*output_dir.glob("checkpoint-*"), output_dir / MODEL_DIR]:
         if p.is_dir():
             shutil.rmtree(p)
     (output_dir / RUN_FILE).unlink(missing_ok=True)
+    (output_dir / SKIPPED_FILE).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ launch the same command: the recipe's ``training:`` section is passed to ``Train
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -34,6 +35,7 @@ from moevl.vlm.io import (
     META_FILE,
     MODEL_DIR,
     RUN_FILE,
+    SKIPPED_FILE,
     CheckpointError,
     OutputDirError,
     check_model_dir,
@@ -371,6 +373,7 @@ def train_stage(
         raise ConfigError(
             f"method: only stage 3 (MoE-tuning) takes a method, got {method!r} for stage {stage}"
         )
+    report = log  # what this rank alone knows (a record it skipped)
     if not is_main_process():  # one voice under torchrun: rank 0 reports, the others only raise their errors
         log, progress_bars = _silent, False
     else:
@@ -437,7 +440,12 @@ def train_stage(
     meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
     dataset = ConversationDataset(
-        records.records, processor, max_length=cfg.data.max_length, progress=progress_bars
+        records.records,
+        processor,
+        max_length=cfg.data.max_length,
+        progress=progress_bars,
+        on_bad=on_bad,
+        report=report,
     )
     if dataset.turn_end.appended is not None:
         log(
@@ -455,6 +463,7 @@ def train_stage(
         if overwrite:
             clear_previous_run(output_dir)
         atomic_write_json(output_dir / RUN_FILE, identity)
+    dataset.skip_log = output_dir / SKIPPED_FILE  # from here on: the dry run writes nothing to --out
     interrupt = GracefulInterrupt()
     trainer = MoETrainer(
         model=net,
@@ -467,10 +476,19 @@ def train_stage(
         callbacks=[interrupt, *(callbacks or [])],
     )
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except DataError as e:  # a record whose image stopped decoding (data.skip_bad_records was off)
+        raise DataError(_stopped_by(e, trainer.state.global_step, last_checkpoint(output_dir))) from None
     elapsed = time.perf_counter() - start
     if interrupt.interrupted:
         raise TrainingInterrupted(last_checkpoint(output_dir))
+    skipped_in_training = _skipped_in_training(output_dir / SKIPPED_FILE, dataset)
+    if skipped_in_training:
+        log(
+            f"skipped {skipped_in_training} record(s) during training whose images did not decode "
+            f"(data.skip_bad_records): listed in {output_dir / SKIPPED_FILE}"
+        )
     meta.update(
         train_time_s=elapsed,
         global_step=trainer.state.global_step,
@@ -490,5 +508,38 @@ def train_stage(
         train_loss=getattr(output, "training_loss", None),
         num_records=len(dataset),
         dropped_too_long=dataset.dropped_too_long,
-        skipped_bad=len(records.skipped),
+        skipped_bad=len(records.skipped) + skipped_in_training,
     )
+
+
+def _stopped_by(error: Exception, step: int, checkpoint: Path | None) -> str:
+    """One line for a ``DataError`` that stopped training, with where the run can continue.
+
+    NOTE: an error raised in a DataLoader worker comes back from torch as the same type whose message is
+    "Caught DataError in DataLoader worker process N." and the worker's traceback; its last line holds the
+    original message."""
+    message = str(error)
+    if message.startswith("Caught "):
+        message = message.rstrip().splitlines()[-1].partition("DataError: ")[2] or message
+    if checkpoint is None:
+        return (
+            f"{message}; training stopped after step {step}, before its first checkpoint: --skip-bad-records "
+            "skips such records"
+        )
+    return (
+        f"{message}; training stopped after step {step}: --resume --skip-bad-records continues from "
+        f"{checkpoint.name}, skipping such records"
+    )
+
+
+def _skipped_in_training(path: Path, dataset: Any) -> int:
+    """How many records were skipped during training: the ids ``path`` lists (every worker and rank appends to
+    it; a resumed run's earlier ones included) and those this process skipped before it existed (the dry run)."""
+    ids = {dataset.examples[j].id for j in dataset.bad}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+    return len(ids)
