@@ -143,6 +143,63 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_en
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
+def _cut(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def test_resume_passes_over_a_damaged_last_checkpoint_to_the_newest_complete_one(demo, dense, tmp_path):
+    # a ValueError traceback from load_moe_state_into before
+    _, s2 = dense
+    out = tmp_path / "run"
+    cfg = demo_config(TINY, ["stage3.training.max_steps=6", "training.save_total_limit=3"])
+    with pytest.raises(TrainingInterrupted):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", callbacks=[_InterruptAt(3)])
+    *_, older, newest = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    _cut(newest / "moevl-model.safetensors")
+    logged = []
+    resumed = train_stage(
+        cfg, stage=3, model=s2.model_dir, output_dir=out, data=demo.files.instruct, method="stgc",
+        image_folder=demo.files.image_folder, resume=True, progress=False, log=logged.append,
+    )  # fmt: skip
+    assert logged[0].startswith(f"--resume: {newest.name} is damaged (moevl-model.safetensors is cut short (")
+    assert logged[0].endswith(
+        f"resuming from {older.name}, the newest complete checkpoint ({newest.name} is written again when the run "
+        "reaches its step)"
+    )
+    assert resumed.global_step == 6
+    history = json.loads((out / "moe_stats.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4, 6]
+
+
+def test_a_checkpoint_is_whole_only_when_every_file_in_it_is(demo, dense, tmp_path):
+    from moevl.vlm.train import checkpoint_damage
+
+    _, s2 = dense
+    cfg = demo_config(TINY, ["stage3.training.max_steps=2"])
+    run_stage(demo, 3, tmp_path / "run", s2.model_dir, cfg)
+    good = tmp_path / "run" / "checkpoint-2"
+    assert checkpoint_damage(good) is None
+    cases = {
+        "optimizer.pt": "optimizer.pt is cut short or corrupt",
+        "rng_state.pth": "rng_state.pth is cut short or corrupt",
+        "moevl-model.safetensors": "moevl-model.safetensors is cut short (",
+        "trainer_state.json": "trainer_state.json is not valid JSON",
+    }
+    for name, why in cases.items():
+        broken = tmp_path / name
+        shutil.copytree(good, broken)
+        _cut(broken / name)
+        assert checkpoint_damage(broken).startswith(why), name
+    (broken / "trainer_state.json").unlink()
+    assert checkpoint_damage(broken) == "no trainer_state.json: its save was cut short"
+    out = tmp_path / "all-damaged"
+    shutil.copytree(tmp_path / "optimizer.pt", out / "checkpoint-2")
+    with pytest.raises(
+        CheckpointError, match=r"no complete checkpoint-N directory in .*; checkpoint-2: optimizer.pt"
+    ):
+        run_stage(demo, 3, out, s2.model_dir, cfg, resume=True)
+
+
 def test_an_out_holding_a_run_is_refused_unless_resumed_with_its_settings_or_overwritten(
     demo, dense, tmp_path
 ):

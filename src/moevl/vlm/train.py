@@ -56,6 +56,7 @@ __all__ = [
     "OutputDirError",
     "StageResult",
     "TrainingInterrupted",
+    "checkpoint_damage",
     "last_checkpoint",
     "train_stage",
 ]
@@ -84,22 +85,91 @@ class StageResult:
     skipped_bad: int
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    # The Trainer writes trainer_state.json last, so a checkpoint without it was cut short.
-    return (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors"))
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the Trainer checkpoint ``path`` cannot be resumed from, or None when it is whole: its save was cut
+    short (the Trainer writes ``trainer_state.json`` last), or a file in it is cut short or corrupt. Reads headers
+    only: each safetensors file's header against its length, each torch file's zip directory (at its end)."""
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json: its save was cut short"
+    try:
+        json.loads(state.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is not valid JSON"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")) and not any(path.glob("global_step*")):
+        return "no weights (*.safetensors)"
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is not a valid weights index"
+        missing = sorted(f for f in files if not (path / f).is_file())
+        if missing:
+            return f"{index.name} lists {missing[0]}, which is missing"
+    for file in weights:
+        damage = _safetensors_damage(file)
+        if damage is not None:
+            return damage
+    for file in sorted(p for pattern in ("*.pt", "*.pth", "*.bin") for p in path.rglob(pattern)):
+        damage = _torch_file_damage(file)
+        if damage is not None:
+            return f"{file.relative_to(path)} {damage}"
+    return None
 
 
-def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir``, or None."""
-    output_dir = Path(output_dir)
+def _safetensors_damage(file: Path) -> str | None:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"{file.name} is cut short ({size} bytes, not even its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return f"{file.name} has an unreadable header"
+    if 8 + length + end > size:
+        return f"{file.name} is cut short ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def _torch_file_damage(file: Path) -> str | None:
+    """A torch.save file (a zip archive) whose directory at the end is missing or unreadable: cut short."""
+    import zipfile
+
+    with open(file, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # not a zip archive (torch's legacy format, a tokenizer file): not checked
+    try:
+        with zipfile.ZipFile(file):
+            return None
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"is cut short or corrupt ({e})"
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` directories of ``output_dir``, newest first."""
     if not output_dir.is_dir():
-        return None
-    found = []
-    for p in output_dir.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if suffix.isdigit() and is_complete_checkpoint(p):
-            found.append((int(suffix), p))
-    return max(found)[1] if found else None
+        return []
+    steps = ((p.name.removeprefix("checkpoint-"), p) for p in output_dir.glob("checkpoint-*"))
+    found = [(int(n), p) for n, p in steps if n.isdigit()]
+    return sorted(((n, p) for n, p in found if p.is_dir()), reverse=True)
+
+
+def last_checkpoint(
+    output_dir: str | os.PathLike, *, damaged: list[tuple[Path, str]] | None = None
+) -> Path | None:
+    """The newest whole ``checkpoint-N`` in ``output_dir`` (``checkpoint_damage``), or None. The newer ones that
+    are not whole are appended to ``damaged`` as ``(path, why)`` when it is given."""
+    for _, path in _checkpoints(Path(output_dir)):
+        why = checkpoint_damage(path)
+        if why is None:
+            return path
+        if damaged is not None:
+            damaged.append((path, why))
+    return None
 
 
 class GracefulInterrupt(TrainerCallback):
@@ -298,7 +368,7 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 
 def _check_output_dir(
-    output_dir: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool
+    output_dir: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool, log: Any = print
 ) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); the errors of an ``output_dir`` that holds an earlier
     run (``train_stage``'s doc)."""
@@ -319,10 +389,17 @@ def _check_output_dir(
             f"--resume: the run in {output_dir} has finished ({MODEL_DIR}/ is saved); nothing to resume "
             "(--overwrite trains it again)"
         )
-    checkpoint = last_checkpoint(output_dir)
+    damaged: list[tuple[Path, str]] = []
+    checkpoint = last_checkpoint(output_dir, damaged=damaged)
     if checkpoint is None:
-        raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}")
+        found = "".join(f"; {p.name}: {why}" for p, why in damaged)
+        raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}{found}")
     check_run_identity(output_dir, identity)
+    for path, why in damaged:
+        log(
+            f"--resume: {path.name} is damaged ({why}); resuming from {checkpoint.name}, the newest complete "
+            f"checkpoint ({path.name} is written again when the run reaches its step)"
+        )
     return checkpoint
 
 
@@ -406,7 +483,7 @@ def train_stage(
         identity |= {
             f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers", "lora")
         }
-    resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite)
+    resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite, log=log)
     on_bad = "skip" if cfg.data.skip_bad_records else "error"
     records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
     if records.skipped:
