@@ -220,6 +220,20 @@ def test_an_out_holding_a_run_is_refused_unless_resumed_with_its_settings_or_ove
         run_stage(demo, 3, out, s2.model_dir, other, method="stgc", resume=True)
     with pytest.raises(ConfigError, match=r"--resume: method is 'ltdr' but .* was started with 'stgc'"):
         run_stage(demo, 3, out, s2.model_dir, cfg, method="ltdr", resume=True)
+    # another schedule: the learning rate jumped to another point of another schedule (accepted silently before)
+    with pytest.raises(
+        ConfigError,
+        match=r"--resume: training.max_steps is 12 but the run in .* was started with 4 \(the learning-rate "
+        r"schedule is made from it\); resume it with the same settings",
+    ):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True, max_steps=12)
+    faster = demo_config(
+        TINY, ["stage3.training.max_steps=4", "training.save_steps=2", "stage3.training.learning_rate=5e-4"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"--resume: training.learning_rate is 0.0005 but .* was started with 0.001"
+    ):
+        run_stage(demo, 3, out, s2.model_dir, faster, method="stgc", resume=True)
     assert sorted(p.name for p in out.iterdir()) == started  # the refusals changed nothing
     assert run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True).global_step == 4
     with pytest.raises(CheckpointError, match="has finished"):  # not one more step each time

@@ -258,7 +258,8 @@ def previous_run(output_dir: str | os.PathLike) -> str | None:
 
 def check_run_identity(output_dir: str | os.PathLike, identity: dict[str, Any]) -> None:
     """``--resume``: ``ConfigError`` naming the first key of ``identity`` (stage, model, method, structural MoE
-    settings) that differs from the run being resumed (its ``RUN_FILE``)."""
+    settings, the learning-rate schedule) that differs from the run being resumed (its ``RUN_FILE``), with both
+    values."""
     from moevl.config import ConfigError
 
     path = Path(output_dir) / RUN_FILE
@@ -267,8 +268,9 @@ def check_run_identity(output_dir: str | os.PathLike, identity: dict[str, Any]) 
     saved = json.loads(path.read_text())
     for key, value in identity.items():
         if key in saved and saved[key] != value:
+            why = " (the learning-rate schedule is made from it)" if key.startswith("training.") else ""
             raise ConfigError(
-                f"--resume: {key} is {value!r} but the run in {output_dir} was started with {saved[key]!r}; "
+                f"--resume: {key} is {value!r} but the run in {output_dir} was started with {saved[key]!r}{why}; "
                 "resume it with the same settings, or start over with --overwrite"
             )
 

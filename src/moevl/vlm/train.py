@@ -403,6 +403,26 @@ def _check_output_dir(
     return checkpoint
 
 
+#: The ``TrainingArguments`` keys the learning-rate schedule is made from. ``--resume`` refuses a change to one:
+#: the Trainer restores the scheduler's step, not its length, so the rate would jump to a point of another
+#: schedule (or, for the rate itself, the change would be silently ignored: the saved base rate comes back).
+SCHEDULE_KEYS = ("max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps")
+
+
+def _schedule(cfg: RunConfig, stage: int, max_steps: int | None) -> dict[str, Any]:
+    """What fixes a stage's learning-rate schedule (``SCHEDULE_KEYS``, and ``num_train_epochs`` when there is no
+    ``max_steps``), as the run's identity keys ``training.<key>``, defaults filled in."""
+    kwargs = cfg.training_arguments(stage)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    fields = TrainingArguments.__dataclass_fields__
+    values = {k: kwargs.get(k, fields[k].default) for k in SCHEDULE_KEYS}
+    if values["max_steps"] is None or values["max_steps"] <= 0:
+        values["max_steps"] = None
+        values["num_train_epochs"] = kwargs.get("num_train_epochs", fields["num_train_epochs"].default)
+    return {f"training.{k}": to_plain(v) for k, v in values.items()}
+
+
 def _categories(records: list) -> dict[str, int] | None:
     """Category name -> id when records carry categories (routing statistics per category), else None."""
     names = sorted({r.category for r in records if r.category is not None})
@@ -483,6 +503,7 @@ def train_stage(
         identity |= {
             f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers", "lora")
         }
+    identity |= _schedule(cfg, stage, max_steps)
     resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite, log=log)
     on_bad = "skip" if cfg.data.skip_bad_records else "error"
     records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
