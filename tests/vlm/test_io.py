@@ -75,3 +75,74 @@ def test_a_text_only_language_model_is_named_as_such(demo, tmp_path, with_tokeni
             call(path)
         assert str(err.value).startswith(expected) and "moevl.hf.upcycle" in str(err.value)
     assert check_model_dir(demo.init) == demo.init  # a vision-language checkpoint passes
+
+
+def _torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_torchvision_imports(), reason="torchvision is installed: the processor loads")
+def test_a_processor_that_needs_a_missing_package_is_named_with_the_family(tmp_path):
+    # an ImportError traceback from moevl eval before (load_model caught OSError and ValueError only)
+    from tests.fixtures.checkpoints import PARTS, build_checkpoint
+
+    path = build_checkpoint("qwen2_vl", tmp_path / "qwen2_vl")
+    (path / PARTS).unlink()  # the processor as a real checkpoint saves it, its video processor included
+    image = json.loads((path / "preprocessor_config.json").read_text())
+    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    (path / "video_preprocessor_config.json").write_text(
+        json.dumps(video | {"video_processor_type": "Qwen2VLVideoProcessor"})
+    )
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert str(err.value) == (
+        f"{path}: the processor of this qwen2_vl checkpoint (Qwen2VLVideoProcessor) needs the package 'torchvision', "
+        "which is not installed or does not import here; install torchvision in this environment (the build that "
+        "matches the installed torch)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            ImportError("\nFooProcessor requires the Num2Words library but it was not found"),
+            "(FooProcessor) needs the package 'num2words'",
+        ),
+        (
+            ModuleNotFoundError("No module named 'timm.layers'", name="timm.layers"),
+            "needs the package 'timm'",
+        ),
+        (
+            ImportError(),
+            "needs the package 'torchvision'",
+        ),  # names nothing: torchvision, which does not import
+    ],
+)
+def test_an_import_error_while_loading_names_the_package(demo, monkeypatch, error, expected):
+    import importlib
+
+    from transformers import AutoProcessor
+
+    def raise_error(*args, **kwargs):
+        raise error
+
+    real_import = importlib.import_module
+
+    def no_torchvision(name, *args):
+        if name == "torchvision":
+            raise ImportError("no torchvision here")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", raise_error)
+    monkeypatch.setattr(importlib, "import_module", no_torchvision)
+    with pytest.raises(CheckpointError) as err:
+        load_model(demo.init)
+    message = str(err.value)
+    assert message.startswith(f"{demo.init}: the processor of this llava checkpoint") and expected in message
+    assert "\n" not in message

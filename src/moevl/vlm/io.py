@@ -140,16 +140,67 @@ def load_model(
     if not moe_llava:  # MoE-LLaVA checkpoints carry a tokenizer only
         try:
             processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{model_dir}: cannot load the processor ({e})") from None
+        except ImportError as e:  # a part of the processor needs a package that is not installed
+            raise CheckpointError(_missing_package(model_dir, "processor", e)) from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{model_dir}: cannot load the processor ({_one_line(e)})") from None
         _set_chat_template(processor, chat_template)
     try:
         model, tokenizer = load_checkpoint(model_dir, moe_overrides=moe_overrides)
         if moe_llava:
             processor = _moe_llava_processor(model_dir, model, tokenizer, chat_template)
+    except ImportError as e:
+        raise CheckpointError(_missing_package(model_dir, "model", e)) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # e.g. a truncated weights file
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from None
     return model, processor
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _missing_package(model_dir: Path, part: str, error: ImportError) -> str:
+    """One line for an ``ImportError`` raised while loading a checkpoint's ``part``: the package that is missing
+    (from transformers' "X requires the Y library" message, the module Python could not import, or, for an
+    error that names nothing, torchvision when it does not import: what most processors' optional parts need)
+    and the checkpoint's family."""
+    import importlib
+    import re
+
+    text = " ".join(str(error).split())
+    needs, package = None, None
+    found = re.search(r"(\w+) requires the ([\w.-]+) library", text)
+    if found:
+        needs, package = found.group(1), found.group(2).lower()
+    elif getattr(error, "name", None):
+        package = error.name.split(".")[0]
+    elif found := re.search(r"No module named '([\w.]+)'", text):
+        package = found.group(1).split(".")[0]
+    else:
+        try:
+            importlib.import_module("torchvision")
+        except Exception:  # missing, or built for another torch
+            package = "torchvision"
+    family = _family(model_dir)
+    what = f"the {part} of this {family} checkpoint" + (f" ({needs})" if needs else "")
+    if package is None:
+        return f"{model_dir}: cannot load {what}: a package it needs does not import ({_one_line(error)})"
+    advice = f"install {package} in this environment"
+    if package == "torchvision":
+        advice += " (the build that matches the installed torch)"
+    return f"{model_dir}: {what} needs the package {package!r}, which is not installed or does not import here; {advice}"
+
+
+def _family(model_dir: Path) -> str:
+    """The checkpoint's ``model_type`` (the one inside a moevl-format config)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "?"
+    inner = config.get("moevl") if config.get("model_type") == "moevl" else config
+    return str(inner.get("model_type", "?")) if isinstance(inner, dict) else "?"
 
 
 def _set_chat_template(processor: Any, chat_template: str | None) -> None:
