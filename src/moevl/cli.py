@@ -132,7 +132,7 @@ def train(
     method: str | None = typer.Option(None, help=f"Stage 3 method: {METHODS_HELP} (default: the recipe's)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     chat_template: Path | None = typer.Option(
         None, help="Jinja chat template file (checkpoints without one)."
     ),
@@ -190,7 +190,7 @@ def eval_(
     batch_size: int | None = typer.Option(None, help="Records per generation batch."),
     max_new_tokens: int | None = typer.Option(None, help="Longest answer in tokens."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     progress: bool = _progress_option(),
 ) -> None:
     """Greedy answers, VQAv2-normalised exact match, accuracy per category."""
@@ -274,7 +274,7 @@ def diagnose(
     batch_size: int = typer.Option(16, min=1, help="Records in the fixed probe batch."),
     out: Path = typer.Option(Path("runs/diagnose"), help="Where diagnosis.json and cosines.png go."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     progress: bool = _progress_option(),
 ) -> None:
     """Does STGC's premise hold for this model and data? Token-gradient cosines, conflict ratio, flag
@@ -309,7 +309,7 @@ def compare(
     ),
     seeds: int | None = typer.Option(None, help="Seeds per method (default: the recipe's compare.seeds)."),
     methods: str | None = typer.Option(None, help=f"Comma-separated subset of {METHODS_HELP}."),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     progress: bool = _progress_option(),
 ) -> None:
     """The main job on the embedded digit benchmark: write it as LLaVA data, build the tiny checkpoint, run

@@ -238,6 +238,9 @@ def test_an_out_holding_a_run_is_refused_unless_resumed_with_its_settings_or_ove
     assert run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True).global_step == 4
     with pytest.raises(CheckpointError, match="has finished"):  # not one more step each time
         run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True)
+    with pytest.raises(OutputDirError) as err:  # it said "--resume continues it", which then refused
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc")
+    assert "already holds a finished run" in str(err.value) and "--resume" not in str(err.value)
     for old in out.glob("checkpoint-*"):
         (old / "from-the-first-run").touch()
     again = run_stage(demo, 3, out, s2.model_dir, cfg, method="ltdr", overwrite=True)

@@ -378,6 +378,11 @@ def _check_output_dir(
         )
     if not resume:
         earlier = previous_run(output_dir)
+        if earlier is not None and not overwrite and (output_dir / MODEL_DIR / META_FILE).is_file():
+            raise OutputDirError(
+                f"--out {output_dir} already holds a finished run ({earlier}): --overwrite trains it again "
+                "(deleting its checkpoints and model), or choose another --out"
+            )
         if earlier is not None and not overwrite:
             raise OutputDirError(
                 f"--out {output_dir} already holds a run ({earlier}): --resume continues it, --overwrite starts "
