@@ -259,6 +259,8 @@ def export(
     typer.echo(f"{result.format}: {out} ({result.reason})")
     for note in result.notes:
         typer.echo(f"note: {note}")
+    if result.how_to_load:
+        typer.echo(result.how_to_load)
 
 
 @app.command()

@@ -146,3 +146,31 @@ def test_an_import_error_while_loading_names_the_package(demo, monkeypatch, erro
     message = str(err.value)
     assert message.startswith(f"{demo.init}: the processor of this llava checkpoint") and expected in message
     assert "\n" not in message
+
+
+def test_a_moevl_format_export_says_how_to_load_it_and_its_readme_does_it(demo, tmp_path):
+    # plain transformers said only that model type 'moevl' is unknown; nothing in the export said what to do
+    from typer.testing import CliRunner
+
+    from moevl.checkpoint import save_moe_model
+    from moevl.cli import app
+    from moevl.hf import upcycle
+
+    model, processor = load_model(demo.init)
+    save_moe_model(upcycle(model, num_experts=4, top_k=2), tmp_path / "moe", processor=processor)  # alternate
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(
+        app, ["export", "--model", str(tmp_path / "moe"), "--out", str(out), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("moevl: ") and lines[-1] == (
+        "load it with moevl installed: moevl.checkpoint.register_auto_classes(), then "
+        f"AutoModelForImageTextToText.from_pretrained({str(out)!r}) (plain transformers does not know model_type "
+        f"'moevl'; {out / 'README.md'} says more)"
+    )
+    readme = (out / "README.md").read_text()
+    assert "moevl.checkpoint.register_auto_classes()" in readme
+    code = readme.split("```python\n")[1].split("```")[0]  # the README's own code, in a fresh process
+    printed = run_python(code + "print(type(model).__name__, type(processor).__name__)\n", tmp_path)
+    assert printed.split() == ["LlavaForConditionalGeneration", type(processor).__name__]
