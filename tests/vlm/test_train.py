@@ -335,6 +335,26 @@ def test_an_image_that_fails_to_decode_mid_training_stops_in_one_line_or_is_skip
     )
 
 
+def test_a_data_file_that_is_not_utf8_is_one_line_and_exit_2_from_the_command(demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from moevl.cli import app
+
+    records = json.loads(demo.files.instruct.read_text())[:3]
+    records[1]["conversations"][1]["value"] = "café"
+    data = tmp_path / "latin1.json"
+    data.write_bytes(json.dumps(records, ensure_ascii=False).encode("latin-1"))
+    args = ["train", "--stage", "2", "--model", str(demo.init), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--config", str(TINY), "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    at = data.read_bytes().index(b"\xe9")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: {data} must be UTF-8 text, got byte 0xe9 at position {at} (line 1), which is not UTF-8; convert "
+        "the file (e.g. iconv -f latin1 -t utf-8)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_moe_layers_beyond_the_model_are_one_config_error(demo, dense, tmp_path):
     _, s2 = dense
     cfg = demo_config(TINY, ["moe.layers=[5]"])
