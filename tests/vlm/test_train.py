@@ -192,6 +192,10 @@ def test_a_checkpoint_is_whole_only_when_every_file_in_it_is(demo, dense, tmp_pa
         assert checkpoint_damage(broken).startswith(why), name
     (broken / "trainer_state.json").unlink()
     assert checkpoint_damage(broken) == "no trainer_state.json: its save was cut short"
+    weightless = tmp_path / "weightless"
+    shutil.copytree(good, weightless)
+    (weightless / "moevl-model.safetensors").unlink()
+    assert checkpoint_damage(weightless) == "no weights (*.safetensors)"
     out = tmp_path / "all-damaged"
     shutil.copytree(tmp_path / "optimizer.pt", out / "checkpoint-2")
     with pytest.raises(

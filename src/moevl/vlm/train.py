@@ -97,7 +97,7 @@ def checkpoint_damage(path: Path) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return "trainer_state.json is not valid JSON"
     weights = sorted(path.glob("*.safetensors"))
-    if not weights and not any(path.glob("*.bin")) and not any(path.glob("global_step*")):
+    if not weights:
         return "no weights (*.safetensors)"
     for index in path.glob("*.safetensors.index.json"):
         try:
@@ -456,11 +456,14 @@ def train_stage(
     ``model``: a checkpoint directory (a stage's output directory works too); default ``cfg.model``.
     ``data``: the training file; default ``cfg.stage{n}.data`` then ``cfg.data.train``. ``method``: the stage 3
     preset (default ``cfg.method``); refused for stages 1-2. ``output_dir`` holding an earlier run is refused
-    unless ``resume`` (continue it: same stage, model, method and MoE structure) or ``overwrite`` (its
-    checkpoints and model are deleted once every input checked out). Every input is checked before anything is
-    created or trained: ``CheckpointError`` (missing model, nothing to resume), ``OutputDirError``,
-    ``ConfigError``, ``moevl.data.DataError``; ``TrainingInterrupted`` after Ctrl-C (the saved checkpoint
-    resumes the run).
+    unless ``resume`` (continue it from its newest whole checkpoint, a damaged newer one named through ``log``:
+    same stage, model, method, MoE structure and learning-rate schedule) or ``overwrite`` (its checkpoints and
+    model are deleted once every input checked out). Every input is checked before anything is created or
+    trained: ``CheckpointError`` (missing model, nothing to resume), ``OutputDirError``, ``ConfigError``,
+    ``moevl.data.DataError``; ``TrainingInterrupted`` after Ctrl-C (the saved checkpoint resumes the run). An
+    image that fails to decode during training is a ``DataError`` naming its record (or, with
+    ``data.skip_bad_records``, a skipped record listed in ``SKIPPED_FILE``). Under ``torchrun`` only rank 0 calls
+    ``log``, except for what a rank alone knows (a record it skipped).
     """
     from moevl.data import DataError, read_records
     from moevl.data.dryrun import dry_run
