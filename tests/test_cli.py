@@ -115,6 +115,15 @@ def test_help_and_argument_errors_answer_before_torch_loads():
     assert done.stdout.split("\n")[0] == "[0, 0, 2, 2, 2] False", done.stdout + done.stderr
 
 
+def test_help_names_what_an_option_takes_in_words():
+    """It showed ``--set <list[str]>`` and ``moevl detect eval [OPTIONS] {checkpoint}``."""
+    for command in (["train"], ["eval"], ["diagnose"], ["compare"], ["detect", "compare"]):
+        result = CliRunner().invoke(app, [*command, "--help"])
+        assert "--set KEY=VALUE" in result.output and "list[str]" not in result.output, command
+    result = CliRunner().invoke(app, ["detect", "eval", "--help"])
+    assert result.output.split("\n")[0].endswith(" detect eval [OPTIONS] CHECKPOINT")
+
+
 def test_help_text_is_whole_when_piped():
     """Option help is wrapped, never cut to fit a table ("json/jsonl/parque…" before)."""
     result = CliRunner().invoke(app, ["train", "--help"])

@@ -3,6 +3,7 @@ Ctrl-C leaves either the old complete file or the new complete file, never half 
 
 Directories likewise: ``atomic_directory`` yields a temporary directory beside the target, and
 ``replace_directory`` renames the complete one into place (whole, or merged into an existing directory).
+Logs that several processes add to are appended a whole line at a time (``append_line``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,20 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: list[Any]) -> Path:
             f.write(json.dumps(row, default=_json_default) + "\n")
 
     return atomic_write(path, write)
+
+
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Appends ``line`` and a newline to ``path`` (created if missing) in one ``write`` on a file opened for
+    appending: a log that several processes add to (DataLoader workers, ranks); a reader sees whole lines
+    (a crash can cut only the last one short, never an earlier one)."""
+    path = _target(path)
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return path
 
 
 def atomic_write_to(path: str | os.PathLike, write: Callable[[str], object]) -> Path:

@@ -59,6 +59,10 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, DataError, CheckpointError, OutputDirError, NonFiniteTrainingError) as e:
         raise fail(str(e)) from None
     except TrainingInterrupted as e:
+        from moevl.vlm.train import is_main_process
+
+        if not is_main_process():  # every rank stopped with the same checkpoint: rank 0 says so
+            raise typer.Exit(130) from None
         raise fail(str(e), code=130) from None
 
 
@@ -128,7 +132,7 @@ def train(
     method: str | None = typer.Option(None, help=f"Stage 3 method: {METHODS_HELP} (default: the recipe's)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     chat_template: Path | None = typer.Option(
         None, help="Jinja chat template file (checkpoints without one)."
     ),
@@ -142,7 +146,7 @@ def train(
 ) -> None:
     """Train one stage with the Hugging Face Trainer; torchrun / accelerate / deepspeed launch it as is."""
     _check_paths(model=model, data=data, image_folder=image_folder, out=out, config=config)
-    from moevl.vlm.train import train_stage
+    from moevl.vlm.train import is_main_process, train_stage
 
     extra = []
     if chat_template is not None:
@@ -167,6 +171,8 @@ def train(
             progress=progress,
             log=typer.echo,
         )
+    if not is_main_process():
+        return
     typer.echo(
         f"stage {stage} done in {result.train_time_s:.1f} s ({result.global_step} steps, "
         f"{result.num_records} records); model: {result.model_dir}"
@@ -184,7 +190,7 @@ def eval_(
     batch_size: int | None = typer.Option(None, help="Records per generation batch."),
     max_new_tokens: int | None = typer.Option(None, help="Longest answer in tokens."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     progress: bool = _progress_option(),
 ) -> None:
     """Greedy answers, VQAv2-normalised exact match, accuracy per category."""
@@ -253,6 +259,8 @@ def export(
     typer.echo(f"{result.format}: {out} ({result.reason})")
     for note in result.notes:
         typer.echo(f"note: {note}")
+    if result.how_to_load:
+        typer.echo(result.how_to_load)
 
 
 @app.command()
@@ -268,7 +276,7 @@ def diagnose(
     batch_size: int = typer.Option(16, min=1, help="Records in the fixed probe batch."),
     out: Path = typer.Option(Path("runs/diagnose"), help="Where diagnosis.json and cosines.png go."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     progress: bool = _progress_option(),
 ) -> None:
     """Does STGC's premise hold for this model and data? Token-gradient cosines, conflict ratio, flag
@@ -305,7 +313,7 @@ def compare(
     ),
     seeds: int | None = typer.Option(None, help="Seeds per method (default: the recipe's compare.seeds)."),
     methods: str | None = typer.Option(None, help=f"Comma-separated subset of {METHODS_HELP}."),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     progress: bool = _progress_option(),
 ) -> None:
     """The main job on the embedded digit benchmark: write it as LLaVA data, build the tiny checkpoint, run

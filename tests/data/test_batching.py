@@ -33,7 +33,7 @@ def test_mask_from_the_processors_replacements_equals_the_alignment_reference(
     _, examples = _examples(processor, llava_file)
     call = ProcessorCall(processor)
     texts = [e.text for e in examples]
-    batch = call(texts, [[r.open() for r in e.images] for e in examples])
+    batch = call(texts, [list(e.images) for e in examples])
     plain = processor.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     vision = ConversationCollator(processor).vision
     for b, e in enumerate(examples):
@@ -54,7 +54,7 @@ def test_images_go_per_sample_and_the_processor_expands_them(checkpoints, llava_
     (newlines, ``<start_of_image>``, ``<fake_token_around_image>``, ``<row_1_col_1>``, ``<global-img>``)."""
     processor = load_processor(checkpoints[family])
     _, examples = _examples(processor, llava_file)
-    images = [[r.open() for r in e.images] for e in examples]
+    images = [list(e.images) for e in examples]
     flat = [img for row in images for img in row]
     if family == "gemma3":  # (Idefics3 splits a flat list by the placeholders itself)
         with pytest.raises(ValueError, match="number of"):
@@ -92,7 +92,7 @@ class _FlatOnly:
 def test_a_processor_that_refuses_nested_images_gets_them_flat(checkpoints, llava_file):
     processor = load_processor(checkpoints["llava"])
     _, examples = _examples(processor, llava_file)
-    texts, images = [e.text for e in examples], [[r.open() for r in e.images] for e in examples]
+    texts, images = [e.text for e in examples], [list(e.images) for e in examples]
     call = ProcessorCall(_FlatOnly(processor))
     got = call(texts, images)
     assert call.nested is False
@@ -243,3 +243,10 @@ def test_a_record_the_processor_cannot_take_stops_the_dry_run_with_nothing_writt
             image_folder=llava_file.parent, progress=False, log=lambda *_: None,
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_no_family_is_taken_for_a_text_only_checkpoint(checkpoints):
+    from moevl.vlm.io import check_model_dir
+
+    for family, path in checkpoints.items():
+        assert check_model_dir(path) == path, family

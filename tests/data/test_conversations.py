@@ -205,3 +205,72 @@ def test_malformed_files(tmp_path):
         read_records(tmp_path / "none.json")
     with pytest.raises(DataError, match="image folder not found"):
         read_records(tmp_path / "c.json", image_folder=tmp_path / "nope")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_byte_and_its_position(tmp_path):
+    record = {
+        "id": "latin",
+        "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "café"}],
+    }
+    for name, text, line in (
+        ("a.json", json.dumps([LLAVA_RECORDS[2], record], ensure_ascii=False), 1),
+        ("b.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in (LLAVA_RECORDS[2], record)), 2),
+    ):
+        path = tmp_path / name
+        path.write_bytes(text.encode("latin-1"))
+        at = path.read_bytes().index(b"\xe9")
+        with pytest.raises(DataError) as err:
+            read_records(path)
+        assert str(err.value) == (
+            f"{path} must be UTF-8 text, got byte 0xe9 at position {at} (line {line}), which is not UTF-8; "
+            "convert the file (e.g. iconv -f latin1 -t utf-8)"
+        )
+    # a UTF-8 byte-order mark is no error, and the position counts it
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([record], ensure_ascii=False).encode("utf-8"))
+    assert last_assistant_text(read_records(path).records[0]) == "café"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([record], ensure_ascii=False).encode("latin-1"))
+    at = path.read_bytes().index(b"\xe9")
+    with pytest.raises(DataError, match=f"at position {at} "):
+        read_records(path)
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_a_json_object_that_is_not_a_record_asks_for_a_list(tmp_path, indent):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"data": LLAVA_RECORDS[2:]}, indent=indent))
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value) == (
+        f"{path} must hold a JSON list of records (or JSONL: one record a line), got a JSON object with keys 'data'"
+    )
+    path.write_text(json.dumps(LLAVA_RECORDS[2], indent=indent))  # one record alone is still read as one
+    assert [r.id for r in read_records(path).records] == ["text"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
+def test_an_image_cut_short_is_a_bad_record_before_anything_trains(tmp_path, fmt):
+    # the header alone reads fine: this one failed in the collator, mid-training ("image file is truncated")
+    import numpy as np
+
+    pixels = (np.random.default_rng(0).random((24, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "whole", format=fmt)
+    data = (tmp_path / "whole").read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "trailing").write_bytes(data + b"bytes after the end")  # decodes: not an error
+    records = [
+        {
+            "id": name,
+            "image": name,
+            "conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}],
+        }
+        for name in ("whole", "cut", "trailing")
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value).startswith(f"record 'cut' ({path}[1]): cannot read image {tmp_path / 'cut'}: ")
+    rs = read_records(path, on_bad="skip")
+    assert [r.id for r in rs.records] == ["whole", "trailing"] and [s[0] for s in rs.skipped] == ["cut"]
+    assert rs.records[1].images[0].known_size == (32, 24)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -163,3 +165,33 @@ def test_invalid_or_failing_template_is_a_clear_error(checkpoints, llava_file):
     failing = "{{ raise_exception('no images here') }}"
     with pytest.raises(DataError, match=r"failed to render.*no images here"):
         ConversationDataset(records, processor, chat_template=failing, progress=False)
+
+
+def test_an_image_that_fails_to_decode_in_training_is_a_bad_record(checkpoints, llava_file, tmp_path):
+    """Damage read_records cannot see (here: the file cut after it was read) fails where the image is decoded:
+    named, or skipped, reported and listed with on_bad="skip"; never an OSError from the collator."""
+    processor = load_processor(checkpoints["llava"])
+    records = read_records(llava_file).records
+    image = llava_file.parent / "im0.png"  # record 'multi' only
+    image.write_bytes(image.read_bytes()[:100])
+    dataset = ConversationDataset(records, processor, progress=False)
+    with pytest.raises(DataError) as err:
+        dataset[0]
+    assert str(err.value).startswith(
+        f"record 'multi' ({llava_file}[0]): cannot decode image {image}: OSError: "
+    )
+    with pytest.raises(DataError, match="record 'multi'"):
+        ConversationCollator(processor)([dataset.examples[0]])  # the collator given the record itself
+    reported, log = [], tmp_path / "skipped.jsonl"
+    dataset = ConversationDataset(
+        records, processor, progress=False, on_bad="skip", skip_log=log, report=reported.append
+    )
+    assert dataset.fetch(0)[0] == 1 and dataset[0].id == "two-images"  # the next record takes its place
+    assert len(reported) == 1 and reported[0].startswith(
+        "skipped a bad record (data.skip_bad_records): record 'multi'"
+    )
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["id"], r["source"]) for r in rows] == [("multi", f"{llava_file}[0]")]
+    batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
+    assert batch["input_ids"].shape[0] == 3
+    assert len(reported) == 1 and len(log.read_text().splitlines()) == 1  # skipped once, not at every visit

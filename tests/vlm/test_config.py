@@ -20,7 +20,12 @@ def test_defaults_file_equals_builtin_defaults():
         (["stage2.trainabel=[projector]"], "unknown config key 'stage2.trainabel'"),
         (["modle=x"], "unknown config key 'modle'"),
         (["seed=abc"], "'seed' must be int, got str 'abc'"),
-        (["moe.top_k=5"], "top_k must be an integer >= 1 and <= 4, got 5"),
+        (["moe.top_k=5"], "top_k must be an integer >= 1 and <= num_experts (4), got 5"),
+        # the key the user changed is named too (it said "top_k must be ... <= 1, got 2")
+        (
+            ["moe.num_experts=1"],
+            "config section 'moe': top_k must be an integer >= 1 and <= num_experts (1), got 2",
+        ),
         (["moe.stgc.scope=some"], "'moe.stgc.scope' must be one of 'all', 'last', 'delta'"),
         (["moe.stgc.weight=.inf"], "'moe.stgc.weight' must be a finite number, got float inf"),
         (["moe.balance_coef=.nan"], "'moe.balance_coef'"),

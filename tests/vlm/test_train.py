@@ -3,6 +3,7 @@ what trains, what is saved, resume, Ctrl-C, non-finite losses and bad input."""
 
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -18,7 +19,7 @@ from moevl.training.trainer import NonFiniteTrainingError
 from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts
-from moevl.vlm.train import TrainingInterrupted, last_checkpoint
+from moevl.vlm.train import TrainingInterrupted, last_checkpoint, train_stage
 from tests.fixtures.demo import ROOT, TINY, run_stage
 from tests.fixtures.processes import run, torchrun
 
@@ -142,6 +143,67 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_en
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
+def _cut(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def test_resume_passes_over_a_damaged_last_checkpoint_to_the_newest_complete_one(demo, dense, tmp_path):
+    # a ValueError traceback from load_moe_state_into before
+    _, s2 = dense
+    out = tmp_path / "run"
+    cfg = demo_config(TINY, ["stage3.training.max_steps=6", "training.save_total_limit=3"])
+    with pytest.raises(TrainingInterrupted):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", callbacks=[_InterruptAt(3)])
+    *_, older, newest = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    _cut(newest / "moevl-model.safetensors")
+    logged = []
+    resumed = train_stage(
+        cfg, stage=3, model=s2.model_dir, output_dir=out, data=demo.files.instruct, method="stgc",
+        image_folder=demo.files.image_folder, resume=True, progress=False, log=logged.append,
+    )  # fmt: skip
+    assert logged[0].startswith(f"--resume: {newest.name} is damaged (moevl-model.safetensors is cut short (")
+    assert logged[0].endswith(
+        f"resuming from {older.name}, the newest complete checkpoint ({newest.name} is written again when the run "
+        "reaches its step)"
+    )
+    assert resumed.global_step == 6
+    history = json.loads((out / "moe_stats.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4, 6]
+
+
+def test_a_checkpoint_is_whole_only_when_every_file_in_it_is(demo, dense, tmp_path):
+    from moevl.vlm.train import checkpoint_damage
+
+    _, s2 = dense
+    cfg = demo_config(TINY, ["stage3.training.max_steps=2"])
+    run_stage(demo, 3, tmp_path / "run", s2.model_dir, cfg)
+    good = tmp_path / "run" / "checkpoint-2"
+    assert checkpoint_damage(good) is None
+    cases = {
+        "optimizer.pt": "optimizer.pt is cut short or corrupt",
+        "rng_state.pth": "rng_state.pth is cut short or corrupt",
+        "moevl-model.safetensors": "moevl-model.safetensors is cut short (",
+        "trainer_state.json": "trainer_state.json is not valid JSON",
+    }
+    for name, why in cases.items():
+        broken = tmp_path / name
+        shutil.copytree(good, broken)
+        _cut(broken / name)
+        assert checkpoint_damage(broken).startswith(why), name
+    (broken / "trainer_state.json").unlink()
+    assert checkpoint_damage(broken) == "no trainer_state.json: its save was cut short"
+    weightless = tmp_path / "weightless"
+    shutil.copytree(good, weightless)
+    (weightless / "moevl-model.safetensors").unlink()
+    assert checkpoint_damage(weightless) == "no weights (*.safetensors)"
+    out = tmp_path / "all-damaged"
+    shutil.copytree(tmp_path / "optimizer.pt", out / "checkpoint-2")
+    with pytest.raises(
+        CheckpointError, match=r"no complete checkpoint-N directory in .*; checkpoint-2: optimizer.pt"
+    ):
+        run_stage(demo, 3, out, s2.model_dir, cfg, resume=True)
+
+
 def test_an_out_holding_a_run_is_refused_unless_resumed_with_its_settings_or_overwritten(
     demo, dense, tmp_path
 ):
@@ -162,10 +224,27 @@ def test_an_out_holding_a_run_is_refused_unless_resumed_with_its_settings_or_ove
         run_stage(demo, 3, out, s2.model_dir, other, method="stgc", resume=True)
     with pytest.raises(ConfigError, match=r"--resume: method is 'ltdr' but .* was started with 'stgc'"):
         run_stage(demo, 3, out, s2.model_dir, cfg, method="ltdr", resume=True)
+    # another schedule: the learning rate jumped to another point of another schedule (accepted silently before)
+    with pytest.raises(
+        ConfigError,
+        match=r"--resume: training.max_steps is 12 but the run in .* was started with 4 \(the learning-rate "
+        r"schedule is made from it\); resume it with the same settings",
+    ):
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True, max_steps=12)
+    faster = demo_config(
+        TINY, ["stage3.training.max_steps=4", "training.save_steps=2", "stage3.training.learning_rate=5e-4"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"--resume: training.learning_rate is 0.0005 but .* was started with 0.001"
+    ):
+        run_stage(demo, 3, out, s2.model_dir, faster, method="stgc", resume=True)
     assert sorted(p.name for p in out.iterdir()) == started  # the refusals changed nothing
     assert run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True).global_step == 4
     with pytest.raises(CheckpointError, match="has finished"):  # not one more step each time
         run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc", resume=True)
+    with pytest.raises(OutputDirError) as err:  # it said "--resume continues it", which then refused
+        run_stage(demo, 3, out, s2.model_dir, cfg, method="stgc")
+    assert "already holds a finished run" in str(err.value) and "--resume" not in str(err.value)
     for old in out.glob("checkpoint-*"):
         (old / "from-the-first-run").touch()
     again = run_stage(demo, 3, out, s2.model_dir, cfg, method="ltdr", overwrite=True)
@@ -214,6 +293,70 @@ def test_bad_input_is_refused_before_anything_is_created(demo, dense, tmp_path):
         )
     for name in ("a", "b", "c", "d"):
         assert not (tmp_path / name).exists(), name
+
+
+def test_an_image_that_fails_to_decode_mid_training_stops_in_one_line_or_is_skipped(demo, dense, tmp_path):
+    """A TIFF cut short (read_records cannot see it: TIFF says nowhere how it ends) in a record that only training
+    reaches: one DataError line (it was an OSError traceback from the collator, in a DataLoader worker here), the
+    checkpoints kept; --resume --skip-bad-records then skips it, names it and counts it."""
+    from PIL import Image
+
+    s1, _ = dense
+    records = json.loads(demo.files.instruct.read_text())
+    folder = tmp_path / "data"
+    shutil.copytree(demo.files.image_folder, folder)
+    Image.open(folder / records[150]["image"]).save(folder / "cut.tiff")
+    data = (folder / "cut.tiff").read_bytes()
+    (folder / "cut.tiff").write_bytes(data[: len(data) * 2 // 3])
+    records[150]["image"] = "cut.tiff"
+    path = tmp_path / "instruct.json"
+    path.write_text(json.dumps(records))
+    cfg = demo_config(TINY, ["stage2.training.max_steps=30"])  # one epoch: every record is reached
+    assert cfg.training_arguments(2)["dataloader_num_workers"] == 1
+    common = dict(stage=2, model=s1.model_dir, output_dir=tmp_path / "out", data=path, image_folder=folder)
+    with pytest.raises(DataError) as err:
+        train_stage(cfg, **common, progress=False, log=lambda *_: None)
+    message = str(err.value)
+    assert message.startswith(
+        f"record 'train-150' ({path}[150]): cannot decode image {folder / 'cut.tiff'}: OSError: "
+    )
+    assert "\n" not in message and "Traceback" not in message
+    checkpoint = last_checkpoint(tmp_path / "out")
+    assert checkpoint is not None and message.endswith(
+        f"--resume --skip-bad-records continues from {checkpoint.name}, skipping such records"
+    )
+    assert not (tmp_path / "out" / "model").exists()
+    logged = []
+    skipping = demo_config(TINY, ["stage2.training.max_steps=30", "data.skip_bad_records=true"])
+    result = train_stage(skipping, **common, resume=True, progress=False, log=logged.append)
+    assert result.global_step == 30 and result.skipped_bad == 1
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "skipped_records.jsonl").read_text().splitlines()
+    ]
+    assert {r["id"] for r in rows} == {"train-150"}
+    assert any(
+        line.startswith("skipped 1 record(s) during training whose images did not decode") for line in logged
+    )
+
+
+def test_a_data_file_that_is_not_utf8_is_one_line_and_exit_2_from_the_command(demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from moevl.cli import app
+
+    records = json.loads(demo.files.instruct.read_text())[:3]
+    records[1]["conversations"][1]["value"] = "café"
+    data = tmp_path / "latin1.json"
+    data.write_bytes(json.dumps(records, ensure_ascii=False).encode("latin-1"))
+    args = ["train", "--stage", "2", "--model", str(demo.init), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--config", str(TINY), "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    at = data.read_bytes().index(b"\xe9")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: {data} must be UTF-8 text, got byte 0xe9 at position {at} (line 1), which is not UTF-8; convert "
+        "the file (e.g. iconv -f latin1 -t utf-8)"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_moe_layers_beyond_the_model_are_one_config_error(demo, dense, tmp_path):
@@ -272,3 +415,12 @@ def test_two_processes_with_torchrun_run_the_same_command(demo, dense, tmp_path)
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert (tmp_path / "model" / "moevl-model.safetensors").is_file()
+    # rank 0 alone talks (each rank printed every line before)
+    lines = done.stdout.splitlines()
+    for start in ("upcycled 1 MoE layer", "step 2/2 ·", "done:", "stage 3 done in"):
+        assert sum(line.startswith(start) for line in lines) == 1, (start, done.stdout)
+    # the other ranks still report their own errors: here every rank has the same one
+    bad = [*cmd[: cmd.index("--out") + 1], str(tmp_path / "bad"), "--set", "moe.top_k=9"]
+    done = run(bad, timeout=300, env=env, cwd=ROOT)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 2 and "got 9" in errors[0], done.stderr[-3000:]

@@ -52,6 +52,7 @@ class ExportResult:
     model_class: str
     reason: str
     notes: tuple[str, ...] = ()
+    how_to_load: str = ""  # one line: the call that loads it (the moevl format: after register_auto_classes)
 
 
 def export(
@@ -101,15 +102,67 @@ def export(
     if plan.native_class is None:
         if require_native:
             raise ValueError(f"export: no exact native class: {plan.reason}")
-        save_moe_model(model, directory, processor=processor, max_shard_size=max_shard_size)
         reason = f"{plan.reason}; saved in the moevl format"
-        return ExportResult("moevl", directory, type(model).__name__, reason, plan.notes)
+        auto = _auto_class(model)
+        how = (
+            f"load it with moevl installed: moevl.checkpoint.register_auto_classes(), then "
+            f"{auto}.from_pretrained({str(directory)!r}) (plain transformers does not know model_type 'moevl'; "
+            f"{directory / MOEVL_README} says more)"
+        )
+        readme = _moevl_readme(directory, auto, plan.reason, plan.notes)
+        save_moe_model(
+            model,
+            directory,
+            processor=processor,
+            max_shard_size=max_shard_size,
+            extra_files={MOEVL_README: readme},
+        )
+        return ExportResult("moevl", directory, type(model).__name__, reason, plan.notes, how)
     native = build_native(model, plan)
     with staged_directory(directory) as tmp:
         native.save_pretrained(tmp, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(str(tmp))
     return ExportResult("native", directory, plan.native_class.__name__, plan.reason, plan.notes)
+
+
+#: The file in a moevl-format export that says how to load it.
+MOEVL_README = "README.md"
+
+
+def _auto_class(model: nn.Module) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    image_text = type(model).__name__ in set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    return "AutoModelForImageTextToText" if image_text else "AutoModelForCausalLM"
+
+
+def _moevl_readme(directory: Path, auto: str, reason: str, notes: tuple[str, ...]) -> str:
+    """The README of a moevl-format export: what it is, why not a native class, how to load it."""
+    lines = [
+        "# A moevl MoE checkpoint",
+        "",
+        'This folder is in the moevl format (`config.json` has `model_type: "moevl"`), which plain transformers',
+        "does not know: loaded without moevl it fails with an unknown model type. Why not a native transformers",
+        f"class: {reason}.",
+        "",
+        "Load it where moevl is installed (nothing downloads):",
+        "",
+        "```python",
+        "import moevl.checkpoint",
+        f"from transformers import AutoProcessor, {auto}",
+        "",
+        'moevl.checkpoint.register_auto_classes()  # the Auto classes learn model_type "moevl"',
+        f"model = {auto}.from_pretrained({str(directory)!r})",
+        f"processor = AutoProcessor.from_pretrained({str(directory)!r})",
+        "```",
+        "",
+        f"or `moevl.checkpoint.load_moe_model({str(directory)!r})`; `moevl eval --model {directory} --data ...`",
+        "evaluates it.",
+    ]
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
 
 
 #: Where ``export_adapter`` writes the adapter, inside the exported base model's folder.

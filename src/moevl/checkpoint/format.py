@@ -73,6 +73,7 @@ def save_moe_model(
     max_shard_size: int | str = "5GB",
     save_original_format: bool = False,
     is_main_process: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save an upcycled or adopted model in the moevl format (module doc), atomically.
 
@@ -88,6 +89,7 @@ def save_moe_model(
             the default keeps the model's own names. Both load back.
         is_main_process: False on the other ranks of a distributed job: they take part in the
             state-dict gather of ``save_pretrained`` and write nothing.
+        extra_files: file name -> text, written into the folder in the same atomic write (a README).
     Returns:
         The checkpoint folder.
     """
@@ -122,6 +124,8 @@ def save_moe_model(
         write_json(tmp / "config.json", config)
         if processor is not None:
             processor.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return directory
 
 

@@ -11,17 +11,21 @@ Formats (auto-detected):
   paths are resolved against ``image_folder``. Each ``<image>`` marker becomes an image part at its
   place; the newline LLaVA writes right after a marker is dropped with it (the chat template lays the
   parts out). A record with images but no marker gets them before the first user text (LLaVA's rule).
+  JSON files are UTF-8 (a byte-order mark is allowed); a single JSON object is one record.
 * Messages: records with ``messages`` (``role`` + ``content`` as a string or a list of parts) and an
   ``images`` list, from json / jsonl / parquet or a directory written by ``datasets``' ``save_to_disk``.
 
 A bad record (malformed conversation, roles that do not alternate, no assistant turn, an image count
 that does not match the image markers, a missing or unreadable image) raises ``DataError`` naming the
 record's id and where it is (file and line or index); with ``on_bad="skip"`` it is skipped and counted.
-Image files are checked by reading their header only (``PIL.Image.open`` + ``.size``), never decoded here.
+Image files are checked by reading their header (``PIL.Image.open`` + ``.size``) and their last bytes (a file cut
+short is decoded to be sure: ``ImageRef.check``), not decoded otherwise; ``open_images`` decodes them later and
+names the record whose image fails there.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import io
 import json
@@ -69,6 +73,32 @@ class ImageRef:
                 return im.convert("RGB")
         return self.data.convert("RGB")
 
+    def check(self) -> tuple[int, int]:
+        """(width, height) from the header, once the file is known to be whole: where its format says how a file
+        ends (``_ENDS``) and its last bytes do not, the image is decoded to be sure (bytes after the end are
+        allowed), so that a file cut short fails here and not in the middle of training. Raises what PIL raises
+        for an unreadable file (``OSError``, ``ValueError``, ...)."""
+        from PIL import Image
+
+        if self.path is None and not isinstance(self.data, bytes | bytearray):
+            return self.data.size  # an image in memory, decoded already
+        with Image.open(self.path if self.path is not None else io.BytesIO(self.data)) as im:
+            size = im.size
+            end = _ENDS.get(im.format or "")
+            if end is not None and not end(*self._edges()):
+                im.load()  # raises "image file is truncated" (or the decoder's error) where it was cut short
+        return size
+
+    def _edges(self) -> tuple[bytes, bytes, int]:
+        """The first 12 and last 12 bytes of the encoded image, and its length in bytes."""
+        if self.path is None:
+            return bytes(self.data[:12]), bytes(self.data[-12:]), len(self.data)
+        with open(self.path, "rb") as f:
+            head = f.read(12)
+            length = os.fstat(f.fileno()).st_size
+            f.seek(max(0, length - 12))
+            return head, f.read(), length
+
     def size(self) -> tuple[int, int]:
         """(width, height) from the header only."""
         from PIL import Image
@@ -85,6 +115,38 @@ class ImageRef:
 
     def __str__(self) -> str:
         return str(self.path) if self.path is not None else "<in-memory image>"
+
+
+#: How a whole file of a format ends, from (first 12 bytes, last 12 bytes, length): JPEG's end-of-image marker,
+#: PNG's IEND chunk, GIF's trailer, the length WebP's RIFF header or BMP's header gives. Formats not listed (TIFF,
+#: ...) are not checked here.
+_ENDS = {
+    "JPEG": lambda head, tail, n: tail.endswith(b"\xff\xd9"),
+    "MPO": lambda head, tail, n: tail.endswith(b"\xff\xd9"),
+    "PNG": lambda head, tail, n: tail.endswith(b"IEND\xaeB`\x82"),
+    "GIF": lambda head, tail, n: tail.endswith(b";"),
+    "WEBP": lambda head, tail, n: n >= 8 + int.from_bytes(head[4:8], "little"),
+    "BMP": lambda head, tail, n: n >= int.from_bytes(head[2:6], "little"),
+}
+
+
+def open_images(record_id: str, source: str, images: tuple[Any, ...]) -> list[Any]:
+    """A record's images as RGB ``PIL.Image``s (``ImageRef``s decoded now, images decoded already kept);
+    ``DataError`` naming the record and the image that does not decode (a file cut short or damaged after
+    ``read_records`` checked it, or one whose damage its checks cannot see)."""
+    out = []
+    for ref in images:
+        if not isinstance(ref, ImageRef):
+            out.append(ref)
+            continue
+        try:
+            out.append(ref.open())
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for a damaged file
+            text = " ".join(str(e).split())
+            raise DataError(
+                f"record {record_id!r} ({source}): cannot decode image {ref}: {type(e).__name__}: {text}"
+            ) from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -166,9 +228,24 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     if suffix == ".parquet":
         yield from _datasets_rows(path)
         return
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     stripped = text.lstrip()
-    if suffix == ".jsonl" or (stripped and stripped[0] == "{"):
+    if suffix != ".jsonl" and stripped.startswith("{"):
+        # one JSON object (a record, or a wrapper such as ``{"data": [...]}``), else JSONL (it fails at line 2)
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            if not {"conversations", "messages"} & whole.keys():
+                keys = ", ".join(repr(k) for k in list(whole)[:5]) + (", ..." if len(whole) > 5 else "")
+                raise DataError(
+                    f"{path} must hold a JSON list of records (or JSONL: one record a line), got a JSON "
+                    f"object with keys {keys or 'none'}"
+                )
+            yield str(path), whole
+            return
+    if suffix == ".jsonl" or stripped.startswith("{"):
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -182,9 +259,26 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path} must hold a JSON list of records (or JSONL), got {type(data).__name__}")
+        raise DataError(
+            f"{path} must hold a JSON list of records (or JSONL: one record a line), got {type(data).__name__}"
+        )
     for i, raw in enumerate(data):
         yield f"{path}[{i}]", raw
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; ``DataError`` naming the first byte that is not UTF-8 (a UTF-8 BOM is allowed)."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start  # the position in the file
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError(
+            f"{path} must be UTF-8 text, got byte 0x{raw[at]:02x} at position {at} (line {line}), which is "
+            "not UTF-8; convert the file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _datasets_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -237,7 +331,7 @@ def _record(raw: Any, where: str, root: Path, check_images: bool, sizes: dict) -
             size = sizes.get(ref.path) if ref.path is not None else None
             if size is None:
                 try:
-                    size = ref.size()
+                    size = ref.check()
                 except Exception as e:  # PIL raises several types for unreadable files
                     raise bad(f"cannot read image {ref}: {e}") from None
                 if ref.path is not None:

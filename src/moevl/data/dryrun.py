@@ -61,7 +61,9 @@ def dry_run(
     collator = collator or ConversationCollator(dataset.processor)
     with_images = [bool(e.images) for e in dataset.examples]
     picked = dry_run_indices(dataset.lengths, with_images) if indices is None else indices
-    examples = [dataset[i] for i in picked]
+    # a record whose images do not decode is skipped (with on_bad="skip") for the next one: check that one
+    fetched = dict(dataset.fetch(i) for i in picked)
+    picked, examples = list(fetched), list(fetched.values())
     batches = [([i], [e]) for i, e in zip(picked, examples, strict=True)]
     if len(examples) > 1:
         batches.append((picked, examples))

@@ -20,17 +20,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
 from moevl import vision_tokens
-from moevl.checks import check
-from moevl.data.conversations import DataError, Record, last_assistant_text, prompt_messages
+from moevl.atomic import append_line
+from moevl.checks import check, check_choice
+from moevl.data.conversations import DataError, Record, last_assistant_text, open_images, prompt_messages
 
 IGNORE_INDEX = -100
 
@@ -218,12 +223,21 @@ class Example:
     id: str
     text: str
     spans: tuple[tuple[int, int], ...]
-    images: tuple[Any, ...]  # ImageRef, opened by the collator
+    images: tuple[Any, ...]  # ImageRef (in ``examples``), decoded images (what indexing the dataset returns)
     category: str | None
+    source: str = ""  # the file and line or index of the record
 
 
 class ConversationDataset(Dataset):
-    """Rendered records, with over-long ones dropped and counted (``dropped_too_long``)."""
+    """Rendered records, with over-long ones dropped and counted (``dropped_too_long``). Indexing it decodes the
+    example's images (``fetch``).
+
+    A record whose images fail to decode there (``read_records`` checks headers and whole files, not every
+    byte) raises ``DataError`` naming it; with ``on_bad="skip"`` it is skipped instead: ``report`` gets one line
+    naming it, ``skip_log`` (a JSONL file) a row ``{"id", "source", "reason"}``, and the next record takes its
+    place in the batch. ``skip_log`` is the count that holds across DataLoader workers and ranks; ``bad`` holds
+    only this process's.
+    """
 
     def __init__(
         self,
@@ -233,10 +247,18 @@ class ConversationDataset(Dataset):
         max_length: int | None = None,
         chat_template: str | None = None,
         progress: bool = True,
+        on_bad: Literal["error", "skip"] = "error",
+        skip_log: str | os.PathLike | None = None,
+        report: Callable[[str], None] | None = print,
     ) -> None:
         from tqdm.auto import tqdm
 
         check(max_length is None or max_length >= 1, "max_length", "None or an integer >= 1", max_length)
+        check_choice("on_bad", on_bad, ("error", "skip"))
+        self.on_bad = on_bad
+        self.skip_log = None if skip_log is None else Path(skip_log)
+        self.report = report
+        self.bad: set[int] = set()  # indices whose images did not decode in this process
         self.processor = processor
         self.template = chat_template_of(processor, chat_template)
         self.max_length = max_length
@@ -263,7 +285,7 @@ class ConversationDataset(Dataset):
                 if max_length is not None and n > max_length:
                     self.dropped_too_long += 1
                     continue
-                self.examples.append(Example(r.id, text, tuple(spans), r.images, r.category))
+                self.examples.append(Example(r.id, text, tuple(spans), r.images, r.category, r.source))
                 self.lengths.append(n)
             bar.update(len(part))
         bar.close()
@@ -272,7 +294,31 @@ class ConversationDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
+        return self.fetch(i)[1]
+
+    def fetch(self, i: int) -> tuple[int, Example]:
+        """``(j, example j with its images decoded)``: j is ``i``, or with ``on_bad="skip"``, when record ``i``'s
+        images do not decode, the next record whose images do (class doc)."""
+        n = len(self.examples)
+        for j in (k % n for k in range(i, i + n)):
+            if j in self.bad:
+                continue
+            e = self.examples[j]
+            try:
+                return j, dataclasses.replace(e, images=tuple(open_images(e.id, e.source, e.images)))
+            except DataError as err:
+                if self.on_bad == "error":
+                    raise
+                self._skip(j, err)
+        raise DataError("no record left whose images decode: every one was skipped (data.skip_bad_records)")
+
+    def _skip(self, j: int, err: DataError) -> None:
+        self.bad.add(j)
+        e = self.examples[j]
+        if self.skip_log is not None:
+            append_line(self.skip_log, json.dumps({"id": e.id, "source": e.source, "reason": str(err)}))
+        if self.report is not None:
+            self.report(f"skipped a bad record (data.skip_bad_records): {err}")
 
 
 class ProcessorCall:
@@ -595,7 +641,7 @@ class ConversationCollator:
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         texts = [e.text for e in examples]
-        images = [[ref.open() for ref in e.images] for e in examples]
+        images = [open_images(e.id, e.source, e.images) for e in examples]
         batch = self.call(texts, images, padding_side="right")
         replacements = batch.pop("text_replacement_offsets", None)
         ids, attention = batch["input_ids"], batch["attention_mask"]
@@ -664,7 +710,7 @@ class GenerationCollator:
             messages = prompt_messages(r)
             n_images = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
             texts.append(self.render(messages, generation_prompt=True))
-            images.append([ref.open() for ref in r.images[:n_images]])
+            images.append(open_images(r.id, r.source, r.images[:n_images]))
             last_user = messages[-1]
             prompts.append("".join(p["text"] for p in last_user["content"] if p["type"] == "text").strip())
         inputs = self.call(texts, images, padding_side="left")

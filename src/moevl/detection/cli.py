@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from moevl.atomic import atomic_write_json, check_writable
 from moevl.checks import check_choice, check_int
@@ -231,9 +233,20 @@ def distill(
     _print_metrics(f"student + {method} ({result.seconds:.0f}s) -> {output}", metrics)
 
 
-@app.command("eval")
+class _PlainUsage(TyperCommand):
+    """The usage line as click writes it, ``moevl detect eval [OPTIONS] CHECKPOINT`` (typer writes a required
+    argument in braces, ``{CHECKPOINT}``, which reads as a set of choices)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+@app.command("eval", cls=_PlainUsage)
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) to evaluate."),
+    checkpoint: Path = typer.Argument(
+        ..., metavar="CHECKPOINT", help="Checkpoint (.safetensors) to evaluate."
+    ),
     split: str = typer.Option("test", help=f"Scene split: {', '.join(SPLITS)}."),
     scenes: int | None = typer.Option(
         None, help="Number of scenes (>= 1; default: the recipe's test_scenes)."
@@ -272,7 +285,9 @@ def compare(
     config_file: Path | None = typer.Option(
         None, "--config", help="YAML recipe (configs/detection.yaml); the built-in defaults when omitted."
     ),
-    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe key, e.g. --set lr=1e-3."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set lr=1e-3."
+    ),
     threads: int = typer.Option(1, help="torch CPU threads (>= 1)."),
     prefix: str = typer.Option("bckd", help="File name prefix of the report."),
 ) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moevl.checks import check_choice, check_float, check_int
+from moevl.checks import check, check_choice, check_float, check_int
 from moevl.moe.lora import LoRAConfig
 from moevl.moe.ltdr import LTDRConfig
 from moevl.stgc import STGCConfig
@@ -94,8 +94,14 @@ class MoESettings:
     def __post_init__(self) -> None:
         if self.num_experts is not None:
             check_int("num_experts", self.num_experts, minimum=1)
-        if self.top_k is not None:
-            check_int("top_k", self.top_k, minimum=1, maximum=self.num_experts)
+        if self.top_k is not None:  # naming num_experts too: a change to either can break it
+            check_int("top_k", self.top_k, minimum=1)
+            check(
+                self.num_experts is None or self.top_k <= self.num_experts,
+                "top_k",
+                f"an integer >= 1 and <= num_experts ({self.num_experts})",
+                self.top_k,
+            )
         object.__setattr__(self, "layers", _check_layers(self.layers))
         if self.stgc is not None:
             check_stgc_config(self.stgc)

@@ -72,7 +72,7 @@ class _ConsolePrinter(PrinterCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         line = console_line(logs or {}, state.global_step, state.max_steps)
-        if state.is_local_process_zero and line:
+        if state.is_world_process_zero and line:  # one voice: not once per node
             print(line, flush=True)
 
 

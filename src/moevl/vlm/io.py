@@ -23,6 +23,9 @@ from moevl.atomic import atomic_write_json, replace_directory
 META_FILE = "moevl.json"
 MODEL_DIR = "model"
 RUN_FILE = "moevl-run.json"  # in a stage's --out: what the run is (checked by --resume)
+SKIPPED_FILE = (
+    "skipped_records.jsonl"  # in a stage's --out: records skipped during training (data.skip_bad_records)
+)
 
 
 class CheckpointError(FileNotFoundError):
@@ -53,9 +56,17 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not config.is_file():
         raise CheckpointError(f"{model_dir} is not a model directory (no config.json)")
     try:
-        json.loads(config.read_text())
+        config_dict = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+    text_only = _text_only_class(model_dir, config_dict)
+    if text_only is not None:
+        raise CheckpointError(
+            f"{model_dir} is a text-only checkpoint ({text_only}): moevl's commands take vision-language "
+            "checkpoints, which AutoModelForImageTextToText and AutoProcessor load (a vision tower, a projector, "
+            "a language model and an image processor: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, ...); a language model "
+            "alone is upcycled with the Python API (moevl.hf.upcycle)"
+        )
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
         raise CheckpointError(f"{model_dir} holds no weights (*.safetensors)")
     meta = model_dir / META_FILE
@@ -65,6 +76,31 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{meta} is not valid JSON: {e}") from None
     return model_dir
+
+
+def _text_only_class(model_dir: Path, config: Any) -> str | None:
+    """The class of a text-only language model checkpoint (``LlamaForCausalLM``, model_type 'llama'), or None:
+    a vision-language one, or a family transformers does not know (its loader then says what is wrong)."""
+    if not isinstance(config, dict) or isinstance(config.get("vision_config"), dict):
+        return None  # every image-text-to-text family we know keeps its tower's settings there
+    from moevl.checkpoint.load import is_moe_llava_checkpoint
+
+    if is_moe_llava_checkpoint(model_dir):
+        return None
+    inner = config.get("moevl") if config.get("model_type") == "moevl" else config
+    model_type = inner.get("model_type") if isinstance(inner, dict) else None
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if (
+        model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return None
+    architectures = inner.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    return f"{architectures[0]}, model_type {model_type!r}"
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -104,16 +140,67 @@ def load_model(
     if not moe_llava:  # MoE-LLaVA checkpoints carry a tokenizer only
         try:
             processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{model_dir}: cannot load the processor ({e})") from None
+        except ImportError as e:  # a part of the processor needs a package that is not installed
+            raise CheckpointError(_missing_package(model_dir, "processor", e)) from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{model_dir}: cannot load the processor ({_one_line(e)})") from None
         _set_chat_template(processor, chat_template)
     try:
         model, tokenizer = load_checkpoint(model_dir, moe_overrides=moe_overrides)
         if moe_llava:
             processor = _moe_llava_processor(model_dir, model, tokenizer, chat_template)
+    except ImportError as e:
+        raise CheckpointError(_missing_package(model_dir, "model", e)) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # e.g. a truncated weights file
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from None
     return model, processor
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _missing_package(model_dir: Path, part: str, error: ImportError) -> str:
+    """One line for an ``ImportError`` raised while loading a checkpoint's ``part``: the package that is missing
+    (from transformers' "X requires the Y library" message, the module Python could not import, or, for an
+    error that names nothing, torchvision when it does not import: what most processors' optional parts need)
+    and the checkpoint's family."""
+    import importlib
+    import re
+
+    text = " ".join(str(error).split())
+    needs, package = None, None
+    found = re.search(r"(\w+) requires the ([\w.-]+) library", text)
+    if found:
+        needs, package = found.group(1), found.group(2).lower()
+    elif getattr(error, "name", None):
+        package = error.name.split(".")[0]
+    elif found := re.search(r"No module named '([\w.]+)'", text):
+        package = found.group(1).split(".")[0]
+    else:
+        try:
+            importlib.import_module("torchvision")
+        except Exception:  # missing, or built for another torch
+            package = "torchvision"
+    family = _family(model_dir)
+    what = f"the {part} of this {family} checkpoint" + (f" ({needs})" if needs else "")
+    if package is None:
+        return f"{model_dir}: cannot load {what}: a package it needs does not import ({_one_line(error)})"
+    advice = f"install {package} in this environment"
+    if package == "torchvision":
+        advice += " (the build that matches the installed torch)"
+    return f"{model_dir}: {what} needs the package {package!r}, which is not installed or does not import here; {advice}"
+
+
+def _family(model_dir: Path) -> str:
+    """The checkpoint's ``model_type`` (the one inside a moevl-format config)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "?"
+    inner = config.get("moevl") if config.get("model_type") == "moevl" else config
+    return str(inner.get("model_type", "?")) if isinstance(inner, dict) else "?"
 
 
 def _set_chat_template(processor: Any, chat_template: str | None) -> None:
@@ -222,7 +309,8 @@ def previous_run(output_dir: str | os.PathLike) -> str | None:
 
 def check_run_identity(output_dir: str | os.PathLike, identity: dict[str, Any]) -> None:
     """``--resume``: ``ConfigError`` naming the first key of ``identity`` (stage, model, method, structural MoE
-    settings) that differs from the run being resumed (its ``RUN_FILE``)."""
+    settings, the learning-rate schedule) that differs from the run being resumed (its ``RUN_FILE``), with both
+    values."""
     from moevl.config import ConfigError
 
     path = Path(output_dir) / RUN_FILE
@@ -231,17 +319,19 @@ def check_run_identity(output_dir: str | os.PathLike, identity: dict[str, Any]) 
     saved = json.loads(path.read_text())
     for key, value in identity.items():
         if key in saved and saved[key] != value:
+            why = " (the learning-rate schedule is made from it)" if key.startswith("training.") else ""
             raise ConfigError(
-                f"--resume: {key} is {value!r} but the run in {output_dir} was started with {saved[key]!r}; "
+                f"--resume: {key} is {value!r} but the run in {output_dir} was started with {saved[key]!r}{why}; "
                 "resume it with the same settings, or start over with --overwrite"
             )
 
 
 def clear_previous_run(output_dir: str | os.PathLike) -> None:
-    """``--overwrite``: removes an earlier run's checkpoints, final model and run file (its TensorBoard logs
-    stay: each run writes its own folder)."""
+    """``--overwrite``: removes an earlier run's checkpoints, final model, run file and list of skipped records (its
+    TensorBoard logs stay: each run writes its own folder)."""
     output_dir = Path(output_dir)
     for p in [*output_dir.glob("checkpoint-*"), output_dir / MODEL_DIR]:
         if p.is_dir():
             shutil.rmtree(p)
     (output_dir / RUN_FILE).unlink(missing_ok=True)
+    (output_dir / SKIPPED_FILE).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ launch the same command: the recipe's ``training:`` section is passed to ``Train
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -34,6 +35,7 @@ from moevl.vlm.io import (
     META_FILE,
     MODEL_DIR,
     RUN_FILE,
+    SKIPPED_FILE,
     CheckpointError,
     OutputDirError,
     check_model_dir,
@@ -54,6 +56,7 @@ __all__ = [
     "OutputDirError",
     "StageResult",
     "TrainingInterrupted",
+    "checkpoint_damage",
     "last_checkpoint",
     "train_stage",
 ]
@@ -82,22 +85,91 @@ class StageResult:
     skipped_bad: int
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    # The Trainer writes trainer_state.json last, so a checkpoint without it was cut short.
-    return (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors"))
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the Trainer checkpoint ``path`` cannot be resumed from, or None when it is whole: its save was cut
+    short (the Trainer writes ``trainer_state.json`` last), or a file in it is cut short or corrupt. Reads headers
+    only: each safetensors file's header against its length, each torch file's zip directory (at its end)."""
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json: its save was cut short"
+    try:
+        json.loads(state.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is not valid JSON"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no weights (*.safetensors)"
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is not a valid weights index"
+        missing = sorted(f for f in files if not (path / f).is_file())
+        if missing:
+            return f"{index.name} lists {missing[0]}, which is missing"
+    for file in weights:
+        damage = _safetensors_damage(file)
+        if damage is not None:
+            return damage
+    for file in sorted(p for pattern in ("*.pt", "*.pth", "*.bin") for p in path.rglob(pattern)):
+        damage = _torch_file_damage(file)
+        if damage is not None:
+            return f"{file.relative_to(path)} {damage}"
+    return None
 
 
-def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir``, or None."""
-    output_dir = Path(output_dir)
+def _safetensors_damage(file: Path) -> str | None:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"{file.name} is cut short ({size} bytes, not even its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return f"{file.name} has an unreadable header"
+    if 8 + length + end > size:
+        return f"{file.name} is cut short ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def _torch_file_damage(file: Path) -> str | None:
+    """A torch.save file (a zip archive) whose directory at the end is missing or unreadable: cut short."""
+    import zipfile
+
+    with open(file, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # not a zip archive (torch's legacy format, a tokenizer file): not checked
+    try:
+        with zipfile.ZipFile(file):
+            return None
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"is cut short or corrupt ({e})"
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` directories of ``output_dir``, newest first."""
     if not output_dir.is_dir():
-        return None
-    found = []
-    for p in output_dir.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if suffix.isdigit() and is_complete_checkpoint(p):
-            found.append((int(suffix), p))
-    return max(found)[1] if found else None
+        return []
+    steps = ((p.name.removeprefix("checkpoint-"), p) for p in output_dir.glob("checkpoint-*"))
+    found = [(int(n), p) for n, p in steps if n.isdigit()]
+    return sorted(((n, p) for n, p in found if p.is_dir()), reverse=True)
+
+
+def last_checkpoint(
+    output_dir: str | os.PathLike, *, damaged: list[tuple[Path, str]] | None = None
+) -> Path | None:
+    """The newest whole ``checkpoint-N`` in ``output_dir`` (``checkpoint_damage``), or None. The newer ones that
+    are not whole are appended to ``damaged`` as ``(path, why)`` when it is given."""
+    for _, path in _checkpoints(Path(output_dir)):
+        why = checkpoint_damage(path)
+        if why is None:
+            return path
+        if damaged is not None:
+            damaged.append((path, why))
+    return None
 
 
 class GracefulInterrupt(TrainerCallback):
@@ -114,9 +186,11 @@ class GracefulInterrupt(TrainerCallback):
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
-        print(
-            "\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once).", flush=True
-        )
+        if is_main_process():
+            print(
+                "\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once).",
+                flush=True,
+            )
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
@@ -283,12 +357,18 @@ def _effective_recipe(
     return plain
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 of a distributed job (``torchrun``, ``accelerate launch`` and ``deepspeed`` set ``RANK``), or the
+    only process: the one that talks (the other ranks say nothing but their own errors) and writes run files."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def _check_output_dir(
-    output_dir: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool
+    output_dir: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool, log: Any = print
 ) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); the errors of an ``output_dir`` that holds an earlier
     run (``train_stage``'s doc)."""
@@ -298,6 +378,11 @@ def _check_output_dir(
         )
     if not resume:
         earlier = previous_run(output_dir)
+        if earlier is not None and not overwrite and (output_dir / MODEL_DIR / META_FILE).is_file():
+            raise OutputDirError(
+                f"--out {output_dir} already holds a finished run ({earlier}): --overwrite trains it again "
+                "(deleting its checkpoints and model), or choose another --out"
+            )
         if earlier is not None and not overwrite:
             raise OutputDirError(
                 f"--out {output_dir} already holds a run ({earlier}): --resume continues it, --overwrite starts "
@@ -309,11 +394,38 @@ def _check_output_dir(
             f"--resume: the run in {output_dir} has finished ({MODEL_DIR}/ is saved); nothing to resume "
             "(--overwrite trains it again)"
         )
-    checkpoint = last_checkpoint(output_dir)
+    damaged: list[tuple[Path, str]] = []
+    checkpoint = last_checkpoint(output_dir, damaged=damaged)
     if checkpoint is None:
-        raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}")
+        found = "".join(f"; {p.name}: {why}" for p, why in damaged)
+        raise CheckpointError(f"--resume: no complete checkpoint-N directory in {output_dir}{found}")
     check_run_identity(output_dir, identity)
+    for path, why in damaged:
+        log(
+            f"--resume: {path.name} is damaged ({why}); resuming from {checkpoint.name}, the newest complete "
+            f"checkpoint ({path.name} is written again when the run reaches its step)"
+        )
     return checkpoint
+
+
+#: The ``TrainingArguments`` keys the learning-rate schedule is made from. ``--resume`` refuses a change to one:
+#: the Trainer restores the scheduler's step, not its length, so the rate would jump to a point of another
+#: schedule (or, for the rate itself, the change would be silently ignored: the saved base rate comes back).
+SCHEDULE_KEYS = ("max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps")
+
+
+def _schedule(cfg: RunConfig, stage: int, max_steps: int | None) -> dict[str, Any]:
+    """What fixes a stage's learning-rate schedule (``SCHEDULE_KEYS``, and ``num_train_epochs`` when there is no
+    ``max_steps``), as the run's identity keys ``training.<key>``, defaults filled in."""
+    kwargs = cfg.training_arguments(stage)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    fields = TrainingArguments.__dataclass_fields__
+    values = {k: kwargs.get(k, fields[k].default) for k in SCHEDULE_KEYS}
+    if values["max_steps"] is None or values["max_steps"] <= 0:
+        values["max_steps"] = None
+        values["num_train_epochs"] = kwargs.get("num_train_epochs", fields["num_train_epochs"].default)
+    return {f"training.{k}": to_plain(v) for k, v in values.items()}
 
 
 def _categories(records: list) -> dict[str, int] | None:
@@ -344,11 +456,14 @@ def train_stage(
     ``model``: a checkpoint directory (a stage's output directory works too); default ``cfg.model``.
     ``data``: the training file; default ``cfg.stage{n}.data`` then ``cfg.data.train``. ``method``: the stage 3
     preset (default ``cfg.method``); refused for stages 1-2. ``output_dir`` holding an earlier run is refused
-    unless ``resume`` (continue it: same stage, model, method and MoE structure) or ``overwrite`` (its
-    checkpoints and model are deleted once every input checked out). Every input is checked before anything is
-    created or trained: ``CheckpointError`` (missing model, nothing to resume), ``OutputDirError``,
-    ``ConfigError``, ``moevl.data.DataError``; ``TrainingInterrupted`` after Ctrl-C (the saved checkpoint
-    resumes the run).
+    unless ``resume`` (continue it from its newest whole checkpoint, a damaged newer one named through ``log``:
+    same stage, model, method, MoE structure and learning-rate schedule) or ``overwrite`` (its checkpoints and
+    model are deleted once every input checked out). Every input is checked before anything is created or
+    trained: ``CheckpointError`` (missing model, nothing to resume), ``OutputDirError``, ``ConfigError``,
+    ``moevl.data.DataError``; ``TrainingInterrupted`` after Ctrl-C (the saved checkpoint resumes the run). An
+    image that fails to decode during training is a ``DataError`` naming its record (or, with
+    ``data.skip_bad_records``, a skipped record listed in ``SKIPPED_FILE``). Under ``torchrun`` only rank 0 calls
+    ``log``, except for what a rank alone knows (a record it skipped).
     """
     from moevl.data import DataError, read_records
     from moevl.data.dryrun import dry_run
@@ -363,6 +478,11 @@ def train_stage(
         raise ConfigError(
             f"method: only stage 3 (MoE-tuning) takes a method, got {method!r} for stage {stage}"
         )
+    report = log  # what this rank alone knows (a record it skipped)
+    if not is_main_process():  # one voice under torchrun: rank 0 reports, the others only raise their errors
+        log, progress_bars = _silent, False
+    else:
+        progress_bars = progress
     method = method or cfg.method
     seed = cfg.seed if seed is None else seed
     check(seed >= 0, "seed", "an integer >= 0", seed, error=ConfigError)
@@ -391,7 +511,8 @@ def train_stage(
         identity |= {
             f"moe.{k}": to_plain(getattr(cfg.moe, k)) for k in ("num_experts", "top_k", "layers", "lora")
         }
-    resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite)
+    identity |= _schedule(cfg, stage, max_steps)
+    resume_from = _check_output_dir(output_dir, identity, resume=resume, overwrite=overwrite, log=log)
     on_bad = "skip" if cfg.data.skip_bad_records else "error"
     records = read_records(data_path, image_folder=image_folder, on_bad=on_bad)
     if records.skipped:
@@ -425,7 +546,12 @@ def train_stage(
     meta["trainable_parameters"] = set_trainable(net, cfg.stage(stage).trainable)
 
     dataset = ConversationDataset(
-        records.records, processor, max_length=cfg.data.max_length, progress=progress
+        records.records,
+        processor,
+        max_length=cfg.data.max_length,
+        progress=progress_bars,
+        on_bad=on_bad,
+        report=report,
     )
     if dataset.turn_end.appended is not None:
         log(
@@ -439,10 +565,11 @@ def train_stage(
     dry_run(net, dataset)  # a few real records through the collator and the forward; nothing written yet
     args = training_arguments(cfg, stage, output_dir, seed=seed, progress=progress, max_steps=max_steps)
     output_dir = ensure_writable(output_dir)
-    if _is_main_process():
+    if is_main_process():
         if overwrite:
             clear_previous_run(output_dir)
         atomic_write_json(output_dir / RUN_FILE, identity)
+    dataset.skip_log = output_dir / SKIPPED_FILE  # from here on: the dry run writes nothing to --out
     interrupt = GracefulInterrupt()
     trainer = MoETrainer(
         model=net,
@@ -455,10 +582,19 @@ def train_stage(
         callbacks=[interrupt, *(callbacks or [])],
     )
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except DataError as e:  # a record whose image stopped decoding (data.skip_bad_records was off)
+        raise DataError(_stopped_by(e, trainer.state.global_step, last_checkpoint(output_dir))) from None
     elapsed = time.perf_counter() - start
     if interrupt.interrupted:
         raise TrainingInterrupted(last_checkpoint(output_dir))
+    skipped_in_training = _skipped_in_training(output_dir / SKIPPED_FILE, dataset)
+    if skipped_in_training:
+        log(
+            f"skipped {skipped_in_training} record(s) during training whose images did not decode "
+            f"(data.skip_bad_records): listed in {output_dir / SKIPPED_FILE}"
+        )
     meta.update(
         train_time_s=elapsed,
         global_step=trainer.state.global_step,
@@ -478,5 +614,38 @@ def train_stage(
         train_loss=getattr(output, "training_loss", None),
         num_records=len(dataset),
         dropped_too_long=dataset.dropped_too_long,
-        skipped_bad=len(records.skipped),
+        skipped_bad=len(records.skipped) + skipped_in_training,
     )
+
+
+def _stopped_by(error: Exception, step: int, checkpoint: Path | None) -> str:
+    """One line for a ``DataError`` that stopped training, with where the run can continue.
+
+    NOTE: an error raised in a DataLoader worker comes back from torch as the same type whose message is
+    "Caught DataError in DataLoader worker process N." and the worker's traceback; its last line holds the
+    original message."""
+    message = str(error)
+    if message.startswith("Caught "):
+        message = message.rstrip().splitlines()[-1].partition("DataError: ")[2] or message
+    if checkpoint is None:
+        return (
+            f"{message}; training stopped after step {step}, before its first checkpoint: --skip-bad-records "
+            "skips such records"
+        )
+    return (
+        f"{message}; training stopped after step {step}: --resume --skip-bad-records continues from "
+        f"{checkpoint.name}, skipping such records"
+    )
+
+
+def _skipped_in_training(path: Path, dataset: Any) -> int:
+    """How many records were skipped during training: the ids ``path`` lists (every worker and rank appends to
+    it; a resumed run's earlier ones included) and those this process skipped before it existed (the dry run)."""
+    ids = {dataset.examples[j].id for j in dataset.bad}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+    return len(ids)
