@@ -11,7 +11,7 @@ OUT ?= runs/demo
 CONSTRAINTS ?= constraints/main.txt
 LMMS_CONSTRAINTS ?= constraints/lmms.txt
 # torch and torchvision together (torchvision pins the torch it was built for; the processors of Qwen2-VL,
-# Qwen2.5-VL, LLaVA-OneVision, SmolVLM, Mistral3 ... need it). Installed first, in one command, when no torch
+# Qwen2.5-VL, LLaVA-OneVision, SmolVLM ... need it: their video processors). Installed first, in one command, when no torch
 # is importable: a bare `torch` requirement would pull several GB of CUDA wheels from the internet.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 pip_c = $(if $(1),-c $(1))
