@@ -10,7 +10,10 @@ OUT ?= runs/demo
 # CONSTRAINTS= (empty) installs the newest versions pyproject.toml allows (what `make lock` does).
 CONSTRAINTS ?= constraints/main.txt
 LMMS_CONSTRAINTS ?= constraints/lmms.txt
-TORCH_PIN := torch==2.13.0
+# torch and torchvision together (torchvision pins the torch it was built for; the processors of Qwen2-VL,
+# Qwen2.5-VL, LLaVA-OneVision, SmolVLM ... need it: their video processors). Installed first, in one command, when no torch
+# is importable: a bare `torch` requirement would pull several GB of CUDA wheels from the internet.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 pip_c = $(if $(1),-c $(1))
 
 .PHONY: setup demo test lint bench test-lmms check-lmms-lock lock
@@ -20,12 +23,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU pin first: a bare `torch` requirement would pull several GB of CUDA wheels.
+	# The torch + torchvision pins first (TORCH_PIN).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN) $(call pip_c,$(CONSTRAINTS))
 	$(PY) -m pip install -q -e ".[dev]" $(call pip_c,$(CONSTRAINTS))
 	# DeepSpeed (ZeRO-2/3 tests on CPU; its version is in the constraints): its own ops are compiled at run
-	# time when used, never here; without build isolation, so that its build sees the CPU torch instead of
-	# pulling a CUDA one.
+	# time when used, never here; without build isolation, so that its build sees the installed torch instead
+	# of pulling another one.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed $(call pip_c,$(CONSTRAINTS))
 	touch $@
 
@@ -45,7 +48,6 @@ bench: setup
 # lmms-eval integration (not in `make test`: +2.4 GB of dependencies; see pyproject's `lmms` extra).
 test-lmms: setup
 	$(PY) -m pip install -q -e ".[lmms]" $(TORCH_PIN) -c $(LMMS_CONSTRAINTS)
-	$(PY) -m pip uninstall -q -y torchvision
 	$(VENV)/bin/pytest -q tests_lmms
 
 # In `make test`: the lmms extra still resolves to exactly constraints/lmms.txt. Resolver only: --dry-run
@@ -55,4 +57,4 @@ check-lmms-lock: setup
 
 # Refresh constraints/main.txt and constraints/lmms.txt (several minutes; see constraints/refresh.sh).
 lock:
-	TORCH_PIN=$(TORCH_PIN) constraints/refresh.sh
+	TORCH_PIN="$(TORCH_PIN)" constraints/refresh.sh

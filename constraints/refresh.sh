@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Refreshes constraints/main.txt and constraints/lmms.txt (`make lock` runs this) from pyproject.toml's
 # requirements: `make setup` with no constraints (CONSTRAINTS=) in a fresh temporary venv installs the newest
-# versions pyproject.toml allows (torch pin first, `.[dev]`, DeepSpeed), whose `pip freeze` becomes main.txt;
-# then `.[lmms]` goes on top in the same venv, as `make test-lmms` does, and a second freeze becomes lmms.txt
-# (the main set plus what the extra adds or moves, e.g. filelock<4; torchvision is frozen before
-# `make test-lmms` uninstalls it). Nothing in .venv changes. Afterwards: `make test` and `make test-lmms`,
-# then commit the two files if both pass. Takes several minutes (downloads; DeepSpeed is built from source).
+# versions pyproject.toml allows (the torch and torchvision pins first, `.[dev]`, DeepSpeed), whose
+# `pip freeze` becomes main.txt; then `.[lmms]` goes on top in the same venv, as `make test-lmms` does, and a
+# second freeze becomes lmms.txt (the main set plus what the extra adds or moves, e.g. filelock<4). Nothing in
+# .venv changes. Afterwards: `make test` and `make test-lmms`, then commit the two files if both pass. Takes
+# several minutes (downloads; DeepSpeed is built from source).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_pin=${TORCH_PIN:-$(sed -n 's/^TORCH_PIN := //p' Makefile)}
@@ -37,7 +37,9 @@ freeze "$tmp/main.txt" \
   'Constraints of `make setup` (pip install -c constraints/main.txt): the versions of the main install' \
   '(`.[dev]` and DeepSpeed) tested together by `make test`.'
 
-"$venv/bin/python" -m pip install -q -e ".[lmms]" "$torch_pin"
+# $torch_pin unquoted: two requirements (torch==... torchvision==...)
+# shellcheck disable=SC2086
+"$venv/bin/python" -m pip install -q -e ".[lmms]" $torch_pin
 freeze "$tmp/lmms.txt" \
   'Constraints of `make test-lmms` and `make check-lmms-lock` (pip install -c constraints/lmms.txt): main.txt' \
   'plus what the `lmms` extra adds or moves (`diff` the two files), tested together by `make test-lmms`.'

@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moevl.data import ConversationCollator, ConversationDataset, DataError, read_records
 from moevl.data.dryrun import dry_run, dry_run_indices
 from moevl.data.processing import ProcessorCall, label_mask, label_mask_by_offsets
 from moevl.vlm.compare import demo_config
 from moevl.vlm.train import train_stage
-from tests.fixtures.checkpoints import FAMILIES, build_checkpoint, load_processor
+from tests.fixtures.checkpoints import FAMILIES, build_checkpoint
 from tests.fixtures.demo import TINY
 
 
@@ -29,7 +29,7 @@ def test_mask_from_the_processors_replacements_equals_the_alignment_reference(
     tokenized (its placeholder replacements), and by aligning the row with the unexpanded text's tokens.
     (PaliGemma's processor writes a BOS and a "\n" beyond its replacements: only the alignment applies, checked
     against its own ``suffix`` call in ``test_paligemma_rows_equal_its_own_prefix_suffix_call``.)"""
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     _, examples = _examples(processor, llava_file)
     call = ProcessorCall(processor)
     texts = [e.text for e in examples]
@@ -52,7 +52,7 @@ def test_mask_from_the_processors_replacements_equals_the_alignment_reference(
 def test_images_go_per_sample_and_the_processor_expands_them(checkpoints, llava_file, family):
     """Gemma 3 refuses a flat image list; Gemma 3's and Idefics3's placeholders expand into more than image tokens
     (newlines, ``<start_of_image>``, ``<fake_token_around_image>``, ``<row_1_col_1>``, ``<global-img>``)."""
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     _, examples = _examples(processor, llava_file)
     images = [list(e.images) for e in examples]
     flat = [img for row in images for img in row]
@@ -90,7 +90,7 @@ class _FlatOnly:
 
 
 def test_a_processor_that_refuses_nested_images_gets_them_flat(checkpoints, llava_file):
-    processor = load_processor(checkpoints["llava"])
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
     _, examples = _examples(processor, llava_file)
     texts, images = [e.text for e in examples], [list(e.images) for e in examples]
     call = ProcessorCall(_FlatOnly(processor))
@@ -117,7 +117,7 @@ def test_dry_run_picks_the_first_two_the_longest_and_one_of_each_kind():
 
 
 def test_dry_run_names_the_record_the_family_and_what_differs(checkpoints, llava_file):
-    processor = load_processor(checkpoints["llava"])
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
     model = AutoModelForImageTextToText.from_pretrained(checkpoints["llava"])
     dataset, _ = _examples(processor, llava_file)
     model.train()
@@ -177,7 +177,7 @@ def test_record_lengths_are_the_processors_rows_at_many_image_sizes(checkpoints,
         for i, n in enumerate(names)
     ]  # fmt: skip
     (tmp_path / "data.json").write_text(json.dumps(records))
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     calls = []
     original = ProcessorCall.__call__
 
@@ -202,7 +202,7 @@ def test_paligemma_rows_equal_its_own_prefix_suffix_call(checkpoints, tmp_path):
     make the same row (its processor adds one "\\n" after the text, past the end, never learnt)."""
     from PIL import Image
 
-    processor = load_processor(checkpoints["paligemma"])
+    processor = AutoProcessor.from_pretrained(checkpoints["paligemma"])
     Image.new("RGB", (20, 12), (200, 30, 30)).save(tmp_path / "im.png")
     pairs = [("what is in the image", "a red cat"), ("how many", "two")]
     raw = [

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moevl.checkpoint import export
 from moevl.data import ConversationCollator, ConversationDataset, read_records
@@ -15,20 +15,17 @@ from moevl.vlm.evaluate import predictions_path, run_eval
 from moevl.vlm.io import load_model
 from moevl.vlm.train import train_stage
 from tests.data.test_processing import STOCK_LLAVA_TEMPLATE
-from tests.fixtures.checkpoints import FAMILIES, VIDEO_PROCESSOR, load_processor
+from tests.fixtures.checkpoints import FAMILIES
 from tests.fixtures.demo import TINY
-from tests.fixtures.records import file_for
+from tests.fixtures.records import file_for, records_for
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m 'not slow'` skips them
 
-# The processors of VIDEO_PROCESSOR's families cannot be built without torchvision's video processor (see
-# ``load_processor``): the command line cannot load them here; their model classes take a stage-3 step below.
-TRAINABLE_HERE = [f for f in FAMILIES if f not in VIDEO_PROCESSOR]
 #: families whose checkpoints are natively sparse: stage 3 adopts them (Aria's decoder is a MoE)
 NATIVE_MOE = ("aria",)
 
 
-@pytest.mark.parametrize("family", TRAINABLE_HERE)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stage2_stage3_and_eval_run_on_each_family(checkpoints, llava_file, tmp_path, family):
     cfg = demo_config(TINY, ["stage2.training.max_steps=2", "stage3.training.max_steps=2"])
     llava_file = file_for(llava_file, family, tmp_path)
@@ -109,20 +106,19 @@ def test_diagnose_on_a_users_checkpoint(checkpoints, llava_file, tmp_path, famil
     assert {p.name: p.read_bytes() for p in checkpoints[family].glob("*.safetensors")} == before
 
 
-@pytest.mark.parametrize("family", VIDEO_PROCESSOR)
-def test_stage3_step_on_families_whose_processor_cannot_be_saved_here(checkpoints, llava_file, family):
-    """Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM: their processors need torchvision's video processor to be
-    built, so the command-line path cannot run here; the model classes take stage 3 (upcycled with STGC and
-    LTDR, the experts and routers trained) on a batch prepared by the processor's own parts
-    (``load_processor``), the labels checked like every other family's (``tests/data/test_processing.py``)."""
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in NATIVE_MOE])
+def test_stage3_step_trains_the_routers_of_each_family(checkpoints, llava_file, family):
+    """Each dense family upcycled with STGC and LTDR (the experts and routers trained) takes a stage-3 step on a
+    batch its own processor prepared: every router gets a finite, non-zero gradient, STGC's conflicts are
+    measured and LTDR finds a tail among the family's image tokens."""
     from moevl.hf import moe_blocks, upcycle
     from moevl.vlm.config import method_settings
 
     cfg = demo_config(TINY)
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
     upcycle(model, method_settings(cfg.moe, "stgc+ltdr"), freeze_dense=True)
-    dataset = ConversationDataset(read_records(llava_file).records, processor, progress=False)
+    dataset = ConversationDataset(records_for(llava_file, family), processor, progress=False)
     batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
     model.train()
     model(**batch).loss.backward()

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moevl.data import ConversationCollator, ConversationDataset, DataError, read_records
 from moevl.data.processing import ChatRenderer, GenerationCollator, assistant_spans, vision_token_ids
-from tests.fixtures.checkpoints import END_OF_TURN, FAMILIES, load_processor
+from tests.fixtures.checkpoints import END_OF_TURN, FAMILIES
 from tests.fixtures.records import records_for
 
 
@@ -22,7 +22,7 @@ def _reference_labels(processor, record, family) -> str:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family):
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     records = records_for(llava_file, family)
     dataset = ConversationDataset(records, processor, progress=False)
     batch = ConversationCollator(processor)([dataset[i] for i in range(len(dataset))])
@@ -44,7 +44,7 @@ def test_labels_are_exactly_the_assistant_tokens(checkpoints, llava_file, family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_feeds_the_model_and_generation(checkpoints, llava_file, family):
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
     records = records_for(llava_file, family)
     dataset = ConversationDataset(records, processor, progress=False)
@@ -78,7 +78,7 @@ def test_batch_feeds_the_model_and_generation(checkpoints, llava_file, family):
 
 
 def test_over_long_records_are_dropped_and_counted(checkpoints, llava_file):
-    processor = load_processor(checkpoints["llava"])
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
     records = read_records(llava_file).records
     full = ConversationDataset(records, processor, progress=False)
     limit = sorted(full.lengths)[1]
@@ -88,7 +88,7 @@ def test_over_long_records_are_dropped_and_counted(checkpoints, llava_file):
 
 
 def test_missing_chat_template_is_a_clear_error(checkpoints, llava_file):
-    processor = load_processor(checkpoints["llava"])
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
     processor.chat_template = None
     processor.tokenizer.chat_template = None
     records = read_records(llava_file).records
@@ -104,7 +104,7 @@ def test_missing_chat_template_is_a_clear_error(checkpoints, llava_file):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_renderer_equals_apply_chat_template(checkpoints, llava_file, family):
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     tok = processor.tokenizer
     render = ChatRenderer(processor, tok.chat_template)
     assert render.compiled is not None
@@ -135,7 +135,7 @@ STOCK_LLAVA_TEMPLATE = (
 def test_each_assistant_turn_ends_with_exactly_one_learnt_end_token(checkpoints, llava_file, family, stock):
     """With the stock llava template (nothing after a reply) the tokenizer's EOS is appended to each turn;
     with a template that writes an end-of-turn token (``</s>``, ``<|im_end|>``) nothing is added."""
-    processor = load_processor(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
     template = STOCK_LLAVA_TEMPLATE if stock else None
     records = read_records(llava_file).records
     dataset = ConversationDataset(records, processor, chat_template=template, progress=False)
@@ -158,7 +158,7 @@ def test_each_assistant_turn_ends_with_exactly_one_learnt_end_token(checkpoints,
 
 
 def test_invalid_or_failing_template_is_a_clear_error(checkpoints, llava_file):
-    processor = load_processor(checkpoints["llava"])
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
     records = read_records(llava_file).records
     with pytest.raises(DataError, match="not valid Jinja"):
         ConversationDataset(records, processor, chat_template="{% for m in messages %}", progress=False)

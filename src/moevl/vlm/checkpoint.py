@@ -162,7 +162,7 @@ def build_llava_checkpoint(
     model = LlavaForConditionalGeneration(llava)
     for key, value in ids.items():
         setattr(model.generation_config, f"{key}_token_id", value)
-    # the PIL backend: the default one needs torchvision, which CPU-only machines may lack
+    # the PIL backend, named: the same pixels with or without torchvision (the default backend, where installed)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
