@@ -9,7 +9,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moevl.data import ConversationCollator, ConversationDataset, DataError, read_records
 from moevl.data.dryrun import dry_run, dry_run_indices
-from moevl.data.processing import ProcessorCall, label_mask, label_mask_by_offsets
+from moevl.data.labels import label_mask, label_mask_by_offsets
+from moevl.data.processing import ProcessorCall
 from moevl.vlm.compare import demo_config
 from moevl.vlm.train import train_stage
 from tests.fixtures.checkpoints import FAMILIES, build_checkpoint

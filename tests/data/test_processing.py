@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moevl.data import ConversationCollator, ConversationDataset, DataError, read_records
-from moevl.data.processing import ChatRenderer, GenerationCollator, assistant_spans, vision_token_ids
+from moevl.data.generation import GenerationCollator
+from moevl.data.processing import ChatRenderer, assistant_spans, vision_token_ids
 from tests.fixtures.checkpoints import END_OF_TURN, FAMILIES
 from tests.fixtures.records import records_for
 
@@ -170,7 +171,7 @@ def test_invalid_or_failing_template_is_a_clear_error(checkpoints, llava_file):
 def test_an_image_that_fails_to_decode_in_training_is_a_bad_record(checkpoints, llava_file, tmp_path):
     """Damage read_records cannot see (here: the file cut after it was read) fails where the image is decoded:
     named, or skipped, reported and listed with on_bad="skip"; never an OSError from the collator."""
-    processor = load_processor(checkpoints["llava"])
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])
     records = read_records(llava_file).records
     image = llava_file.parent / "im0.png"  # record 'multi' only
     image.write_bytes(image.read_bytes()[:100])

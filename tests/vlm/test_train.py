@@ -19,7 +19,8 @@ from moevl.training.trainer import NonFiniteTrainingError
 from moevl.vlm.compare import demo_config
 from moevl.vlm.io import CheckpointError, OutputDirError, load_model
 from moevl.vlm.parts import parameter_parts
-from moevl.vlm.train import TrainingInterrupted, last_checkpoint, train_stage
+from moevl.vlm.resume import last_checkpoint
+from moevl.vlm.train import TrainingInterrupted, train_stage
 from tests.fixtures.demo import ROOT, TINY, run_stage
 from tests.fixtures.processes import run, torchrun
 
@@ -172,7 +173,7 @@ def test_resume_passes_over_a_damaged_last_checkpoint_to_the_newest_complete_one
 
 
 def test_a_checkpoint_is_whole_only_when_every_file_in_it_is(demo, dense, tmp_path):
-    from moevl.vlm.train import checkpoint_damage
+    from moevl.vlm.resume import checkpoint_damage
 
     _, s2 = dense
     cfg = demo_config(TINY, ["stage3.training.max_steps=2"])

@@ -88,7 +88,8 @@ def evaluate(
     """Greedy answers of ``model`` to ``records`` (``moevl.data.Record``), scored against the last assistant
     turn. Generation never emits an image or video placeholder and stops at the end-of-sequence token or the
     chat template's end-of-turn token (``moevl.data.processing.turn_end``)."""
-    from moevl.data.processing import GenerationCollator, vision_token_ids
+    from moevl.data.generation import GenerationCollator
+    from moevl.data.processing import vision_token_ids
 
     check(batch_size >= 1, "batch_size", "an integer >= 1", batch_size)
     check(max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", max_new_tokens)
