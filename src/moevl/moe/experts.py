@@ -68,6 +68,25 @@ class Experts(Protocol):
         ...
 
 
+def compute_inputs(
+    experts: Experts, hidden: Tensor, indices: Tensor, weights: Tensor, intermediate_size: int
+) -> tuple[Tensor, Tensor, LoRAInputs | None]:
+    """hidden (N, D) and weights (N, K) in the compute dtype (autocast's, else hidden's), and the LoRA adapters'
+    inputs (scale, dropout masks of the ``indices.numel()`` rows; None without adapters)."""
+    compute_dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
+    if experts.lora is None:
+        return hidden, weights, None
+    rows = indices.numel()
+    return (
+        hidden,
+        weights,
+        lora_inputs(experts.lora, rows, hidden.shape[-1], intermediate_size, hidden, experts.training),
+    )
+
+
 def run_experts(
     experts: Experts,
     hidden: Tensor,
@@ -84,23 +103,20 @@ def run_experts(
     Returns y (N, D) in the compute dtype and the observer's anchor (None without an observer).
     ``require_grouped``: ``ValueError`` where the grouped matmul cannot run (``implementation='grouped'``).
     """
-    compute_dtype = hidden.dtype
-    if torch.is_autocast_enabled(hidden.device.type):
-        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-    hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
     base = experts.linear_weights()
+    hidden, weights, inputs = compute_inputs(experts, hidden, indices, weights, base.w_out.shape[-1])
+    compute_dtype = hidden.dtype
     params = ExpertWeights(*(None if p is None else p.to(compute_dtype) for p in base.tensors()))
     if require_grouped and not can_use_grouped_mm(hidden, *[p for p in params.tensors() if p is not None]):
         raise ValueError(
             "implementation='grouped' needs fp32/bf16/fp16 weights and sizes whose rows are 16-byte aligned; "
             f"got dtype {compute_dtype}, weights {tuple(params.w_in.shape)} and {tuple(params.w_out.shape)}"
         )
-    lora = None
-    if experts.lora is not None:
-        inputs = lora_inputs(
-            experts.lora, indices.numel(), hidden.shape[-1], params.w_out.shape[-1], hidden, experts.training
-        )
-        lora = LoRAFactors(inputs, *(p.to(compute_dtype) for p in experts.lora_factors()))
+    lora = (
+        None
+        if inputs is None
+        else LoRAFactors(inputs, *(p.to(compute_dtype) for p in experts.lora_factors()))
+    )
     observation = None if observer is None else Observation(observer, observed)
     with torch.autocast(hidden.device.type, enabled=False):
         return experts_function(
@@ -293,16 +309,7 @@ class GroupedExperts(nn.Module):
             raise ValueError("implementation='loop' is the autograd reference and takes no observer (STGC)")
 
         if self.implementation == "loop":
-            compute_dtype = hidden.dtype
-            if torch.is_autocast_enabled(hidden.device.type):
-                compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weights = hidden.to(compute_dtype), weights.to(compute_dtype)
-            lora = None
-            if self.lora is not None:
-                rows = indices.numel()
-                lora = lora_inputs(
-                    self.lora, rows, self.hidden_size, self.intermediate_size, hidden, self.training
-                )
+            hidden, weights, lora = compute_inputs(self, hidden, indices, weights, self.intermediate_size)
             return self._loop_forward(hidden, weights, dispatch(indices, self.num_experts), lora), None
         return run_experts(
             self,

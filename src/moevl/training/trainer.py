@@ -187,7 +187,8 @@ class MoETrainer(Trainer):
     # --- one step ------------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
-        if find_moe_state(self.model) is not None:  # this forward's weight of the aux losses (RoutingContext)
+        state = find_moe_state(self.model)
+        if state is not None:  # this forward's weight of the aux losses (RoutingContext)
             inputs = {**inputs, "moe_aux_scale": self._aux_scale(num_items_in_batch)}
         loss = super().training_step(model, inputs, num_items_in_batch)
         # NOTE: nothing here reads a device value on the host: the loss is checked before the optimizer step
@@ -196,8 +197,7 @@ class MoETrainer(Trainer):
         step = collect(self.model)
         if step is not None:
             self._pending_steps.append(step)
-            state = find_moe_state(self.model)
-            if state is not None and state.settings.bias_update_rate is not None:
+            if state.settings.bias_update_rate is not None:
                 for layer, by_mod in step.loads.items():  # this optimizer step's load, on the device
                     load = by_mod["vision"] + by_mod["text"]
                     self._step_loads[layer] = (

@@ -97,12 +97,12 @@ class AdoptedExperts(_NativeAttributes, nn.Module):
             to_moevl_layout(w_in, s, first=True), to_moevl_layout(w_out, s, first=False), b_in, b_out
         )
 
-    def lora_names(self) -> list[str]:
+    def lora_parameter_names(self) -> list[str]:
         """The LoRA factors ``A_in, B_in, A_out, B_out`` (moevl's layout: (out, in), rows ``[gate; up]``)."""
         return [*lora_names(self._first), *lora_names("down_proj")]
 
     def lora_factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        a_in, b_in, a_out, b_out = (self._parameters[n] for n in self.lora_names())
+        a_in, b_in, a_out, b_out = (self._parameters[n] for n in self.lora_parameter_names())
         return a_in, b_in, a_out, b_out
 
     def add_lora(self, config: LoRAConfig) -> None:
@@ -135,7 +135,7 @@ class AdoptedExperts(_NativeAttributes, nn.Module):
             w = self._parameters[name]
             if fold:
                 w.copy_((w.float() + delta).to(w.dtype))
-        for n in self.lora_names():
+        for n in self.lora_parameter_names():
             del self._parameters[n]
         self.__dict__["lora"] = None
 
